@@ -1,0 +1,77 @@
+"""Timing helpers shared by the benchmarks.
+
+Device throughput, never host dispatch: each measurement enqueues ``calls``
+calls of a jitted function and blocks once at the end; the median over
+``trials`` such batches is reported. Inputs are random (never zeros).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def device_time_ms(fn, *args, calls: int = 50, trials: int = 5) -> float:
+    """Median milliseconds per call of ``fn(*args)`` (fn jitted by the caller)."""
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    jax.block_until_ready(fn(*args))
+    per_call = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - start) / calls * 1e3)
+    return statistics.median(per_call)
+
+
+def copy_ceiling_tbps(gib: float = 2.0) -> tuple[float, str]:
+    """Device-to-device copy bandwidth (bytes read + written per second, in TB/s)."""
+    n = int(gib * 2**30) // 2
+    try:
+        import torch  # the same figure as the anchors, where torch sees the GPU
+        if torch.cuda.is_available():
+            src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+            dst = torch.empty_like(src)
+            for _ in range(3):
+                dst.copy_(src)
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                dst.copy_(src)
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / 20
+            del src, dst
+            torch.cuda.empty_cache()
+            return 2 * n * 2 / (ms * 1e-3) / 1e12, "torch copy_"
+    except ImportError:
+        pass
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    ms = device_time_ms(jax.jit(lambda x: -x), x, calls=20)
+    return 2 * n * 2 / (ms * 1e-3) / 1e12, "XLA negate"
+
+
+def environment() -> str:
+    """One line: date, device, JAX version, commit."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    device = jax.devices()[0]
+    return (f"{datetime.date.today().isoformat()} | {device.device_kind} | jax {jax.__version__} "
+            f"| commit {os.environ.get('BJAX_COMMIT', commit)}")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

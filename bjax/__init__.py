@@ -1,0 +1,18 @@
+"""bjax: fused GPU kernels for JAX, written in Pallas.
+
+Every op is a plain function that works under ``jax.jit``, ``jax.grad``,
+``jax.vmap`` and ``jax.checkpoint``, validates its arguments at trace time and
+takes ``backend=None | "pallas" | "interpret" | "xla"``.
+"""
+from bjax import errors
+from bjax._op import BACKENDS, Plan, PrecisionGuarantee, plan
+from bjax.errors import BjaxError, InvalidProblemError, UnsupportedError
+from bjax.gated import GatedActivationDescriptor, gated_activation, geglu, glu, reglu, swiglu
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "BjaxError", "GatedActivationDescriptor", "InvalidProblemError", "Plan",
+    "PrecisionGuarantee", "UnsupportedError", "errors", "gated_activation", "geglu", "glu",
+    "plan", "reglu", "swiglu",
+]

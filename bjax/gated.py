@@ -1,0 +1,209 @@
+"""Gated activations: GLU, ReGLU, SwiGLU and GeGLU, forward and backward.
+
+``x`` is split along ``axis`` into halves ``(a, b)``; the output has half the
+extent there:
+
+====================  ===========================  ==========================
+kind                  act(u)                       act'(u)
+====================  ===========================  ==========================
+``"glu"``             sigmoid(u)                   s (1 - s)
+``"reglu"``           max(u, 0)                    1 if u > 0 else 0
+``"swiglu"``          u sigmoid(u)                 s (1 + u (1 - s))
+``"geglu"``           u Phi(u)                     Phi(u) + u phi(u)
+``"geglu"`` approx.   u (1 + tanh(k(u))) / 2       (tanh form, Gemma / T5 v1.1)
+====================  ===========================  ==========================
+
+With ``gate="second"`` (default: ``torch.nn.functional.glu`` and ``jax.nn.glu``)
+``y = a * act(b)``; with ``gate="first"`` (MLPs whose gate projection comes
+first) ``y = act(a) * b``. Math in float32 (float64 for float64 inputs), output
+in the input dtype. The backward computes both halves of ``dx`` in one pass
+from ``(dy, x)``; the only residual is ``x``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bjax import _op
+from bjax.errors import UnsupportedError
+from bjax.xla import gated as xla_gated
+from pallas_kernels import gated as pallas_gated
+
+KINDS = ("glu", "reglu", "swiglu", "geglu")
+GATES = ("second", "first")
+_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16, jnp.float64)
+_OP = "gated_activation"
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedActivationDescriptor:
+    """Static facts of one gated-activation call (hashable; the custom_vjp's static argument).
+
+    Attributes:
+      kind: ``"glu" | "reglu" | "swiglu" | "geglu"``.
+      gate: ``"second"`` (y = a act(b)) or ``"first"`` (y = act(a) b).
+      approximate: tanh GELU (GeGLU only).
+      shape: shape of ``x``.
+      dtype: dtype of ``x`` (and of ``y``, ``dx``).
+      axis: split axis, non-negative.
+    """
+    kind: str
+    gate: str
+    approximate: bool
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    axis: int
+
+    @classmethod
+    def from_args(cls, x, kind, *, axis=-1, gate="second", approximate=False):
+        """Validates the call; raises InvalidProblemError / UnsupportedError naming the argument."""
+        _op.check_choice(kind, KINDS, _OP, "kind")
+        _op.check_choice(gate, GATES, _OP, "gate")
+        _op.check(isinstance(approximate, (bool, np.bool_)), _OP, "approximate", "a bool",
+                  repr(approximate))
+        _op.check(not approximate or kind == "geglu", _OP, "approximate",
+                  "False unless kind='geglu' (only GELU has a tanh approximation)",
+                  f"approximate=True with kind={kind!r}")
+        shape = tuple(int(d) for d in x.shape)
+        _op.check(len(shape) >= 1, _OP, "x", "an array of rank >= 1 (its halves are split "
+                  "along axis)", f"rank 0 with shape {shape}")
+        dtype = jnp.dtype(x.dtype)
+        _op.check(dtype in [jnp.dtype(d) for d in _DTYPES], _OP, "x.dtype",
+                  "float32, float16, bfloat16 or float64", dtype.name, UnsupportedError)
+        _op.check(dtype != jnp.float64 or jax.config.jax_enable_x64, _OP, "x.dtype",
+                  "float64 only with jax_enable_x64 on", dtype.name, UnsupportedError)
+        axis = _op.normalize_axis(axis, len(shape), _OP)
+        _op.check(shape[axis] % 2 == 0, _OP, f"x.shape[{axis}] (the extent along axis)",
+                  "even, to split into two halves", f"{shape[axis]} (x.shape={shape})")
+        return cls(kind, gate, bool(approximate), shape, dtype, axis)
+
+    @property
+    def rows(self) -> int:
+        """Product of the extents before ``axis``."""
+        return int(np.prod(self.shape[: self.axis], dtype=np.int64))
+
+    @property
+    def cols(self) -> int:
+        """Half the extent along ``axis`` times the product of the extents after it."""
+        return self.shape[self.axis] // 2 * int(np.prod(self.shape[self.axis + 1:], dtype=np.int64))
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape[: self.axis] + (self.shape[self.axis] // 2,) + self.shape[self.axis + 1:]
+
+    @property
+    def kernel_config(self) -> pallas_gated.GatedConfig:
+        return pallas_gated.default_config(self.rows, self.cols)
+
+
+def _forward_2d(x2, desc: GatedActivationDescriptor, backend: str):
+    options = dict(kind=desc.kind, gate=desc.gate, approximate=desc.approximate)
+    if backend == "xla":
+        return xla_gated.gated_forward(x2, **options)
+    return pallas_gated.gated_forward(x2, config=desc.kernel_config,
+                                      interpret=backend == "interpret", **options)
+
+
+def _backward_2d(dy2, x2, desc: GatedActivationDescriptor, backend: str):
+    options = dict(kind=desc.kind, gate=desc.gate, approximate=desc.approximate)
+    if backend == "xla":
+        return xla_gated.gated_backward(dy2, x2, **options)
+    return pallas_gated.gated_backward(dy2, x2, config=desc.kernel_config,
+                                       interpret=backend == "interpret", **options)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gated(x, desc: GatedActivationDescriptor, backend: str):
+    if desc.rows * desc.cols == 0:
+        return jnp.zeros(desc.out_shape, desc.dtype)
+    y2 = _forward_2d(x.reshape(desc.rows, 2 * desc.cols), desc, backend)
+    return y2.reshape(desc.out_shape)
+
+
+def _gated_fwd(x, desc, backend):
+    return _gated(x, desc, backend), x
+
+
+def _gated_bwd(desc, backend, x, dy):
+    if desc.rows * desc.cols == 0:
+        return (jnp.zeros(desc.shape, desc.dtype),)
+    dx2 = _backward_2d(dy.reshape(desc.rows, desc.cols), x.reshape(desc.rows, 2 * desc.cols),
+                       desc, backend)
+    return (dx2.reshape(desc.shape),)
+
+
+_gated.defvjp(_gated_fwd, _gated_bwd)
+
+
+def gated_activation(x, kind, *, axis=-1, gate="second", approximate=False, backend=None):
+    """Gated activation of ``x`` split into halves ``(a, b)`` along ``axis``.
+
+    Args:
+      x: array of rank >= 1, float32 / float16 / bfloat16 (float64 with x64 on);
+        ``x.shape[axis]`` even.
+      kind: ``"glu"`` (sigmoid), ``"reglu"`` (relu), ``"swiglu"`` (silu) or
+        ``"geglu"`` (GELU; exact erf form unless ``approximate``).
+      axis: axis to split (negative counts from the end).
+      gate: ``"second"``: ``y = a * act(b)``; ``"first"``: ``y = act(a) * b``.
+      approximate: GeGLU only: tanh GELU instead of the exact ``u Phi(u)``.
+      backend: ``None`` (``$BJAX_BACKEND``, else Pallas on CUDA GPUs and XLA
+        elsewhere), ``"pallas"``, ``"interpret"`` or ``"xla"``.
+
+    Returns:
+      ``y`` with ``y.shape[axis] == x.shape[axis] // 2``, in ``x.dtype``.
+
+    Raises:
+      InvalidProblemError: odd extent along ``axis``, axis out of range, rank 0,
+        unknown ``kind`` / ``gate``, ``approximate`` with a kind other than GeGLU.
+      UnsupportedError: integer, bool, complex or other non-float dtypes;
+        ``backend="pallas"`` without a CUDA GPU.
+    """
+    x = jnp.asarray(x)
+    desc = GatedActivationDescriptor.from_args(x, kind, axis=axis, gate=gate,
+                                               approximate=approximate)
+    return _gated(x, desc, _op.resolve_backend(backend, _OP))
+
+
+def _shortcut(kind: str):
+    def op(x, *, axis=-1, gate="second", approximate=False, backend=None):
+        return gated_activation(x, kind, axis=axis, gate=gate, approximate=approximate,
+                                backend=backend)
+    op.__name__ = op.__qualname__ = kind
+    op.__doc__ = (f"``gated_activation(x, {kind!r}, ...)``: see :func:`gated_activation`.")
+    return op
+
+
+glu = _shortcut("glu")
+reglu = _shortcut("reglu")
+swiglu = _shortcut("swiglu")
+geglu = _shortcut("geglu")
+
+
+def _precision(desc: GatedActivationDescriptor) -> _op.PrecisionGuarantee:
+    notes = ""
+    if desc.kind == "geglu" and not desc.approximate:
+        notes = ("Phi from an erfc fit (pallas_kernels/special.py): relative error at most "
+                 "4 max(1, u^2/2) ulp of the math dtype.")
+    return _op.PrecisionGuarantee(
+        math_precision=pallas_gated.compute_dtype(desc.dtype).name, accumulator=None,
+        deterministic=True, bit_stable_on_same_hardware=True, notes=notes)
+
+
+@_op.register_planner(gated_activation)
+def _plan_gated_activation(x, kind, *, axis=-1, gate="second", approximate=False, backend=None):
+    desc = GatedActivationDescriptor.from_args(x, kind, axis=axis, gate=gate,
+                                               approximate=approximate)
+    backend = _op.resolve_backend(backend, _OP)
+    on_xla = backend == "xla"
+    return _op.Plan(
+        op=_OP, descriptor=desc, backend=backend,
+        kernel="bjax.xla.gated.gated_forward" if on_xla else f"bjax_{desc.kind}_forward",
+        block_config=None if on_xla else desc.kernel_config, precision=_precision(desc))
+
+
+for _kind, _fn in zip(KINDS, (glu, reglu, swiglu, geglu)):
+    _op.register_planner(_fn)(functools.partial(_plan_gated_activation, kind=_kind))

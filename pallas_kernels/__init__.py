@@ -1,0 +1,5 @@
+"""Pallas GPU kernels of bjax: arrays and static configuration in, arrays out.
+
+No validation, no autodiff and no public API live here (see ``bjax``). Kernels
+use the Triton lowering, selected through ``triton.CompilerParams``.
+"""

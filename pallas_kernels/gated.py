@@ -1,0 +1,180 @@
+"""Gated-activation kernels: forward ``y = f(a, b)`` and backward ``(da, db)``.
+
+Every call works on a 2-D view ``x2 = [rows, 2 * cols]`` whose row ``r`` holds
+``a`` in columns ``[0, cols)`` and ``b`` in ``[cols, 2 * cols)``: any split axis
+of any array reduces to that by a free row-major reshape (``rows`` is the
+product of the extents before the axis, ``cols`` half the extent along it times
+the product of those after it). A program owns a ``[block_rows, block_cols]``
+tile of ``y`` and reads the two matching tiles of ``x2``; tiles at the edges are
+masked, so no extent needs to be a multiple of a block.
+
+Math is in float32 (float64 for float64 inputs); values are stored in the
+output's dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.special import normal_cdf, normal_pdf
+
+_SQRT_2_OVER_PI = 0.7978845608028654
+_GELU_TANH_CUBIC = 0.044715
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedConfig:
+    """Launch configuration: tile of the output owned by one program, and its warps."""
+    block_rows: int
+    block_cols: int
+    num_warps: int
+
+
+# Programs to launch at least, so that small problems still fill a GPU
+# (132 multiprocessors on an H100/H200, a few programs each).
+_MIN_PROGRAMS = 512
+# Elements of y per program for large problems.
+_TILE_ELEMENTS = 4096
+
+
+def default_config(rows: int, cols: int) -> GatedConfig:
+    """Tile of ``_TILE_ELEMENTS`` as wide as the rows allow, shrunk until the grid fills the GPU."""
+    block_cols = min(pl.next_power_of_2(max(cols, 1)), 1024)
+    block_rows = min(pl.next_power_of_2(max(rows, 1)), max(1, _TILE_ELEMENTS // block_cols))
+    while block_rows > 1 and pl.cdiv(rows, block_rows) * pl.cdiv(cols, block_cols) < _MIN_PROGRAMS:
+        block_rows //= 2
+    while block_cols > 128 and pl.cdiv(rows, block_rows) * pl.cdiv(cols, block_cols) < _MIN_PROGRAMS:
+        block_cols //= 2
+    num_warps = 8 if block_rows * block_cols >= 4096 else 4
+    return GatedConfig(block_rows, block_cols, num_warps)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def _activation(u, kind: str, approximate: bool):
+    """act(u) and act'(u) for the gate input ``u``."""
+    if kind == "glu":
+        s = jax.nn.sigmoid(u)
+        return s, s * (1.0 - s)
+    if kind == "reglu":
+        positive = u > 0
+        return jnp.where(positive, u, 0.0), positive.astype(u.dtype)
+    if kind == "swiglu":
+        s = jax.nn.sigmoid(u)
+        return u * s, s * (1.0 + u * (1.0 - s))
+    if kind == "geglu" and approximate:
+        inner = _SQRT_2_OVER_PI * (u + _GELU_TANH_CUBIC * u * u * u)
+        th = jnp.tanh(inner)
+        d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * u * u)
+        return 0.5 * u * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * u * (1.0 - th * th) * d_inner
+    if kind == "geglu":
+        cdf = normal_cdf(u)
+        return u * cdf, cdf + u * normal_pdf(u)
+    raise ValueError(kind)
+
+
+def gated_math(first, second, kind: str, gate: str, approximate: bool, dy=None):
+    """``y`` (``dy is None``) or ``(d first, d second)`` from the two halves.
+
+    ``gate="second"``: y = first * act(second); ``gate="first"``: y = act(first) * second.
+    """
+    value, gate_in = (first, second) if gate == "second" else (second, first)
+    act, d_act = _activation(gate_in, kind, approximate)
+    if dy is None:
+        return value * act
+    d_value, d_gate_in = dy * act, dy * value * d_act
+    return (d_value, d_gate_in) if gate == "second" else (d_gate_in, d_value)
+
+
+def _tile(r0, c0, rows, cols, config: GatedConfig):
+    """Row/column slices of a tile and its in-bounds mask (None when no edge is cut)."""
+    br, bc = config.block_rows, config.block_cols
+    mask = None
+    if rows % br or cols % bc:
+        in_rows = (r0 + jnp.arange(br)) < rows
+        in_cols = (c0 + jnp.arange(bc)) < cols
+        mask = in_rows[:, None] & in_cols[None, :]
+    return pl.ds(r0, br), pl.ds(c0, bc), mask
+
+
+def _load(ref, rs, cs, mask, dtype):
+    return plgpu.load(ref.at[rs, cs], mask=mask, other=0 if mask is not None else None).astype(dtype)
+
+
+def _forward_kernel(x_ref, y_ref, *, rows, cols, kind, gate, approximate, config):
+    r0 = pl.program_id(0) * config.block_rows
+    c0 = pl.program_id(1) * config.block_cols
+    rs, cs, mask = _tile(r0, c0, rows, cols, config)
+    cs_second = pl.ds(cols + c0, config.block_cols)
+    dtype = compute_dtype(y_ref.dtype)
+    first = _load(x_ref, rs, cs, mask, dtype)
+    second = _load(x_ref, rs, cs_second, mask, dtype)
+    y = gated_math(first, second, kind, gate, approximate)
+    plgpu.store(y_ref.at[rs, cs], y.astype(y_ref.dtype), mask=mask)
+
+
+def _backward_kernel(dy_ref, x_ref, dx_ref, *, rows, cols, kind, gate, approximate, config):
+    r0 = pl.program_id(0) * config.block_rows
+    c0 = pl.program_id(1) * config.block_cols
+    rs, cs, mask = _tile(r0, c0, rows, cols, config)
+    cs_second = pl.ds(cols + c0, config.block_cols)
+    dtype = compute_dtype(dx_ref.dtype)
+    dy = _load(dy_ref, rs, cs, mask, dtype)
+    first = _load(x_ref, rs, cs, mask, dtype)
+    second = _load(x_ref, rs, cs_second, mask, dtype)
+    d_first, d_second = gated_math(first, second, kind, gate, approximate, dy=dy)
+    plgpu.store(dx_ref.at[rs, cs], d_first.astype(dx_ref.dtype), mask=mask)
+    plgpu.store(dx_ref.at[rs, cs_second], d_second.astype(dx_ref.dtype), mask=mask)
+
+
+def _grid(rows, cols, config):
+    return (pl.cdiv(rows, config.block_rows), pl.cdiv(cols, config.block_cols))
+
+
+def _call(kernel, operands, out_like, grid, config, interpret, name, out):
+    """pallas_call of ``kernel``; with ``out`` given, writes into it (aliased, in place)."""
+    if out is not None:
+        body = lambda *refs: kernel(*refs[:-2], refs[-1])  # noqa: E731 (skip the aliased input)
+        operands, aliases = (*operands, out), {len(operands): 0}
+    else:
+        body, aliases = kernel, {}
+    return pl.pallas_call(
+        body,
+        out_shape=jax.ShapeDtypeStruct(out_like.shape, out_like.dtype),
+        grid=grid,
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1),
+        interpret=interpret,
+        name=name,
+    )(*operands)
+
+
+_STATIC = ("kind", "gate", "approximate", "config", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def gated_forward(x2, *, kind, gate, approximate, config: GatedConfig, interpret=False, out=None):
+    """``x2 [rows, 2 * cols] -> y [rows, cols]``; written into ``out`` if given (tests poison it)."""
+    rows, cols = x2.shape[0], x2.shape[1] // 2
+    kernel = functools.partial(_forward_kernel, rows=rows, cols=cols, kind=kind, gate=gate,
+                               approximate=approximate, config=config)
+    return _call(kernel, (x2,), jax.ShapeDtypeStruct((rows, cols), x2.dtype),
+                 _grid(rows, cols, config), config, interpret, f"bjax_{kind}_forward", out)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def gated_backward(dy2, x2, *, kind, gate, approximate, config: GatedConfig, interpret=False,
+                   out=None):
+    """``dy2 [rows, cols], x2 [rows, 2 * cols] -> dx2 [rows, 2 * cols]`` in one pass."""
+    rows, cols = dy2.shape
+    kernel = functools.partial(_backward_kernel, rows=rows, cols=cols, kind=kind, gate=gate,
+                               approximate=approximate, config=config)
+    return _call(kernel, (dy2, x2), x2, _grid(rows, cols, config), config, interpret,
+                 f"bjax_{kind}_backward", out)

@@ -1,0 +1,56 @@
+"""Shared fixtures: the backends this machine can run, tolerances, random data."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bjax._op import cuda_available
+
+jax.config.update("jax_enable_x64", True)  # f64 cases; every test names its dtypes.
+
+# On a CUDA GPU the kernels run compiled; elsewhere through the Pallas interpreter.
+KERNEL_BACKEND = "pallas" if cuda_available() else "interpret"
+BACKENDS = (KERNEL_BACKEND, "xla")
+
+FLOAT_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16, jnp.float64)
+
+# Relative tolerance per output dtype, applied elementwise as
+# |out - ref| <= rtol * (|ref| + max|ref|): rounding of the output to its dtype
+# costs half an ulp; math in float32 (float64 for float64) adds a few ulp of the
+# math dtype (transcendentals, and the erfc fit for GeGLU). One ulp: bf16 2^-8,
+# f16 2^-11, f32 2^-24 (x a few tens for exp/erfc), f64 2^-53 (likewise).
+RTOL = {
+    jnp.dtype(jnp.bfloat16): 2**-8,
+    jnp.dtype(jnp.float16): 2**-11,
+    jnp.dtype(jnp.float32): 2e-6,
+    jnp.dtype(jnp.float64): 1e-13,
+}
+
+
+def assert_close(out, ref, dtype, scale=1.0):
+    """Elementwise check against the float64 oracle, plus the relative norm error."""
+    out = np.asarray(jnp.asarray(out).astype(jnp.float64))
+    ref = np.asarray(ref, np.float64)
+    assert out.shape == ref.shape
+    assert not np.isnan(out).any(), "NaN in output"
+    rtol = RTOL[jnp.dtype(dtype)] * scale
+    bound = rtol * (np.abs(ref) + np.max(np.abs(ref), initial=0.0))
+    bad = np.abs(out - ref) > bound
+    assert not bad.any(), (
+        f"{bad.sum()} of {bad.size} elements off; worst |out-ref| = "
+        f"{np.max(np.abs(out - ref))}, rtol={rtol}")
+    if ref.size:
+        norm_err = np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-300)
+        assert norm_err <= rtol, norm_err
+
+
+def random(key, shape, dtype, scale=2.0):
+    """Random normal data (never zeros) in ``dtype``; the oracle sees the rounded values."""
+    return (scale * jax.random.normal(jax.random.key(key), shape, jnp.float32)).astype(dtype) \
+        if jnp.dtype(dtype) != jnp.float64 else \
+        scale * jax.random.normal(jax.random.key(key), shape, jnp.float64)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param

@@ -1,0 +1,61 @@
+"""Float64 NumPy oracles written from the formulas (independent of bjax)."""
+import math
+
+import numpy as np
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _sigmoid(u):
+    return 1.0 / (1.0 + np.exp(-u))
+
+
+def _phi_cdf(u):
+    return 0.5 * (1.0 + _erf(u / math.sqrt(2.0)))
+
+
+def _phi_pdf(u):
+    return np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
+
+
+def gated_activation_act(u, kind, approximate=False):
+    """act(u) and act'(u) of the seed's table, in float64."""
+    if kind == "glu":
+        s = _sigmoid(u)
+        return s, s * (1 - s)
+    if kind == "reglu":
+        return np.maximum(u, 0.0), (u > 0).astype(np.float64)
+    if kind == "swiglu":
+        s = _sigmoid(u)
+        return u * s, s * (1 + u * (1 - s))
+    if approximate:
+        k = math.sqrt(2 / math.pi)
+        t = np.tanh(k * (u + 0.044715 * u**3))
+        return 0.5 * u * (1 + t), 0.5 * (1 + t) + 0.5 * u * (1 - t * t) * k * (1 + 3 * 0.044715 * u * u)
+    return u * _phi_cdf(u), _phi_cdf(u) + u * _phi_pdf(u)
+
+
+def _halves(x, axis):
+    a, b = np.split(np.asarray(x, np.float64), 2, axis=axis)
+    return a, b
+
+
+def gated_activation(x, kind, axis=-1, gate="second", approximate=False):
+    """y = a act(b) (gate="second") or act(a) b (gate="first")."""
+    a, b = _halves(x, axis)
+    if gate == "second":
+        return a * gated_activation_act(b, kind, approximate)[0]
+    return gated_activation_act(a, kind, approximate)[0] * b
+
+
+def gated_activation_grad(x, dy, kind, axis=-1, gate="second", approximate=False):
+    """dx = concat(da, db) for cotangent dy, from the analytic derivatives."""
+    a, b = _halves(x, axis)
+    dy = np.asarray(dy, np.float64)
+    if gate == "second":
+        act, d_act = gated_activation_act(b, kind, approximate)
+        da, db = dy * act, dy * a * d_act
+    else:
+        act, d_act = gated_activation_act(a, kind, approximate)
+        da, db = dy * b * d_act, dy * act
+    return np.concatenate([da, db], axis=axis)

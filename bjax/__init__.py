@@ -11,6 +11,14 @@ from bjax.gated import GatedActivationDescriptor, gated_activation, geglu, glu, 
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # bjax.nn needs flax, an optional dependency: import it on first use.
+    if name == "nn":
+        import importlib
+        return importlib.import_module("bjax.nn")
+    raise AttributeError(f"module 'bjax' has no attribute {name!r}")
+
 __all__ = [
     "BACKENDS", "BjaxError", "GatedActivationDescriptor", "InvalidProblemError", "Plan",
     "PrecisionGuarantee", "UnsupportedError", "errors", "gated_activation", "geglu", "glu",

@@ -6,7 +6,9 @@ of any array reduces to that by a free row-major reshape (``rows`` is the
 product of the extents before the axis, ``cols`` half the extent along it times
 the product of those after it). A program owns a ``[block_rows, block_cols]``
 tile of ``y`` and reads the two matching tiles of ``x2``; tiles at the edges are
-masked, so no extent needs to be a multiple of a block.
+masked, so no extent needs to be a multiple of a block. Offsets are 64-bit
+wherever an operand exceeds 2^32 bytes (the Triton lowering's rule), so size is
+not capped by int32 indexing.
 
 Math is in float32 (float64 for float64 inputs); values are stored in the
 output's dtype.
@@ -39,7 +41,7 @@ class GatedConfig:
 # (132 multiprocessors on an H100/H200, a few programs each).
 _MIN_PROGRAMS = 512
 # Elements of y per program for large problems.
-_TILE_ELEMENTS = 4096
+_TILE_ELEMENTS = 2048
 
 
 def default_config(rows: int, cols: int) -> GatedConfig:
@@ -109,8 +111,8 @@ def _load(ref, rs, cs, mask, dtype):
 
 
 def _forward_kernel(x_ref, y_ref, *, rows, cols, kind, gate, approximate, config):
-    r0 = pl.program_id(0) * config.block_rows
-    c0 = pl.program_id(1) * config.block_cols
+    c0 = pl.program_id(0) * config.block_cols
+    r0 = pl.program_id(1) * config.block_rows
     rs, cs, mask = _tile(r0, c0, rows, cols, config)
     cs_second = pl.ds(cols + c0, config.block_cols)
     dtype = compute_dtype(y_ref.dtype)
@@ -121,8 +123,8 @@ def _forward_kernel(x_ref, y_ref, *, rows, cols, kind, gate, approximate, config
 
 
 def _backward_kernel(dy_ref, x_ref, dx_ref, *, rows, cols, kind, gate, approximate, config):
-    r0 = pl.program_id(0) * config.block_rows
-    c0 = pl.program_id(1) * config.block_cols
+    c0 = pl.program_id(0) * config.block_cols
+    r0 = pl.program_id(1) * config.block_rows
     rs, cs, mask = _tile(r0, c0, rows, cols, config)
     cs_second = pl.ds(cols + c0, config.block_cols)
     dtype = compute_dtype(dx_ref.dtype)
@@ -135,7 +137,9 @@ def _backward_kernel(dy_ref, x_ref, dx_ref, *, rows, cols, kind, gate, approxima
 
 
 def _grid(rows, cols, config):
-    return (pl.cdiv(rows, config.block_rows), pl.cdiv(cols, config.block_cols))
+    # Column tiles vary fastest, so programs that run together stream along rows:
+    # about 5% faster on an H200 than row tiles fastest (BENCHMARKS.md).
+    return (pl.cdiv(cols, config.block_cols), pl.cdiv(rows, config.block_rows))
 
 
 def _call(kernel, operands, out_like, grid, config, interpret, name, out):

@@ -1,0 +1,28 @@
+# make demo / make test set up .venv on first use (pip install -e ".[$(EXTRAS)]").
+# On a CUDA 13 machine: make demo EXTRAS=test,flax,cuda13
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= test,flax
+comma := ,
+SETUP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: demo test bench clean
+
+$(SETUP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: $(SETUP)
+	$(PY) -m bjax.demo
+
+test: $(SETUP)
+	$(PY) -m pytest tests -q
+
+bench: $(SETUP)
+	$(PY) -m benchmarks.gated
+
+clean:
+	rm -rf $(VENV) .pytest_cache

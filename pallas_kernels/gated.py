@@ -95,15 +95,18 @@ def gated_math(first, second, kind: str, gate: str, approximate: bool, dy=None):
     return (d_value, d_gate_in) if gate == "second" else (d_gate_in, d_value)
 
 
-def _tile(r0, c0, rows, cols, config: GatedConfig):
-    """Row/column slices of a tile and its in-bounds mask (None when no edge is cut)."""
+def _program_tile(rows, cols, config: GatedConfig):
+    """This program's rows, its columns in the first and second halves, and the
+    in-bounds mask (None when the tiles divide the array)."""
     br, bc = config.block_rows, config.block_cols
+    c0 = pl.program_id(0) * bc
+    r0 = pl.program_id(1) * br
     mask = None
     if rows % br or cols % bc:
         in_rows = (r0 + jnp.arange(br)) < rows
         in_cols = (c0 + jnp.arange(bc)) < cols
         mask = in_rows[:, None] & in_cols[None, :]
-    return pl.ds(r0, br), pl.ds(c0, bc), mask
+    return pl.ds(r0, br), pl.ds(c0, bc), pl.ds(cols + c0, bc), mask
 
 
 def _load(ref, rs, cs, mask, dtype):
@@ -111,10 +114,7 @@ def _load(ref, rs, cs, mask, dtype):
 
 
 def _forward_kernel(x_ref, y_ref, *, rows, cols, kind, gate, approximate, config):
-    c0 = pl.program_id(0) * config.block_cols
-    r0 = pl.program_id(1) * config.block_rows
-    rs, cs, mask = _tile(r0, c0, rows, cols, config)
-    cs_second = pl.ds(cols + c0, config.block_cols)
+    rs, cs, cs_second, mask = _program_tile(rows, cols, config)
     dtype = compute_dtype(y_ref.dtype)
     first = _load(x_ref, rs, cs, mask, dtype)
     second = _load(x_ref, rs, cs_second, mask, dtype)
@@ -123,10 +123,7 @@ def _forward_kernel(x_ref, y_ref, *, rows, cols, kind, gate, approximate, config
 
 
 def _backward_kernel(dy_ref, x_ref, dx_ref, *, rows, cols, kind, gate, approximate, config):
-    c0 = pl.program_id(0) * config.block_cols
-    r0 = pl.program_id(1) * config.block_rows
-    rs, cs, mask = _tile(r0, c0, rows, cols, config)
-    cs_second = pl.ds(cols + c0, config.block_cols)
+    rs, cs, cs_second, mask = _program_tile(rows, cols, config)
     dtype = compute_dtype(dx_ref.dtype)
     dy = _load(dy_ref, rs, cs, mask, dtype)
     first = _load(x_ref, rs, cs, mask, dtype)

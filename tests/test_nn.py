@@ -1,4 +1,5 @@
 """bjax.nn.GatedMLP: shapes, agreement with the op, and a few training steps."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,8 @@ def test_gated_mlp_forward(kind, gate):
     y = model(x)
     assert y.shape == (5, 3)
     h = bjax.gated_activation(x @ model.w_in.kernel[...], kind, gate=gate, backend="xla")
-    np.testing.assert_allclose(y, h @ model.w_out.kernel[...], rtol=1e-5, atol=1e-5)
+    chex.assert_shape(h, (5, 16))
+    chex.assert_trees_all_close(y, h @ model.w_out.kernel[...], rtol=1e-5, atol=1e-5)
 
 
 def test_gated_mlp_trains_under_nnx_jit():
@@ -34,5 +36,5 @@ def test_gated_mlp_trains_under_nnx_jit():
         return loss
 
     losses = [float(step(model, x, target)) for _ in range(30)]
-    assert all(np.isfinite(losses))
+    chex.assert_tree_all_finite(losses)
     assert losses[-1] < 0.5 * losses[0], losses

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.special import normal_cdf, normal_pdf
+from pallas_kernels.special import normal_cdf_and_pdf
 
 _SQRT_2_OVER_PI = 0.7978845608028654
 _GELU_TANH_CUBIC = 0.044715
@@ -60,8 +60,15 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
-def _activation(u, kind: str, approximate: bool):
-    """act(u) and act'(u) for the gate input ``u``."""
+def approx_reciprocal_f32(u):
+    """1 / u by the GPU's ``rcp.approx`` (within 1 ulp; compiled float32 kernels only)."""
+    return plgpu.elementwise_inline_asm(
+        "rcp.approx.ftz.f32 $0, $1;", args=[u], constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(u.shape, u.dtype)])[0]
+
+
+def _activation(u, kind: str, approximate: bool, reciprocal=None):
+    """act(u) and act'(u) for the gate input ``u`` (``reciprocal``: see normal_cdf_and_pdf)."""
     if kind == "glu":
         s = jax.nn.sigmoid(u)
         return s, s * (1.0 - s)
@@ -77,18 +84,19 @@ def _activation(u, kind: str, approximate: bool):
         d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * u * u)
         return 0.5 * u * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * u * (1.0 - th * th) * d_inner
     if kind == "geglu":
-        cdf = normal_cdf(u)
-        return u * cdf, cdf + u * normal_pdf(u)
+        cdf, pdf = normal_cdf_and_pdf(u, reciprocal)
+        return u * cdf, cdf + u * pdf
     raise ValueError(kind)
 
 
-def gated_math(first, second, kind: str, gate: str, approximate: bool, dy=None):
+def gated_math(first, second, kind: str, gate: str, approximate: bool, dy=None,
+               reciprocal=None):
     """``y`` (``dy is None``) or ``(d first, d second)`` from the two halves.
 
     ``gate="second"``: y = first * act(second); ``gate="first"``: y = act(first) * second.
     """
     value, gate_in = (first, second) if gate == "second" else (second, first)
-    act, d_act = _activation(gate_in, kind, approximate)
+    act, d_act = _activation(gate_in, kind, approximate, reciprocal)
     if dy is None:
         return value * act
     d_value, d_gate_in = dy * act, dy * value * d_act
@@ -113,22 +121,28 @@ def _load(ref, rs, cs, mask, dtype):
     return plgpu.load(ref.at[rs, cs], mask=mask, other=0 if mask is not None else None).astype(dtype)
 
 
-def _forward_kernel(x_ref, y_ref, *, rows, cols, kind, gate, approximate, config):
+def _reciprocal(dtype, interpret):
+    return approx_reciprocal_f32 if dtype == jnp.float32 and not interpret else None
+
+
+def _forward_kernel(x_ref, y_ref, *, rows, cols, kind, gate, approximate, config, interpret):
     rs, cs, cs_second, mask = _program_tile(rows, cols, config)
     dtype = compute_dtype(y_ref.dtype)
     first = _load(x_ref, rs, cs, mask, dtype)
     second = _load(x_ref, rs, cs_second, mask, dtype)
-    y = gated_math(first, second, kind, gate, approximate)
+    y = gated_math(first, second, kind, gate, approximate, reciprocal=_reciprocal(dtype, interpret))
     plgpu.store(y_ref.at[rs, cs], y.astype(y_ref.dtype), mask=mask)
 
 
-def _backward_kernel(dy_ref, x_ref, dx_ref, *, rows, cols, kind, gate, approximate, config):
+def _backward_kernel(dy_ref, x_ref, dx_ref, *, rows, cols, kind, gate, approximate, config,
+                     interpret):
     rs, cs, cs_second, mask = _program_tile(rows, cols, config)
     dtype = compute_dtype(dx_ref.dtype)
     dy = _load(dy_ref, rs, cs, mask, dtype)
     first = _load(x_ref, rs, cs, mask, dtype)
     second = _load(x_ref, rs, cs_second, mask, dtype)
-    d_first, d_second = gated_math(first, second, kind, gate, approximate, dy=dy)
+    d_first, d_second = gated_math(first, second, kind, gate, approximate, dy=dy,
+                                   reciprocal=_reciprocal(dtype, interpret))
     plgpu.store(dx_ref.at[rs, cs], d_first.astype(dx_ref.dtype), mask=mask)
     plgpu.store(dx_ref.at[rs, cs_second], d_second.astype(dx_ref.dtype), mask=mask)
 
@@ -165,7 +179,7 @@ def gated_forward(x2, *, kind, gate, approximate, config: GatedConfig, interpret
     """``x2 [rows, 2 * cols] -> y [rows, cols]``; written into ``out`` if given (tests poison it)."""
     rows, cols = x2.shape[0], x2.shape[1] // 2
     kernel = functools.partial(_forward_kernel, rows=rows, cols=cols, kind=kind, gate=gate,
-                               approximate=approximate, config=config)
+                               approximate=approximate, config=config, interpret=interpret)
     return _call(kernel, (x2,), jax.ShapeDtypeStruct((rows, cols), x2.dtype),
                  _grid(rows, cols, config), config, interpret, f"bjax_{kind}_forward", out)
 
@@ -176,6 +190,6 @@ def gated_backward(dy2, x2, *, kind, gate, approximate, config: GatedConfig, int
     """``dy2 [rows, cols], x2 [rows, 2 * cols] -> dx2 [rows, 2 * cols]`` in one pass."""
     rows, cols = dy2.shape
     kernel = functools.partial(_backward_kernel, rows=rows, cols=cols, kind=kind, gate=gate,
-                               approximate=approximate, config=config)
+                               approximate=approximate, config=config, interpret=interpret)
     return _call(kernel, (dy2, x2), x2, _grid(rows, cols, config), config, interpret,
                  f"bjax_{kind}_backward", out)

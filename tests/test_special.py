@@ -43,3 +43,23 @@ def test_special_values():
     np.testing.assert_array_equal(np.asarray(normal_cdf(x))[:5], [0.0, 0.0, 0.5, 1.0, 1.0])
     assert np.isnan(np.asarray(normal_cdf(x))[5])
     np.testing.assert_array_equal(np.asarray(normal_pdf(x))[[0, 1, 3, 4]], [0.0] * 4)
+
+
+@pytest.mark.skipif(not __import__("bjax._op", fromlist=["x"]).cuda_available(),
+                    reason="rcp.approx runs in compiled GPU kernels only")
+def test_cdf_with_hardware_reciprocal_in_a_kernel():
+    from jax.experimental import pallas as pl
+
+    from pallas_kernels.gated import approx_reciprocal_f32
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = normal_cdf(x_ref[...], reciprocal=approx_reciprocal_f32)
+
+    x = np.linspace(-37, 37, 8192).astype(np.float32)
+    out = np.asarray(pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype))(
+        jnp.asarray(x))).astype(np.float64)
+    ref = _cdf_oracle(x)
+    normal = ref > np.finfo(np.float32).tiny * 2**10
+    ulps = np.abs(out - ref)[normal] / np.spacing(ref[normal].astype(np.float32))
+    # One more ulp than the division allows (rcp.approx is within 1 ulp).
+    assert np.all(ulps <= 5 * np.maximum(1, x[normal].astype(np.float64) ** 2 / 2))

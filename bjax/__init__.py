@@ -4,6 +4,8 @@ Every op is a plain function that works under ``jax.jit``, ``jax.grad``,
 ``jax.vmap`` and ``jax.checkpoint``, validates its arguments at trace time and
 takes ``backend=None | "pallas" | "interpret" | "xla"``.
 """
+import importlib
+
 from bjax import errors
 from bjax._op import BACKENDS, Plan, PrecisionGuarantee, plan
 from bjax.errors import BjaxError, InvalidProblemError, UnsupportedError
@@ -15,7 +17,6 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # bjax.nn needs flax, an optional dependency: import it on first use.
     if name == "nn":
-        import importlib
         return importlib.import_module("bjax.nn")
     raise AttributeError(f"module 'bjax' has no attribute {name!r}")
 

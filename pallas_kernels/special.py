@@ -54,11 +54,6 @@ def _s_of_t(t):
     return acc
 
 
-def normal_pdf(x):
-    """phi(x) = exp(-x^2 / 2) / sqrt(2 pi) for float32 or float64 ``x``."""
-    return _INV_SQRT_2PI * jnp.exp(-0.5 * x * x)
-
-
 def normal_cdf_and_pdf(x, reciprocal=None):
     """(Phi(x), phi(x)), sharing one exponential; Phi(x) = erfc(-x / sqrt 2) / 2.
 

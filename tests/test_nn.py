@@ -38,3 +38,9 @@ def test_gated_mlp_trains_under_nnx_jit():
     losses = [float(step(model, x, target)) for _ in range(30)]
     chex.assert_tree_all_finite(losses)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_gated_mlp_rejects_bad_options_at_trace_time():
+    model = bjax.nn.GatedMLP(4, 8, kind="gelu", rngs=nnx.Rngs(0))
+    with pytest.raises(bjax.InvalidProblemError, match="kind must be one of"):
+        nnx.jit(lambda m, x: m(x))(model, jnp.ones((2, 4)))

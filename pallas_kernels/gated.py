@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.special import normal_cdf_and_pdf
+from pallas_kernels.special import approx_exp2_f32, approx_reciprocal_f32, normal_cdf_and_pdf
 
 _SQRT_2_OVER_PI = 0.7978845608028654
 _GELU_TANH_CUBIC = 0.044715
@@ -60,15 +60,17 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
-def approx_reciprocal_f32(u):
-    """1 / u by the GPU's ``rcp.approx`` (within 1 ulp; compiled float32 kernels only)."""
-    return plgpu.elementwise_inline_asm(
-        "rcp.approx.ftz.f32 $0, $1;", args=[u], constraints="=r,r", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(u.shape, u.dtype)])[0]
+def normal_cdf_options(out_dtype, interpret: bool = True) -> dict:
+    """Keyword options of ``normal_cdf_and_pdf`` for results stored as ``out_dtype``:
+    the shorter fit for 16-bit outputs, hardware approximations in compiled float32 kernels."""
+    options = {"for_16bit_output": jnp.dtype(out_dtype).itemsize == 2}
+    if compute_dtype(out_dtype) == jnp.float32 and not interpret:
+        options.update(reciprocal=approx_reciprocal_f32, exp2=approx_exp2_f32)
+    return options
 
 
-def _activation(u, kind: str, approximate: bool, reciprocal=None):
-    """act(u) and act'(u) for the gate input ``u`` (``reciprocal``: see normal_cdf_and_pdf)."""
+def _activation(u, kind: str, approximate: bool, cdf_options: dict):
+    """act(u) and act'(u) for the gate input ``u`` (``cdf_options``: see :func:`normal_cdf_options`)."""
     if kind == "glu":
         s = jax.nn.sigmoid(u)
         return s, s * (1.0 - s)
@@ -84,19 +86,19 @@ def _activation(u, kind: str, approximate: bool, reciprocal=None):
         d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * u * u)
         return 0.5 * u * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * u * (1.0 - th * th) * d_inner
     if kind == "geglu":
-        cdf, pdf = normal_cdf_and_pdf(u, reciprocal)
+        cdf, pdf = normal_cdf_and_pdf(u, **cdf_options)
         return u * cdf, cdf + u * pdf
     raise ValueError(kind)
 
 
-def gated_math(first, second, kind: str, gate: str, approximate: bool, dy=None,
-               reciprocal=None):
+def gated_math(first, second, kind: str, gate: str, approximate: bool, cdf_options: dict,
+               dy=None):
     """``y`` (``dy is None``) or ``(d first, d second)`` from the two halves.
 
     ``gate="second"``: y = first * act(second); ``gate="first"``: y = act(first) * second.
     """
     value, gate_in = (first, second) if gate == "second" else (second, first)
-    act, d_act = _activation(gate_in, kind, approximate, reciprocal)
+    act, d_act = _activation(gate_in, kind, approximate, cdf_options)
     if dy is None:
         return value * act
     d_value, d_gate_in = dy * act, dy * value * d_act
@@ -121,16 +123,13 @@ def _load(ref, rs, cs, mask, dtype):
     return plgpu.load(ref.at[rs, cs], mask=mask, other=0 if mask is not None else None).astype(dtype)
 
 
-def _reciprocal(dtype, interpret):
-    return approx_reciprocal_f32 if dtype == jnp.float32 and not interpret else None
-
-
 def _forward_kernel(x_ref, y_ref, *, rows, cols, kind, gate, approximate, config, interpret):
     rs, cs, cs_second, mask = _program_tile(rows, cols, config)
     dtype = compute_dtype(y_ref.dtype)
     first = _load(x_ref, rs, cs, mask, dtype)
     second = _load(x_ref, rs, cs_second, mask, dtype)
-    y = gated_math(first, second, kind, gate, approximate, reciprocal=_reciprocal(dtype, interpret))
+    y = gated_math(first, second, kind, gate, approximate,
+                   normal_cdf_options(y_ref.dtype, interpret))
     plgpu.store(y_ref.at[rs, cs], y.astype(y_ref.dtype), mask=mask)
 
 
@@ -141,8 +140,8 @@ def _backward_kernel(dy_ref, x_ref, dx_ref, *, rows, cols, kind, gate, approxima
     dy = _load(dy_ref, rs, cs, mask, dtype)
     first = _load(x_ref, rs, cs, mask, dtype)
     second = _load(x_ref, rs, cs_second, mask, dtype)
-    d_first, d_second = gated_math(first, second, kind, gate, approximate, dy=dy,
-                                   reciprocal=_reciprocal(dtype, interpret))
+    d_first, d_second = gated_math(first, second, kind, gate, approximate,
+                                   normal_cdf_options(dx_ref.dtype, interpret), dy=dy)
     plgpu.store(dx_ref.at[rs, cs], d_first.astype(dx_ref.dtype), mask=mask)
     plgpu.store(dx_ref.at[rs, cs_second], d_second.astype(dx_ref.dtype), mask=mask)
 

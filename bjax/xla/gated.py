@@ -6,7 +6,7 @@ backends differ only by rounding and fusion.
 """
 import jax.numpy as jnp
 
-from pallas_kernels.gated import compute_dtype, gated_math
+from pallas_kernels.gated import compute_dtype, gated_math, normal_cdf_options
 
 
 def gated_forward(x2, *, kind, gate, approximate):
@@ -14,7 +14,8 @@ def gated_forward(x2, *, kind, gate, approximate):
     cols = x2.shape[1] // 2
     dtype = compute_dtype(x2.dtype)
     first, second = x2[:, :cols].astype(dtype), x2[:, cols:].astype(dtype)
-    return gated_math(first, second, kind, gate, approximate).astype(x2.dtype)
+    y = gated_math(first, second, kind, gate, approximate, normal_cdf_options(x2.dtype))
+    return y.astype(x2.dtype)
 
 
 def gated_backward(dy2, x2, *, kind, gate, approximate):
@@ -22,5 +23,6 @@ def gated_backward(dy2, x2, *, kind, gate, approximate):
     cols = dy2.shape[1]
     dtype = compute_dtype(x2.dtype)
     first, second = x2[:, :cols].astype(dtype), x2[:, cols:].astype(dtype)
-    d_first, d_second = gated_math(first, second, kind, gate, approximate, dy=dy2.astype(dtype))
+    d_first, d_second = gated_math(first, second, kind, gate, approximate,
+                                   normal_cdf_options(x2.dtype), dy=dy2.astype(dtype))
     return jnp.concatenate([d_first, d_second], axis=1).astype(x2.dtype)

@@ -33,6 +33,23 @@ def device_time_ms(fn, *args, calls: int = 50, trials: int = 5) -> float:
     return statistics.median(per_call)
 
 
+def chained_time_ms(fn, state, *args, calls: int = 20, trials: int = 5) -> float:
+    """Median milliseconds per call of ``state = fn(state, *args)``, ``fn`` donating ``state``.
+
+    For in-place ops: each call consumes the previous call's output, so no
+    copy of ``state`` is needed to keep the donated input alive.
+    """
+    state = jax.block_until_ready(fn(fn(state, *args), *args))  # compile and warm up
+    per_call = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(calls):
+            state = fn(state, *args)
+        jax.block_until_ready(state)
+        per_call.append((time.perf_counter() - start) / calls * 1e3)
+    return statistics.median(per_call)
+
+
 def kernel_time_ms(fn, *args, calls: int = 20) -> float:
     """Milliseconds of GPU kernel time per call of ``fn(*args)``, from a jax.profiler trace.
 

@@ -10,6 +10,7 @@ from bjax import errors
 from bjax._op import BACKENDS, Plan, PrecisionGuarantee, plan
 from bjax.errors import BjaxError, InvalidProblemError, UnsupportedError
 from bjax.gated import GatedActivationDescriptor, gated_activation, geglu, glu, reglu, swiglu
+from bjax.write_slice import WriteSliceDescriptor, write_slice
 
 __version__ = "0.1.0"
 
@@ -23,5 +24,5 @@ def __getattr__(name):
 __all__ = [
     "BACKENDS", "BjaxError", "GatedActivationDescriptor", "InvalidProblemError", "Plan",
     "PrecisionGuarantee", "UnsupportedError", "errors", "gated_activation", "geglu", "glu",
-    "plan", "reglu", "swiglu",
+    "plan", "reglu", "swiglu", "WriteSliceDescriptor", "write_slice",
 ]

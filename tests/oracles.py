@@ -59,3 +59,24 @@ def gated_activation_grad(x, dy, kind, axis=-1, gate="second", approximate=False
         act, d_act = gated_activation_act(a, kind, approximate)
         da, db = dy * b * d_act, dy * act
     return np.concatenate([da, db], axis=axis)
+
+
+def write_slice(dest, source, start):
+    """``dest`` with the window at ``start`` set to ``source``, row by row along axis 0.
+
+    ``start[d]`` is an int (every row) or, for d >= 1, a vector indexed by the row
+    of ``dest``. A row whose window does not fit ``dest`` is left unchanged (as is
+    every row when a scalar start does not fit).
+    """
+    out = np.array(dest, copy=True)
+    source = np.asarray(source)
+    rows, first = source.shape[0], int(start[0])
+    if rows == 0 or not 0 <= first <= dest.shape[0] - rows:
+        return out
+    for i in range(rows):
+        r = first + i
+        position = [int(np.asarray(s)[r]) if np.ndim(s) else int(s) for s in start[1:]]
+        if all(0 <= p <= e - w for p, e, w in zip(position, dest.shape[1:], source.shape[1:])):
+            window = tuple(slice(p, p + w) for p, w in zip(position, source.shape[1:]))
+            out[(r, *window)] = source[i]
+    return out

@@ -1,0 +1,128 @@
+"""write_slice: bjax vs lax.dynamic_update_slice and lax.scatter, in place.
+
+    python -m benchmarks.write_slice [--backend pallas]
+
+* Decode loop: 256 KV-cache appends of one token ([8, 1, 8, 128] bf16, 16 KiB)
+  inside one jitted ``fori_loop``, cache [8, S, 8, 128] bf16 donated, for caches
+  of 32 MiB to 2 GiB; time per append. Columns: bjax (scalar position), bjax
+  with per-row positions (ragged lengths), ``lax.dynamic_update_slice`` (which
+  clamps out-of-range positions) and bjax's XLA backend (a FILL_OR_DROP scatter).
+* A generic 3-d window (bf16) and an int4 window: TB/s counting the window's
+  bytes read and written, against the device-copy ceiling of the same run.
+
+Every column is timed the same way: calls chained on the donated output,
+enqueued back to back, one block at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+import bjax
+from benchmarks import harness
+
+STEPS = 256
+CACHE_MIB = (32, 128, 512, 2048)
+
+
+def _decode(append):
+    """jit(cache, tokens) -> cache after STEPS appends, cache donated."""
+    def run(cache, tokens, offset):
+        def step(i, cache):
+            return append(cache, tokens[i % tokens.shape[0]], offset + i)
+        return lax.fori_loop(0, STEPS, step, cache)
+    return jax.jit(run, donate_argnums=0)
+
+
+def decode_rows(backend: str) -> list[list]:
+    appends = {
+        "bjax": lambda c, t, p: bjax.write_slice(c, t, (0, p, 0, 0), backend=backend),
+        "bjax per-row": lambda c, t, p: bjax.write_slice(
+            c, t, (0, p + jnp.arange(8) % 3, 0, 0), backend=backend),
+        "dynamic_update_slice": lambda c, t, p: lax.dynamic_update_slice(c, t, (0, p, 0, 0)),
+        "bjax xla (scatter)": lambda c, t, p: bjax.write_slice(c, t, (0, p, 0, 0),
+                                                               backend="xla"),
+    }
+    tokens = jax.random.normal(jax.random.key(1), (16, 8, 1, 8, 128), jnp.bfloat16)
+    rows = []
+    for mib in CACHE_MIB:
+        seq = mib * 2**20 // (8 * 8 * 128 * 2)
+        times = {}
+        for name, append in appends.items():
+            cache = jax.random.normal(jax.random.key(0), (8, seq, 8, 128), jnp.bfloat16)
+            offset = jnp.int32(seq // 2)
+            times[name] = harness.chained_time_ms(_decode(append), cache, tokens, offset,
+                                                  calls=10) * 1e3 / STEPS
+            del cache
+        rows.append([f"8x{seq}x8x128", f"{mib} MiB"] + [f"{t:.2f}" for t in times.values()]
+                    + [f"{times['dynamic_update_slice'] / times['bjax']:.2f}"])
+        print(rows[-1], flush=True)
+    return rows
+
+
+def window_rows(backend: str, ceiling: float) -> list[list]:
+    cases = [
+        ("generic 3-d", (64, 512, 1024), (32, 256, 768), (7, 100, 200), jnp.bfloat16),
+        ("int4 even window", (8192, 16384), (4096, 8192), (1000, 2048), jnp.int4),
+    ]
+    rows = []
+    for name, dest_shape, window, start, dtype in cases:
+        source = jax.random.randint(jax.random.key(1), window, -7, 7).astype(dtype)
+        updates = {
+            "bjax": lambda d, s: bjax.write_slice(d, s, start, backend=backend),
+            "dynamic_update_slice": lambda d, s: lax.dynamic_update_slice(d, s, start),
+            "bjax xla (scatter)": lambda d, s: bjax.write_slice(d, s, start, backend="xla"),
+        }
+        times = {}
+        for label, update in updates.items():
+            dest = jax.random.randint(jax.random.key(0), dest_shape, -7, 7).astype(dtype)
+            times[label] = harness.chained_time_ms(jax.jit(update, donate_argnums=0), dest,
+                                                   source)
+            del dest
+        nbytes = 2 * source.size * jnp.dtype(dtype).itemsize / (2 if dtype == jnp.int4 else 1)
+        tbps = nbytes / (times["bjax"] * 1e-3) / 1e12
+        rows.append([name, "x".join(map(str, dest_shape)), "x".join(map(str, window)),
+                     jnp.dtype(dtype).name] + [f"{t * 1e3:.1f}" for t in times.values()]
+                    + [f"{times['dynamic_update_slice'] / times['bjax']:.2f}", f"{tbps:.2f}",
+                       f"{100 * tbps / ceiling:.0f}%"])
+        print(rows[-1], flush=True)
+    return rows
+
+
+def run(backend: str) -> str:
+    ceiling, ceiling_how = harness.copy_ceiling_tbps()
+    decode = decode_rows(backend)
+    windows = window_rows(backend, ceiling)
+    return "\n".join([
+        harness.environment(), f"copy ceiling: {ceiling:.2f} TB/s ({ceiling_how}); "
+        f"backend={backend}", "",
+        f"Decode loop: us per append ({STEPS} appends of [8, 1, 8, 128] bf16 in one fori_loop, "
+        "cache donated)", "",
+        harness.markdown_table(["cache", "size", "bjax", "bjax per-row", "dynamic_update_slice",
+                                "bjax xla (scatter)", "DUS / bjax"], decode), "",
+        "Windows: us per call (window bytes read + written)", "",
+        harness.markdown_table(["case", "dest", "window", "dtype", "bjax", "dynamic_update_slice",
+                                "bjax xla (scatter)", "DUS / bjax", "bjax TB/s", "% copy"],
+                               windows)])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default=None, help="bjax backend (default: bjax's default)")
+    args = parser.parse_args()
+    backend = args.backend or bjax.plan(
+        bjax.write_slice, jax.ShapeDtypeStruct((2,), jnp.float32),
+        jax.ShapeDtypeStruct((1,), jnp.float32), (0,)).backend
+    report = run(backend)
+    print("\n" + report)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "write_slice_bench.md"), "w") as f:
+            f.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""write_slice: ``dest[p_0 : p_0 + W_0, ..., p_{N-1} : p_{N-1} + W_{N-1}] = source``, in place.
+
+The window has the shape of ``source`` (``W_d = source.shape[d]``) and starts at
+``p_d = start[d]`` on axis d. Each start is
+
+* a Python int: static, checked at trace time (``0 <= p_d <= dest.shape[d] - W_d``);
+* an integer scalar array (traced inside ``jit``): the position of a KV-cache
+  append in a decode loop;
+* on an axis other than 0, an integer vector of length ``dest.shape[0]``:
+  row ``r`` of ``dest`` along axis 0 takes its own position ``start[d][r]``
+  (ragged batches, each sequence appending at its own length).
+
+Out-of-range positions never clamp: a row of the window (an index along axis
+0) whose positions do not fit is left unwritten, and ``dest`` keeps its bytes
+there; with a scalar start out of range no row is written. Under
+``jax.experimental.checkify`` such a call reports the axis, the value and the
+row. Writes are bit-exact for every dtype (NaN payloads, -0.0, float8
+specials), and bytes outside the window are unchanged.
+
+When ``dest`` is donated to the enclosing ``jit`` (``donate_argnums``), no copy
+of ``dest`` is made: the call reads and writes only the window.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import checkify
+
+from bjax import _op
+from bjax.errors import UnsupportedError
+from bjax.xla import write_slice as xla_write_slice
+from pallas_kernels import write_slice as pallas_write_slice
+
+_OP = "write_slice"
+SCALAR, PER_ROW = "scalar", "per_row"
+_NIBBLE_DTYPES = (jnp.int4, jnp.uint4)
+_DTYPES = (
+    jnp.bool_, jnp.int4, jnp.uint4, jnp.int8, jnp.uint8, jnp.int16, jnp.uint16, jnp.int32,
+    jnp.uint32, jnp.int64, jnp.uint64, jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.float8_e4m3,
+    jnp.float8_e3m4, jnp.float8_e4m3fnuz, jnp.float8_e5m2fnuz, jnp.float8_e4m3b11fnuz,
+    jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64, jnp.complex64, jnp.complex128,
+)
+# Index arithmetic in the kernel is int32 on each axis.
+_MAX_KERNEL_EXTENT = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelView:
+    """The problem as the kernel sees it: unsigned-integer bits, adjacent axes merged.
+
+    Axes are merged into the next one when that one is covered whole at a
+    static 0 (the window is then contiguous across them); the merged start is
+    the first axis's start times ``scales``. int4 / uint4 are viewed as uint8
+    pairs along the innermost axis.
+    """
+    bits_dtype: np.dtype
+    packed: bool
+    groups: tuple[tuple[int, ...], ...]
+    scales: tuple[int, ...]
+    dest_shape: tuple[int, ...]
+    window_shape: tuple[int, ...]
+    per_row: bool
+    config: pallas_write_slice.WindowConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteSliceDescriptor:
+    """Static facts of one write_slice call (hashable; the custom_vjp's static argument).
+
+    Attributes:
+      dest_shape: shape of ``dest`` (and of the result).
+      source_shape: shape of ``source``: the window's extent on each axis.
+      dtype: dtype of both.
+      starts: per axis, the static start (int), ``"scalar"`` (a traced integer)
+        or ``"per_row"`` (a vector over the rows of ``dest``).
+    """
+    dest_shape: tuple[int, ...]
+    source_shape: tuple[int, ...]
+    dtype: np.dtype
+    starts: tuple[int | str, ...]
+
+    @classmethod
+    def from_args(cls, dest, source, start):
+        """Validates the call; returns the descriptor and the traced starts, in axis order."""
+        dest_shape = tuple(int(d) for d in dest.shape)
+        source_shape = tuple(int(d) for d in source.shape)
+        rank = len(dest_shape)
+        _op.check(rank >= 1, _OP, "dest", "an array of rank >= 1", "rank 0")
+        _op.check(len(source_shape) == rank, _OP, "source", f"of dest's rank {rank}",
+                  f"rank {len(source_shape)} (source.shape={source_shape}, "
+                  f"dest.shape={dest_shape})")
+        dtype = jnp.dtype(dest.dtype)
+        _op.check(jnp.dtype(source.dtype) == dtype, _OP, "source.dtype",
+                  f"dest's dtype {dtype.name} (no implicit casting)", jnp.dtype(source.dtype).name)
+        _op.check(dtype in [jnp.dtype(d) for d in _DTYPES], _OP, "dest.dtype",
+                  "bool, an integer, float8, float or complex dtype", dtype.name, UnsupportedError)
+        for d, (extent, window) in enumerate(zip(dest_shape, source_shape)):
+            _op.check(window <= extent, _OP, f"source.shape[{d}]",
+                      f"<= dest.shape[{d}] = {extent} (the window must fit)", window)
+        _op.check(isinstance(start, (tuple, list)), _OP, "start",
+                  f"a tuple or list with one entry per axis of dest ({rank})", repr(start))
+        _op.check(len(start) == rank, _OP, "start", f"one entry per axis of dest ({rank})",
+                  f"{len(start)} entries")
+        kinds, traced = [], []
+        for d, entry in enumerate(start):
+            kind = _start_kind(entry, d, dest_shape, source_shape)
+            kinds.append(kind)
+            if not isinstance(kind, int):
+                traced.append(entry)
+        return cls(dest_shape, source_shape, dtype, tuple(kinds)), tuple(traced)
+
+    @property
+    def empty(self) -> bool:
+        return 0 in self.source_shape
+
+    @property
+    def whole(self) -> bool:
+        """The window is all of ``dest`` (the result is ``source``)."""
+        return self.source_shape == self.dest_shape and all(s == 0 for s in self.starts)
+
+    @property
+    def per_row(self) -> bool:
+        return PER_ROW in self.starts
+
+    def route(self, backend: str) -> str:
+        """``"noop"``, ``"whole"``, ``"xla"`` (lax.scatter) or ``"kernel"`` (Pallas)."""
+        if self.empty:
+            return "noop"
+        if self.whole:
+            return "whole"
+        if backend == "xla" or self.kernel_view() is None:
+            return "xla"
+        return "kernel"
+
+    def full(self, d: int) -> bool:
+        """Axis ``d`` is covered whole, from a static 0."""
+        return self.starts[d] == 0 and self.source_shape[d] == self.dest_shape[d]
+
+    def kernel_view(self) -> KernelView | None:
+        """How the Pallas kernel runs this call; None where it does not (then lax.scatter)."""
+        dtype = self.dtype
+        packed = dtype in [jnp.dtype(d) for d in _NIBBLE_DTYPES]
+        if not packed and _uint_of_width(dtype) is None:
+            return None  # bool, complex: no bit-cast view in JAX
+        dest, window = list(self.dest_shape), list(self.source_shape)
+        if packed:
+            last = self.starts[-1]
+            if not (isinstance(last, int) and last % 2 == 0 and window[-1] % 2 == 0
+                    and dest[-1] % 2 == 0):
+                return None  # odd nibble windows: lax.scatter handles them
+            dest[-1], window[-1] = dest[-1] // 2, window[-1] // 2
+        if max(dest) > _MAX_KERNEL_EXTENT:
+            return None
+        groups = [[len(dest) - 1]]
+        for d in range(len(dest) - 2, -1, -1):
+            merged = dest[d] * math.prod(dest[a] for a in groups[0])
+            if (self.full(groups[0][0]) and not (d == 0 and self.per_row)
+                    and merged <= _MAX_KERNEL_EXTENT):
+                groups[0].insert(0, d)
+            else:
+                groups.insert(0, [d])
+        scales = tuple(math.prod(dest[a] for a in g[1:]) for g in groups)
+        dest_c = [dest[g[0]] * s for g, s in zip(groups, scales)]
+        window_c = [window[g[0]] * s for g, s in zip(groups, scales)]
+        if len(groups) == 1:
+            dest_c, window_c = [1, *dest_c], [1, *window_c]
+        config = pallas_write_slice.default_config(tuple(window_c), self.per_row)
+        bits = jnp.dtype(jnp.uint8) if packed else _uint_of_width(dtype)
+        return KernelView(bits, packed, tuple(map(tuple, groups)), scales, tuple(dest_c),
+                          tuple(window_c), self.per_row, config)
+
+
+def _start_kind(entry, d, dest_shape, source_shape):
+    extent, window = dest_shape[d], source_shape[d]
+    name = f"start[{d}]"
+    if isinstance(entry, (bool, np.bool_)):
+        _op.fail(_OP, name, "an integer (a Python int or an integer array)", repr(entry))
+    if isinstance(entry, (int, np.integer)):
+        _op.check(0 <= entry <= extent - window, _OP, name,
+                  f"in [0, {extent - window}] so that the window of extent {window} fits "
+                  f"dest.shape[{d}] = {extent}", int(entry))
+        return int(entry)
+    if not (hasattr(entry, "shape") and hasattr(entry, "dtype")):
+        _op.fail(_OP, name, "an integer (a Python int or an integer array)",
+                 f"{entry!r} of type {type(entry).__name__}")
+    dtype = jnp.dtype(entry.dtype)
+    _op.check(jnp.issubdtype(dtype, jnp.integer), _OP, name, "an integer (a Python int or an "
+              "integer array)", f"an array of dtype {dtype.name}")
+    shape = tuple(entry.shape)
+    if shape == ():
+        return SCALAR
+    if d == 0:
+        _op.fail(_OP, name, "a scalar (per-row position vectors are for axes other than 0)",
+                 f"an array of shape {shape}")
+    _op.check(shape == (dest_shape[0],), _OP, name,
+              f"a scalar or a vector of length dest.shape[0] = {dest_shape[0]}",
+              f"an array of shape {shape}")
+    return PER_ROW
+
+
+def _in_range(values, high: int):
+    """0 <= values <= high, without overflowing narrow or unsigned integer dtypes."""
+    info = jnp.iinfo(values.dtype)
+    ok = values >= 0 if info.min < 0 else jnp.ones(values.shape, bool)
+    return ok & (values <= high) if high < info.max else ok
+
+
+def _row_table(desc: WriteSliceDescriptor, traced):
+    """int32 ``[W_0, N + 1]``: row i's start on every axis (axis 0: ``p_0 + i``) and
+    whether it is written; also, per traced axis, its values and in-range flags (for checks)."""
+    rows = desc.source_shape[0]
+    traced = iter(traced)
+    columns, written, reports = [], jnp.ones((rows,), bool), []
+    first_row = None
+    for d, kind in enumerate(desc.starts):
+        high = desc.dest_shape[d] - desc.source_shape[d]
+        if isinstance(kind, int):
+            column = jnp.full((rows,), kind, jnp.int32)
+        else:
+            values = jnp.asarray(next(traced))
+            if kind == PER_ROW:
+                values = lax.dynamic_slice_in_dim(values, first_row, rows)
+            values = jnp.broadcast_to(values, (rows,))
+            ok = _in_range(values, high)
+            reports.append((d, values, ok))
+            written = written & ok
+            column = jnp.where(ok, values, 0).astype(jnp.int32)
+        if d == 0:
+            # Rows of dest that the window covers, for indexing per-row vectors.
+            first_row = jnp.clip(column[0], 0, high)
+            column = column + jnp.arange(rows, dtype=jnp.int32)
+        columns.append(column)
+    return jnp.stack([*columns, written.astype(jnp.int32)], axis=1), reports
+
+
+def _report_out_of_range(desc: WriteSliceDescriptor, reports) -> None:
+    """Under checkify: which position was out of range (a no-op otherwise)."""
+    for d, values, ok in reports:
+        row = jnp.argmin(ok)
+        high = desc.dest_shape[d] - desc.source_shape[d]
+        checkify.debug_check(
+            jnp.all(ok),
+            f"write_slice: start[{d}] = {{value}} (window row {{row}}) is out of range "
+            f"[0, {high}] for a window of extent {desc.source_shape[d]} on an axis of extent "
+            f"{desc.dest_shape[d]}; that row was left unchanged",
+            value=values[row], row=row)
+
+
+def _uint_of_width(dtype):
+    """The unsigned integer dtype ``lax.bitcast_convert_type`` can view ``dtype`` as, or None
+    (bool, complex and 4-bit types have none of their own width)."""
+    if dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.complexfloating) \
+            or dtype in [jnp.dtype(d) for d in _NIBBLE_DTYPES]:
+        return None
+    return jnp.dtype(f"uint{8 * dtype.itemsize}")
+
+
+def _to_bits(x, view: KernelView):
+    if view.packed:
+        x = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    return lax.bitcast_convert_type(x, view.bits_dtype)
+
+
+def _from_bits(bits, shape, dtype):
+    return lax.bitcast_convert_type(bits, dtype).reshape(shape)
+
+
+def _kernel_positions(table, view: KernelView):
+    """Row table in the kernel's merged axes: int32 ``[T, K + 1]``, T = W_0 or 1."""
+    columns = [table[:, g[0]] * scale for g, scale in zip(view.groups, view.scales)]
+    # The kernel wants the window's start on axis 0 (the table has p_0 + i in row i).
+    columns[0] = jnp.broadcast_to(columns[0][:1], columns[0].shape)
+    if view.packed and len(view.groups[-1]) == 1:
+        columns[-1] = columns[-1] // 2
+    if len(view.groups) == 1:
+        columns.insert(0, jnp.zeros_like(columns[0]))
+    positions = jnp.stack([*columns, table[:, -1]], axis=1)
+    return positions if view.per_row else positions[:1]
+
+
+def _write_impl(dest, source, table, desc: WriteSliceDescriptor, backend: str):
+    route = desc.route(backend)
+    if route == "whole":
+        return source
+    if route == "xla":
+        # Scatter the bits: XLA may compute narrow floats in a wider type and
+        # canonicalize NaN payloads on the way.
+        bits = _uint_of_width(desc.dtype)
+        if bits is None:
+            return xla_write_slice.write_rows(dest, source, table)
+        out = xla_write_slice.write_rows(lax.bitcast_convert_type(dest, bits),
+                                         lax.bitcast_convert_type(source, bits), table)
+        return lax.bitcast_convert_type(out, desc.dtype)
+    view = desc.kernel_view()
+    bits_shape = (*desc.dest_shape[:-1], desc.dest_shape[-1] // 2) if view.packed \
+        else desc.dest_shape
+    out = pallas_write_slice.write_window(
+        _to_bits(dest, view).reshape(view.dest_shape),
+        _to_bits(source, view).reshape(view.window_shape),
+        _kernel_positions(table, view), config=view.config, interpret=backend == "interpret")
+    return _from_bits(out.reshape(bits_shape), desc.dest_shape, desc.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _write(dest, source, table, desc: WriteSliceDescriptor, backend: str):
+    return _write_impl(dest, source, table, desc, backend)
+
+
+def _write_fwd(dest, source, table, desc, backend):
+    return _write_impl(dest, source, table, desc, backend), table
+
+
+def _write_bwd(desc, backend, table, dy):
+    d_source = xla_write_slice.read_rows(dy, desc.source_shape, table)
+    d_dest = _write_impl(dy, jnp.zeros(desc.source_shape, dy.dtype), table, desc, backend)
+    return d_dest, d_source, None
+
+
+_write.defvjp(_write_fwd, _write_bwd)
+
+
+def write_slice(dest, source, start, *, backend=None):
+    """``dest`` with the window at ``start`` replaced by ``source`` (see the module doc).
+
+    Args:
+      dest: array of rank >= 1, any dtype: bool, (u)int4/8/16/32/64, float8,
+        float16, bfloat16, float32, float64, complex64, complex128.
+      source: the window's values; same rank and dtype as ``dest``,
+        ``source.shape[d] <= dest.shape[d]``.
+      start: one entry per axis: a Python int, an integer scalar array, or (axes
+        other than 0) an integer vector of length ``dest.shape[0]`` with a
+        position per row of ``dest``.
+      backend: ``None`` (``$BJAX_BACKEND``, else Pallas on CUDA GPUs and XLA
+        elsewhere), ``"pallas"``, ``"interpret"`` or ``"xla"``.
+
+    Returns:
+      The updated array (``dest``'s buffer when donated). Rows whose positions
+      are out of range are left as they were (never clamped).
+
+    Gradients: ``d dest = dy`` outside the written window and 0 inside;
+    ``d source = dy`` over the window (0 for rows left unwritten).
+
+    Raises:
+      InvalidProblemError: rank 0, rank or dtype mismatch, a window larger than
+        dest, a wrong number of starts, a static start out of range, a
+        non-integer start, a per-row vector on axis 0 or of the wrong length.
+      UnsupportedError: a dtype outside the list above; ``backend="pallas"``
+        without a CUDA GPU.
+    """
+    dest, source = jnp.asarray(dest), jnp.asarray(source)
+    desc, traced = WriteSliceDescriptor.from_args(dest, source, start)
+    backend = _op.resolve_backend(backend, _OP)
+    if desc.empty:
+        return dest
+    table, reports = _row_table(desc, traced)
+    _report_out_of_range(desc, reports)
+    return _write(dest, source, table, desc, backend)
+
+
+@_op.register_planner(write_slice)
+def _plan_write_slice(dest, source, start, *, backend=None):
+    desc, _ = WriteSliceDescriptor.from_args(dest, source, start)
+    backend = _op.resolve_backend(backend, _OP)
+    route = desc.route(backend)
+    kernel = {"noop": "none (empty window)", "whole": "none (source replaces dest)",
+              "xla": "lax.scatter (FILL_OR_DROP)", "kernel": "bjax_write_slice"}[route]
+    return _op.Plan(
+        op=_OP, descriptor=desc, backend=backend, kernel=kernel,
+        block_config=desc.kernel_view().config if route == "kernel" else None,
+        precision=_op.PrecisionGuarantee(
+            math_precision="none (bit copy)", accumulator=None, deterministic=True,
+            bit_stable_on_same_hardware=True,
+            notes="bit-exact: the window holds source's bytes; every other byte is unchanged"))

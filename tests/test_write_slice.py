@@ -1,0 +1,307 @@
+"""write_slice against the NumPy oracle: bits, positions, fast paths, in place, errors."""
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax import lax
+from jax.experimental import checkify
+from jax.test_util import check_grads
+
+import bjax
+from tests import oracles
+from tests.conftest import BACKENDS, KERNEL_BACKEND, random
+
+_BYTE_DTYPES = (
+    jnp.int8, jnp.uint8, jnp.int16, jnp.uint16, jnp.int32, jnp.uint32, jnp.int64, jnp.uint64,
+    jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64,
+    jnp.complex64, jnp.complex128,
+)
+ALL_DTYPES = (jnp.bool_, jnp.int4, jnp.uint4) + _BYTE_DTYPES
+
+
+def random_bits(seed, shape, dtype):
+    """Random values covering the dtype's bit patterns (NaN payloads, -0.0, fp8 specials)."""
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return rng.integers(0, 2, shape).astype(bool)
+    if dtype in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4)):
+        info = ml_dtypes.iinfo(dtype)
+        return rng.integers(info.min, info.max + 1, shape).astype(dtype)
+    raw = rng.integers(0, 256, (*shape, dtype.itemsize), dtype=np.uint8)
+    return raw.view(dtype).reshape(shape)
+
+
+def assert_same_bits(out, ref):
+    out, ref = np.asarray(out), np.asarray(ref)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if out.dtype in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4)):
+        out, ref = out.astype(np.int8), ref.astype(np.int8)
+    np.testing.assert_array_equal(out.view(np.uint8), ref.view(np.uint8))
+
+
+def check(dest_shape, window, start, dtype, backend, seed=0, jit_start=True):
+    """Random dest and source; compare write_slice (start entries traced if jit_start)."""
+    dest = random_bits(seed, dest_shape, dtype)
+    source = random_bits(seed + 1, window, dtype)
+    static = [i for i, s in enumerate(start) if isinstance(s, int) and not jit_start]
+
+    def run(dest, source, *traced):
+        traced = iter(traced)
+        full = [s if i in static else next(traced) for i, s in enumerate(start)]
+        return bjax.write_slice(dest, source, full, backend=backend)
+
+    traced = [jnp.asarray(s, jnp.int32) for i, s in enumerate(start) if i not in static]
+    out = jax.jit(run)(dest, source, *traced)
+    assert_same_bits(out, oracles.write_slice(dest, source, start))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_dtype_bit_exact(dtype, backend):
+    check((3, 7, 6), (2, 3, 4), (1, 2, 2), dtype, backend, jit_start=False)
+    check((3, 7, 6), (2, 3, 4), (1, 2, 2), dtype, backend, seed=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dest_shape,window,start", [
+    ((17,), (5,), (11,)),                              # rank 1
+    ((9, 33), (4, 33), (5, 0)),                        # full minor axis: one contiguous chunk
+    ((4, 40, 3, 8), (4, 1, 3, 8), (0, 39, 0, 0)),      # KV append at the last position
+    ((2, 5, 300), (1, 4, 129), (1, 1, 170)),           # generic, ragged tiles
+    ((6, 5, 4), (6, 5, 4), (0, 0, 0)),                 # the whole of dest
+    ((3, 2, 3, 2, 3, 2, 3, 2), (2, 1, 2, 2, 1, 2, 3, 1), (1, 1, 0, 0, 2, 0, 0, 1)),  # rank 8
+    ((1, 1, 1), (1, 1, 1), (0, 0, 0)),
+], ids=["rank1", "contiguous", "kv_append", "generic", "whole", "rank8", "ones"])
+def test_fast_paths_and_awkward_shapes(dest_shape, window, start, backend):
+    for dtype in (jnp.bfloat16, jnp.float32):
+        check(dest_shape, window, start, dtype, backend, jit_start=False)
+        check(dest_shape, window, start, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_window_is_a_no_op(backend):
+    dest = random_bits(0, (4, 6), jnp.float32)
+    for window, start in [((0, 6), (4, 0)), ((2, 0), (1, 3))]:
+        out = bjax.write_slice(dest, np.zeros(window, np.float32), start, backend=backend)
+        assert_same_bits(out, dest)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_row_positions_and_out_of_range_rows(backend):
+    # Row 2 appends past the end and row 4 at a negative position: both untouched.
+    lengths = np.array([0, 7, 9, 3, -1, 8])
+    check((6, 10, 2, 8), (6, 2, 2, 8), (0, lengths, 0, 0), jnp.bfloat16, backend)
+    # A window of rows 1..3 reads lengths of dest rows 1..3, with a dynamic row start.
+    check((6, 10, 5), (3, 3, 4), (1, lengths, 1), jnp.float32, backend)
+    # Per-row positions on two axes.
+    check((4, 6, 7), (4, 2, 3), (0, np.array([0, 4, 5, 1]), np.array([4, 0, 2, 5])),
+          jnp.int8, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("start", [(0, 9, 0), (0, -1, 0), (3, 0, 0), (0, 2**31 - 1, 0)],
+                         ids=["past_end", "negative", "axis0", "huge"])
+def test_out_of_range_scalar_position_changes_nothing(start, backend):
+    # lax.dynamic_update_slice would clamp and overwrite the last valid rows.
+    out = check((3, 10, 4), (1, 2, 4), start, jnp.float32, backend)
+    dest = random_bits(0, (3, 10, 4), jnp.float32)
+    assert_same_bits(out, dest)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [jnp.int4, jnp.uint4], ids=["int4", "uint4"])
+@pytest.mark.parametrize("window,start", [((2, 4), (1, 2)), ((2, 3), (1, 2)), ((2, 4), (1, 3)),
+                                          ((3, 10), (0, 0)), ((2, 1), (0, 9))],
+                         ids=["even", "odd_extent", "odd_start", "full_rows", "last_nibble"])
+def test_nibble_windows(window, start, dtype, backend):
+    check((3, 10), window, start, dtype, backend, jit_start=False)
+    check((3, 10), window, start, dtype, backend)
+
+
+def test_nibble_even_windows_use_the_kernel_and_odd_ones_scatter():
+    dest = jax.ShapeDtypeStruct((3, 10), jnp.int4)
+    even = bjax.plan(bjax.write_slice, dest, jax.ShapeDtypeStruct((2, 4), jnp.int4), (1, 2),
+                     backend="interpret")
+    odd = bjax.plan(bjax.write_slice, dest, jax.ShapeDtypeStruct((2, 3), jnp.int4), (1, 2),
+                    backend="interpret")
+    assert even.kernel == "bjax_write_slice" and odd.kernel.startswith("lax.scatter")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients(backend):
+    dest = jax.random.normal(jax.random.key(0), (4, 9, 3), jnp.float64)
+    source = jax.random.normal(jax.random.key(1), (4, 2, 3), jnp.float64)
+    dy = jax.random.normal(jax.random.key(2), (4, 9, 3), jnp.float64)
+    lengths = jnp.array([0, 7, 8, 2])  # row 2 does not fit
+
+    def f(dest, source):
+        return bjax.write_slice(dest, source, (0, lengths, 0), backend=backend)
+
+    _, vjp = jax.vjp(f, dest, source)
+    d_dest, d_source = vjp(dy)
+    written = oracles.write_slice(np.zeros(dest.shape), np.ones(source.shape), (0, lengths, 0))
+    np.testing.assert_array_equal(d_dest, np.where(written == 1, 0.0, dy))
+    fits = np.array([True, True, False, True])[:, None, None]
+    expected = np.stack([np.asarray(dy)[r, p:p + 2] if ok else np.zeros((2, 3))
+                         for r, (p, ok) in enumerate(zip([0, 7, 8, 2], fits[:, 0, 0]))])
+    np.testing.assert_array_equal(d_source, expected)
+    check_grads(f, (dest, source), order=1, modes=("rev",))
+    check_grads(lambda d, s: bjax.write_slice(d, s, (1, 3, 0), backend=backend)[1:3] ** 2,
+                (dest, source[:2]), order=1, modes=("rev",))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_over_dest_source_and_positions(backend):
+    dest = random_bits(0, (3, 4, 8, 5), jnp.float32)
+    source = random_bits(1, (3, 4, 2, 5), jnp.float32)
+    positions = np.array([6, 0, 7])
+    out = jax.vmap(lambda d, s, p: bjax.write_slice(d, s, (0, p, 0), backend=backend))(
+        dest, source, jnp.asarray(positions))
+    for b in range(3):
+        assert_same_bits(out[b], oracles.write_slice(dest[b], source[b], (0, positions[b], 0)))
+    # Batched positions only, on a per-row axis.
+    lengths = np.array([[0, 6, 3, 7], [1, 1, 9, 2]])
+    out = jax.vmap(lambda p: bjax.write_slice(dest[0], source[0], (0, p, 0), backend=backend))(
+        jnp.asarray(lengths))
+    for b in range(2):
+        assert_same_bits(out[b], oracles.write_slice(dest[0], source[0], (0, lengths[b], 0)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_loop_with_the_cache_as_carry(backend):
+    # Normal values: indexing tokens[i] in XLA may canonicalize NaN payloads.
+    cache = random(0, (2, 12, 3, 4), jnp.bfloat16)
+    tokens = random(1, (10, 2, 1, 3, 4), jnp.bfloat16)
+
+    @jax.jit
+    def decode(cache, tokens):
+        def step(i, cache):
+            return bjax.write_slice(cache, tokens[i], (0, i + 1, 0, 0), backend=backend)
+        return lax.fori_loop(0, tokens.shape[0], step, cache)
+
+    def scan_decode(cache, tokens):
+        def step(cache, xs):
+            i, token = xs
+            return bjax.write_slice(cache, token, (0, i, 0, 0), backend=backend), None
+        return lax.scan(step, cache, (jnp.arange(1, 11), tokens))[0]
+
+    ref = np.array(cache)
+    ref[:, 1:11] = np.moveaxis(np.asarray(tokens)[:, :, 0], 0, 1)
+    assert_same_bits(decode(cache, tokens), ref)
+    assert_same_bits(jax.jit(scan_decode)(cache, tokens), ref)
+
+
+def _dest_copies(hlo_text, shape, dtype):
+    """HLO instructions that copy an array of dest's shape."""
+    shape_text = f"{jnp.dtype(dtype).name.replace('bfloat16', 'bf16').replace('float', 'f')}" \
+                 f"[{','.join(map(str, shape))}]"
+    return [line for line in hlo_text.splitlines()
+            if re.search(r"= " + re.escape(shape_text) + r"\S* copy\(", line)]
+
+
+@pytest.mark.parametrize("backend", ["xla", KERNEL_BACKEND])
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per_row"])
+def test_donated_dest_is_updated_in_place(backend, per_row):
+    if backend == "interpret":
+        pytest.skip("in place is a property of compiled programs; the interpreter emulates")
+    shape = (8, 256, 4, 64)
+    dest = jnp.zeros(shape, jnp.bfloat16) + 1
+    token = jnp.ones((8, 1, 4, 64), jnp.bfloat16)
+    position = jnp.full((8,), 5) if per_row else jnp.int32(5)
+    append = jax.jit(lambda c, t, p: bjax.write_slice(c, t, (0, p, 0, 0), backend=backend),
+                     donate_argnums=0)
+    compiled = append.lower(dest, token, position).compile()
+    text = compiled.as_text()
+    assert re.search(r"input_output_alias=\{ \{\}: \(0, \{\}, (may|must)-alias\) \}", text), \
+        text[:2000]
+    assert not _dest_copies(text, shape, jnp.bfloat16), _dest_copies(text, shape, jnp.bfloat16)
+    out = append(dest, token, position)
+    assert dest.is_deleted()
+    assert float(out[0, 5, 0, 0]) == 1 and out.shape == shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checkify_reports_the_out_of_range_position(backend):
+    dest = jnp.zeros((3, 10, 4), jnp.float32)
+    source = jnp.ones((3, 2, 4), jnp.float32)
+    checked = checkify.checkify(jax.jit(
+        lambda p: bjax.write_slice(dest, source, (0, p, 0), backend=backend)))
+    err, _ = checked(jnp.array([1, 9, 0]))
+    assert err.get() is not None
+    assert re.search(r"start\[1\] = 9 \(window row 1\) is out of range \[0, 8\]", err.get())
+    err, out = checked(jnp.array([1, 8, 0]))
+    assert err.get() is None and float(out.sum()) == 3 * 2 * 4
+    # Outside checkify the same call runs and drops the row.
+    out = bjax.write_slice(dest, source, (0, jnp.array([1, 9, 0]), 0), backend=backend)
+    assert float(out.sum()) == 2 * 2 * 4
+
+
+_D = jax.ShapeDtypeStruct((4, 10, 8), jnp.float32)
+_S = jax.ShapeDtypeStruct((4, 2, 8), jnp.float32)
+
+
+@pytest.mark.parametrize("dest,source,start,error,message", [
+    (jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32), (),
+     bjax.InvalidProblemError, r"dest must be an array of rank >= 1; got rank 0"),
+    (_D, jax.ShapeDtypeStruct((4, 2), jnp.float32), (0, 0, 0), bjax.InvalidProblemError,
+     r"source must be of dest's rank 3; got rank 2"),
+    (_D, jax.ShapeDtypeStruct((4, 2, 8), jnp.bfloat16), (0, 0, 0), bjax.InvalidProblemError,
+     r"source.dtype must be dest's dtype float32 \(no implicit casting\); got bfloat16"),
+    (_D, jax.ShapeDtypeStruct((4, 11, 8), jnp.float32), (0, 0, 0), bjax.InvalidProblemError,
+     r"source.shape\[1\] must be <= dest.shape\[1\] = 10"),
+    (_D, _S, (0, 0), bjax.InvalidProblemError, r"start must be one entry per axis of dest \(3\); "
+     r"got 2 entries"),
+    (_D, _S, 5, bjax.InvalidProblemError, r"start must be a tuple or list"),
+    (_D, _S, (0, -1, 0), bjax.InvalidProblemError,
+     r"start\[1\] must be in \[0, 8\] so that the window of extent 2 fits dest.shape\[1\] = 10; "
+     r"got -1"),
+    (_D, _S, (0, 9, 0), bjax.InvalidProblemError, r"start\[1\] must be in \[0, 8\].*got 9"),
+    (_D, _S, (0, 1.0, 0), bjax.InvalidProblemError, r"start\[1\] must be an integer.*got 1.0"),
+    (_D, _S, (0, True, 0), bjax.InvalidProblemError, r"start\[1\] must be an integer.*got True"),
+    (_D, _S, (0, jax.ShapeDtypeStruct((), jnp.float32), 0), bjax.InvalidProblemError,
+     r"start\[1\] must be an integer.*got an array of dtype float32"),
+    (_D, _S, (jax.ShapeDtypeStruct((4,), jnp.int32), 0, 0), bjax.InvalidProblemError,
+     r"start\[0\] must be a scalar \(per-row position vectors are for axes other than 0\)"),
+    (_D, _S, (0, jax.ShapeDtypeStruct((3,), jnp.int32), 0), bjax.InvalidProblemError,
+     r"start\[1\] must be a scalar or a vector of length dest.shape\[0\] = 4; got an array of "
+     r"shape \(3,\)"),
+    (_D, _S, (0, jax.ShapeDtypeStruct((4, 1), jnp.int32), 0), bjax.InvalidProblemError,
+     r"start\[1\] must be a scalar or a vector of length dest.shape\[0\] = 4"),
+    (jax.ShapeDtypeStruct((4,), jnp.float4_e2m1fn), jax.ShapeDtypeStruct((2,), jnp.float4_e2m1fn),
+     (0,), bjax.UnsupportedError, r"dest.dtype must be bool, an integer, float8, float or "
+     r"complex dtype; got float4_e2m1fn"),
+], ids=["rank0", "rank_mismatch", "dtype_mismatch", "window_too_big", "few_starts", "not_seq",
+        "negative", "past_end", "float_start", "bool_start", "float_array", "vector_axis0",
+        "vector_length", "matrix_start", "dtype"])
+def test_bad_input_raises_at_trace_time(dest, source, start, error, message):
+    with pytest.raises(error, match="write_slice: " + message):
+        bjax.plan(bjax.write_slice, dest, source, start, backend="xla")
+    if all(not isinstance(s, jax.ShapeDtypeStruct) for s in (start if isinstance(start, tuple)
+                                                              else ())):
+        with pytest.raises(error, match=message):
+            jax.eval_shape(functools.partial(bjax.write_slice, start=start, backend="xla"),
+                           dest, source)
+
+
+def test_plan_names_the_path():
+    cache = jax.ShapeDtypeStruct((8, 512, 8, 128), jnp.bfloat16)
+    token = jax.ShapeDtypeStruct((8, 1, 8, 128), jnp.bfloat16)
+    p = bjax.plan(bjax.write_slice, cache, token, (0, jax.ShapeDtypeStruct((), jnp.int32), 0, 0),
+                  backend="interpret")
+    assert p.kernel == "bjax_write_slice" and p.descriptor.starts == (0, "scalar", 0, 0)
+    assert p.block_config is not None and p.precision.deterministic
+    view = p.descriptor.kernel_view()
+    assert view.dest_shape == (8, 512 * 8 * 128) and view.window_shape == (8, 8 * 128)
+    assert bjax.plan(bjax.write_slice, cache, cache, (0, 0, 0, 0), backend="xla").kernel \
+        == "none (source replaces dest)"
+    c64 = jax.ShapeDtypeStruct((4, 4), jnp.complex64)
+    assert bjax.plan(bjax.write_slice, c64, c64, (0, 0), backend="interpret").kernel.startswith(
+        "none")
+    assert bjax.plan(bjax.write_slice, c64, jax.ShapeDtypeStruct((2, 4), jnp.complex64), (1, 0),
+                     backend="interpret").kernel.startswith("lax.scatter")

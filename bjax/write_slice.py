@@ -61,11 +61,9 @@ class KernelView:
     """
     bits_dtype: np.dtype
     packed: bool
-    groups: tuple[tuple[int, ...], ...]
-    scales: tuple[int, ...]
     dest_shape: tuple[int, ...]
     window_shape: tuple[int, ...]
-    per_row: bool
+    axes: tuple[pallas_write_slice.AxisStart, ...]
     config: pallas_write_slice.WindowConfig
 
 
@@ -165,15 +163,26 @@ class WriteSliceDescriptor:
                 groups[0].insert(0, d)
             else:
                 groups.insert(0, [d])
-        scales = tuple(math.prod(dest[a] for a in g[1:]) for g in groups)
-        dest_c = [dest[g[0]] * s for g, s in zip(groups, scales)]
-        window_c = [window[g[0]] * s for g, s in zip(groups, scales)]
+        dest_c, window_c, axes = [], [], []
+        traced = [d for d, kind in enumerate(self.starts) if not isinstance(kind, int)]
+        for group in groups:
+            first, scale = group[0], math.prod(dest[a] for a in group[1:])
+            dest_c.append(dest[first] * scale)
+            window_c.append(window[first] * scale)
+            kind = self.starts[first]
+            if isinstance(kind, int):
+                static = kind * scale // (2 if packed and first == len(dest) - 1 else 1)
+                axes.append(pallas_write_slice.AxisStart(static=static))
+            else:
+                axes.append(pallas_write_slice.AxisStart(
+                    operand=traced.index(first), per_row=kind == PER_ROW, scale=scale,
+                    high=self.dest_shape[first] - self.source_shape[first]))
         if len(groups) == 1:
             dest_c, window_c = [1, *dest_c], [1, *window_c]
+            axes.insert(0, pallas_write_slice.AxisStart(static=0))
         config = pallas_write_slice.default_config(tuple(window_c), self.per_row)
         bits = jnp.dtype(jnp.uint8) if packed else _uint_of_width(dtype)
-        return KernelView(bits, packed, tuple(map(tuple, groups)), scales, tuple(dest_c),
-                          tuple(window_c), self.per_row, config)
+        return KernelView(bits, packed, tuple(dest_c), tuple(window_c), tuple(axes), config)
 
 
 def _start_kind(entry, d, dest_shape, source_shape):
@@ -271,20 +280,27 @@ def _from_bits(bits, shape, dtype):
     return lax.bitcast_convert_type(bits, dtype).reshape(shape)
 
 
-def _kernel_positions(table, view: KernelView):
-    """Row table in the kernel's merged axes: int32 ``[T, K + 1]``, T = W_0 or 1."""
-    columns = [table[:, g[0]] * scale for g, scale in zip(view.groups, view.scales)]
-    # The kernel wants the window's start on axis 0 (the table has p_0 + i in row i).
-    columns[0] = jnp.broadcast_to(columns[0][:1], columns[0].shape)
-    if view.packed and len(view.groups[-1]) == 1:
-        columns[-1] = columns[-1] // 2
-    if len(view.groups) == 1:
-        columns.insert(0, jnp.zeros_like(columns[0]))
-    positions = jnp.stack([*columns, table[:, -1]], axis=1)
-    return positions if view.per_row else positions[:1]
+def _kernel_positions(desc: WriteSliceDescriptor, traced):
+    """Traced starts as the kernel's int32 position operands (``[1]`` or ``[D_0]``).
+
+    Values are clipped into ``[-1, high + 1]`` before narrowing, so that no
+    out-of-range position wraps around into range.
+    """
+    positions = []
+    kinds = [kind for kind in desc.starts if not isinstance(kind, int)]
+    highs = [desc.dest_shape[d] - desc.source_shape[d] for d, kind in enumerate(desc.starts)
+             if not isinstance(kind, int)]
+    for values, kind, high in zip(traced, kinds, highs):
+        values = jnp.asarray(values)
+        if values.dtype != jnp.int32:
+            info = jnp.iinfo(values.dtype)
+            values = jnp.clip(values, -1 if info.min < 0 else None,
+                              high + 1 if high + 1 <= info.max else None).astype(jnp.int32)
+        positions.append(values.reshape(-1))
+    return tuple(positions)
 
 
-def _write_impl(dest, source, table, desc: WriteSliceDescriptor, backend: str):
+def _write_impl(dest, source, table, traced, desc: WriteSliceDescriptor, backend: str):
     route = desc.route(backend)
     if route == "whole":
         return source
@@ -303,23 +319,27 @@ def _write_impl(dest, source, table, desc: WriteSliceDescriptor, backend: str):
     out = pallas_write_slice.write_window(
         _to_bits(dest, view).reshape(view.dest_shape),
         _to_bits(source, view).reshape(view.window_shape),
-        _kernel_positions(table, view), config=view.config, interpret=backend == "interpret")
+        _kernel_positions(desc, traced), axes=view.axes, config=view.config,
+        interpret=backend == "interpret")
     return _from_bits(out.reshape(bits_shape), desc.dest_shape, desc.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _write(dest, source, table, desc: WriteSliceDescriptor, backend: str):
-    return _write_impl(dest, source, table, desc, backend)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _write(dest, source, table, traced, desc: WriteSliceDescriptor, backend: str):
+    # ``table`` serves the scatter path and the backward; the kernel reads ``traced``.
+    return _write_impl(dest, source, table, traced, desc, backend)
 
 
-def _write_fwd(dest, source, table, desc, backend):
-    return _write_impl(dest, source, table, desc, backend), table
+def _write_fwd(dest, source, table, traced, desc, backend):
+    return _write_impl(dest, source, table, traced, desc, backend), (table, traced)
 
 
-def _write_bwd(desc, backend, table, dy):
+def _write_bwd(desc, backend, residuals, dy):
+    table, traced = residuals
     d_source = xla_write_slice.read_rows(dy, desc.source_shape, table)
-    d_dest = _write_impl(dy, jnp.zeros(desc.source_shape, dy.dtype), table, desc, backend)
-    return d_dest, d_source, None
+    d_dest = _write_impl(dy, jnp.zeros(desc.source_shape, dy.dtype), table, traced, desc,
+                         backend)
+    return d_dest, d_source, None, None
 
 
 _write.defvjp(_write_fwd, _write_bwd)
@@ -360,7 +380,7 @@ def write_slice(dest, source, start, *, backend=None):
         return dest
     table, reports = _row_table(desc, traced)
     _report_out_of_range(desc, reports)
-    return _write(dest, source, table, desc, backend)
+    return _write(dest, source, table, tuple(jnp.asarray(t) for t in traced), desc, backend)
 
 
 @_op.register_planner(write_slice)

@@ -9,12 +9,14 @@ Layout. ``dest`` has rank K >= 2 and ``source`` (the window) the same rank.
 A program owns a ``[block_rows, block_cols]`` tile of the window's last two
 axes at one index of its leading K - 2 axes; edge tiles are masked.
 
-Positions. ``positions`` is an int32 table ``[T, K + 1]``: row ``t`` holds the
-window's start on every axis and, in column K, 1 if the window is written (0
-leaves ``dest`` untouched). T = 1 applies one position to the whole window;
-T = W_0 gives each index along axis 0 its own row of positions (ragged
-appends). With T > 1 and K = 2, tiles are one row high so that a tile never
-mixes rows.
+Positions. Each axis of the view has an :class:`AxisStart`: a static start,
+or an int32 position operand (shape ``[1]``, or ``[D_0]`` with one position
+per row of ``dest`` along axis 0) whose value ``v`` starts the window at ``v *
+scale`` and is valid when ``0 <= v <= high``. A program whose positions are not
+all valid writes nothing, so out-of-range positions leave ``dest`` untouched.
+With per-row positions and K = 2, tiles are one row high so that a tile never
+mixes rows. Everything happens in one kernel launch: inside a decode loop the
+cost of an append is this kernel alone.
 """
 from __future__ import annotations
 
@@ -26,6 +28,17 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisStart:
+    """Where the window starts on one axis: ``static``, or position operand ``operand``
+    (per row of ``dest`` if ``per_row``) times ``scale``, valid in ``[0, high]``."""
+    static: int | None = None
+    operand: int | None = None
+    per_row: bool = False
+    scale: int = 1
+    high: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +73,8 @@ def default_config(window_shape: tuple[int, ...], per_row: bool) -> WindowConfig
     return WindowConfig(block_rows, block_cols, num_warps)
 
 
-def _window_kernel(positions_ref, source_ref, _, dest_ref, *, window, per_row, config):
+def _window_kernel(*refs, window, axes, config):
+    *position_refs, source_ref, _, dest_ref = refs
     rank = len(window)
     br, bc = config.block_rows, config.block_cols
     # Index of this program along the leading K - 2 axes (row-major).
@@ -70,9 +84,21 @@ def _window_kernel(positions_ref, source_ref, _, dest_ref, *, window, per_row, c
         rest = rest // extent
     r0 = pl.program_id(1) * br
     c0 = pl.program_id(0) * bc
-    table_row = (leading[0] if rank > 2 else r0) if per_row else 0
-    start = [positions_ref[table_row, d] for d in range(rank)]
-    written = positions_ref[table_row, rank] != 0
+    window_row = leading[0] if rank > 2 else r0  # index along axis 0 (per-row tables)
+
+    start, written = [], True
+    for axis in axes:
+        if axis.static is not None:
+            start.append(axis.static)
+            continue
+        ref = position_refs[axis.operand]
+        if axis.per_row:
+            dest_row = jnp.clip(start[0] + window_row, 0, ref.shape[0] - 1)
+            value = ref[dest_row]
+        else:
+            value = ref[0]
+        written = written & (value >= 0) & (value <= axis.high)
+        start.append(value * axis.scale)
 
     in_rows = (r0 + jnp.arange(br)) < window[-2]
     in_cols = (c0 + jnp.arange(bc)) < window[-1]
@@ -83,29 +109,30 @@ def _window_kernel(positions_ref, source_ref, _, dest_ref, *, window, per_row, c
     plgpu.store(dest_tile, plgpu.load(source_tile, mask=mask, other=0), mask=mask)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def write_window(dest, source, positions, *, config: WindowConfig, interpret: bool = False):
-    """``dest`` with the window at ``positions`` replaced by ``source`` (see module doc).
+@functools.partial(jax.jit, static_argnames=("axes", "config", "interpret"))
+def write_window(dest, source, positions, *, axes: tuple[AxisStart, ...], config: WindowConfig,
+                 interpret: bool = False):
+    """``dest`` with the window at the given starts replaced by ``source`` (see module doc).
 
     Args:
       dest: ``[D_0, ..., D_{K-1}]``, K >= 2, an unsigned integer dtype.
       source: ``[W_0, ..., W_{K-1}]``, same dtype; every ``W_d >= 1``.
-      positions: int32 ``[T, K + 1]``, T = 1 or W_0; starts must fit (``0 <=
-        p_d <= D_d - W_d``) on rows whose column K is nonzero.
+      positions: tuple of int32 position operands, ``[1]`` or ``[D_0]`` each.
+      axes: one :class:`AxisStart` per axis; axis 0's is not per-row.
       config: tiles and warps (:func:`default_config`).
     """
     window = tuple(source.shape)
-    per_row = positions.shape[0] > 1
+    per_row = any(axis.per_row for axis in axes)
     assert not (per_row and len(window) == 2 and config.block_rows != 1), config
-    kernel = functools.partial(_window_kernel, window=window, per_row=per_row, config=config)
+    kernel = functools.partial(_window_kernel, window=window, axes=axes, config=config)
     grid = (pl.cdiv(window[-1], config.block_cols), pl.cdiv(window[-2], config.block_rows),
             math.prod(window[:-2]))
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(dest.shape, dest.dtype),
         grid=grid,
-        input_output_aliases={2: 0},
+        input_output_aliases={len(positions) + 1: 0},
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1),
         interpret=interpret,
         name="bjax_write_slice",
-    )(positions, source, dest)
+    )(*positions, source, dest)

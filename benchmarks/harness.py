@@ -50,20 +50,24 @@ def chained_time_ms(fn, state, *args, calls: int = 20, trials: int = 5) -> float
     return statistics.median(per_call)
 
 
-def kernel_time_ms(fn, *args, calls: int = 20) -> float:
+def kernel_time_ms(fn, *args, calls: int = 20, chain: bool = False) -> float:
     """Milliseconds of GPU kernel time per call of ``fn(*args)``, from a jax.profiler trace.
 
     Sums the durations of every event on the GPU's stream lines (kernels and
     device copies), so host dispatch is excluded: the measure for problems
-    whose device work is shorter than JAX's dispatch of a call. Falls back to
-    :func:`device_time_ms` where the trace has no GPU plane (CPU).
+    whose device work is shorter than JAX's dispatch of a call. With ``chain``,
+    each call's output replaces the first argument (``fn`` donating it: in-place
+    ops). Falls back to :func:`device_time_ms` where the trace has no GPU plane (CPU).
     """
-    jax.block_until_ready(fn(*args))
+    out = jax.block_until_ready(fn(*args))
+    if chain:
+        args = (out, *args[1:])
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
-        out = None
         for _ in range(calls):
             out = fn(*args)
+            if chain:
+                args = (out, *args[1:])
         jax.block_until_ready(out)
         jax.profiler.stop_trace()
         files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
@@ -75,7 +79,7 @@ def kernel_time_ms(fn, *args, calls: int = 20) -> float:
                 if line.name.startswith("Stream"):
                     total_ns += sum(event.duration_ns for event in line.events)
     if not total_ns:
-        return device_time_ms(fn, *args)
+        return chained_time_ms(fn, *args) if chain else device_time_ms(fn, *args)
     return total_ns / calls / 1e6
 
 

@@ -48,6 +48,8 @@ _DTYPES = (
 )
 # Index arithmetic in the kernel is int32 on each axis.
 _MAX_KERNEL_EXTENT = 2**31 - 1
+# Largest window written by dynamic_update_slice rather than the kernel (see route).
+_DUS_MAX_WINDOW_BYTES = 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,14 +129,24 @@ class WriteSliceDescriptor:
         return PER_ROW in self.starts
 
     def route(self, backend: str) -> str:
-        """``"noop"``, ``"whole"``, ``"xla"`` (lax.scatter) or ``"kernel"`` (Pallas)."""
+        """``"noop"``, ``"whole"``, ``"dus"`` (lax.dynamic_update_slice), ``"scatter"``
+        (lax.scatter) or ``"kernel"`` (Pallas).
+
+        The XLA backend, and dtypes the kernel cannot view as bits: a
+        FILL_OR_DROP scatter. Pallas, one position for a window of at most
+        ``_DUS_MAX_WINDOW_BYTES``: XLA's in-place dynamic_update_slice, guarded,
+        since there a launch costs more than the copy and XLA fuses the position
+        arithmetic into the update (BENCHMARKS.md). Everything else: the kernel,
+        which the ``"interpret"`` backend always runs.
+        """
         if self.empty:
             return "noop"
         if self.whole:
             return "whole"
         if backend == "xla" or self.kernel_view() is None:
-            return "xla"
-        return "kernel"
+            return "scatter"
+        small = math.prod(self.source_shape) * self.dtype.itemsize <= _DUS_MAX_WINDOW_BYTES
+        return "dus" if backend == "pallas" and small and not self.per_row else "kernel"
 
     def full(self, d: int) -> bool:
         """Axis ``d`` is covered whole, from a static 0."""
@@ -304,14 +316,15 @@ def _write_impl(dest, source, table, traced, desc: WriteSliceDescriptor, backend
     route = desc.route(backend)
     if route == "whole":
         return source
-    if route == "xla":
-        # Scatter the bits: XLA may compute narrow floats in a wider type and
+    if route in ("dus", "scatter"):
+        write = xla_write_slice.write_window if route == "dus" else xla_write_slice.write_rows
+        # Move the bits: XLA may compute narrow floats in a wider type and
         # canonicalize NaN payloads on the way.
         bits = _uint_of_width(desc.dtype)
         if bits is None:
-            return xla_write_slice.write_rows(dest, source, table)
-        out = xla_write_slice.write_rows(lax.bitcast_convert_type(dest, bits),
-                                         lax.bitcast_convert_type(source, bits), table)
+            return write(dest, source, table)
+        out = write(lax.bitcast_convert_type(dest, bits), lax.bitcast_convert_type(source, bits),
+                    table)
         return lax.bitcast_convert_type(out, desc.dtype)
     view = desc.kernel_view()
     bits_shape = (*desc.dest_shape[:-1], desc.dest_shape[-1] // 2) if view.packed \
@@ -389,7 +402,8 @@ def _plan_write_slice(dest, source, start, *, backend=None):
     backend = _op.resolve_backend(backend, _OP)
     route = desc.route(backend)
     kernel = {"noop": "none (empty window)", "whole": "none (source replaces dest)",
-              "xla": "lax.scatter (FILL_OR_DROP)", "kernel": "bjax_write_slice"}[route]
+              "dus": "lax.dynamic_update_slice (guarded)", "scatter": "lax.scatter (FILL_OR_DROP)",
+              "kernel": "bjax_write_slice"}[route]
     return _op.Plan(
         op=_OP, descriptor=desc, backend=backend, kernel=kernel,
         block_config=desc.kernel_view().config if route == "kernel" else None,

@@ -124,7 +124,7 @@ def test_nibble_windows(window, start, dtype, backend):
     check((3, 10), window, start, dtype, backend)
 
 
-def test_nibble_even_windows_use_the_kernel_and_odd_ones_scatter():
+def test_nibble_even_windows_use_the_kernel_and_odd_ones_xla():
     dest = jax.ShapeDtypeStruct((3, 10), jnp.int4)
     even = bjax.plan(bjax.write_slice, dest, jax.ShapeDtypeStruct((2, 4), jnp.int4), (1, 2),
                      backend="interpret")
@@ -305,3 +305,19 @@ def test_plan_names_the_path():
         "none")
     assert bjax.plan(bjax.write_slice, c64, jax.ShapeDtypeStruct((2, 4), jnp.complex64), (1, 0),
                      backend="interpret").kernel.startswith("lax.scatter")
+    per_row = (0, jax.ShapeDtypeStruct((4,), jnp.int32))
+    assert bjax.plan(bjax.write_slice, c64, jax.ShapeDtypeStruct((4, 2), jnp.complex64), per_row,
+                     backend="xla").kernel.startswith("lax.scatter")
+
+
+@pytest.mark.parametrize("start", [(1, 250, 0), (1, 301, 0), (3, 250, 0)],
+                         ids=["fits", "axis1_out", "axis0_out"])
+def test_large_window_through_the_kernel(start):
+    # Windows over 1 MiB take the kernel on every kernel backend (smaller ones
+    # with one position take dynamic_update_slice under "pallas").
+    dest = jax.ShapeDtypeStruct((4, 600, 512), jnp.float32)
+    window = jax.ShapeDtypeStruct((2, 300, 512), jnp.float32)
+    traced = (jax.ShapeDtypeStruct((), jnp.int32),) * 3
+    assert bjax.plan(bjax.write_slice, dest, window, traced,
+                     backend=KERNEL_BACKEND).kernel == "bjax_write_slice"
+    check(dest.shape, window.shape, start, jnp.float32, KERNEL_BACKEND)

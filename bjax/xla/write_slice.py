@@ -5,7 +5,10 @@ Both take the row table of ``bjax.write_slice``: ``positions`` int32
 along axis 0 on every axis (column 0 is ``p_0 + i``) and, in column N, whether
 that row is written. A scatter (gather) with one index per row and
 ``FILL_OR_DROP`` skips (zero-fills) rows whose index is out of bounds, which is
-where unwritten rows are sent. XLA updates ``dest`` in place when it is donated.
+where unwritten rows are sent. With one position for the whole window,
+:func:`write_window` uses ``dynamic_update_slice`` instead (one fusion, in
+place), writing the window's own bytes back when the position is out of range.
+XLA updates ``dest`` in place when it is donated.
 """
 import jax.numpy as jnp
 from jax import lax
@@ -40,3 +43,11 @@ def read_rows(array, window_shape, positions):
                       _dimension_numbers(array.ndim, gather=True), (1, *window_shape[1:]),
                       indices_are_sorted=False, unique_indices=True,
                       mode=lax.GatherScatterMode.FILL_OR_DROP, fill_value=0)
+
+
+def write_window(dest, source, positions):
+    """Like :func:`write_rows` when every row shares one position (``positions[0]``)."""
+    written = positions[0, -1] != 0
+    start = tuple(jnp.where(written, p, 0) for p in positions[0, :-1])
+    current = lax.dynamic_slice(dest, start, source.shape)
+    return lax.dynamic_update_slice(dest, jnp.where(written, source, current), start)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +82,7 @@ def sweep_configs(ceiling: float) -> str:
     x2 = jax.random.normal(jax.random.key(0), (rows_, 2 * cols_), jnp.float32).astype(jnp.bfloat16)
     dy2 = jax.random.normal(jax.random.key(1), (rows_, cols_), jnp.float32).astype(jnp.bfloat16)
     configs = [kernels.default_config(rows_, cols_)] + [
-        kernels.GatedConfig(r, c, w) for r, c, w in
+        kernels.TileConfig(r, c, w) for r, c, w in
         [(1, 1024, 4), (1, 2048, 8), (2, 1024, 4), (2, 1024, 8), (4, 1024, 8), (8, 512, 4),
          (8, 512, 8), (8, 1024, 8), (16, 256, 4), (4, 2048, 8), (16, 512, 8)]]
     out = []
@@ -110,10 +109,7 @@ def main():
     args = parser.parse_args()
     backend = args.backend or bjax.plan(bjax.swiglu, jax.ShapeDtypeStruct((2, 2), jnp.float32)).backend
     report = run(backend, args.sweep)
-    print("\n" + report)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "gated_bench.md"), "w") as f:
-            f.write(report + "\n")
+    harness.write_report("gated", report)
 
 
 if __name__ == "__main__":

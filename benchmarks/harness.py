@@ -127,3 +127,11 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_report(name: str, report: str) -> None:
+    """Prints ``report`` and, where ``$OUT`` is set, writes it to ``$OUT/{name}_bench.md``."""
+    print("\n" + report)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], f"{name}_bench.md"), "w") as f:
+            f.write(report + "\n")

@@ -18,7 +18,6 @@ output.
 from __future__ import annotations
 
 import argparse
-import os
 
 import jax
 import jax.numpy as jnp
@@ -121,10 +120,7 @@ def main():
         bjax.write_slice, jax.ShapeDtypeStruct((2,), jnp.float32),
         jax.ShapeDtypeStruct((1,), jnp.float32), (0,)).backend
     report = run(backend)
-    print("\n" + report)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "write_slice_bench.md"), "w") as f:
-            f.write(report + "\n")
+    harness.write_report("write_slice", report)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ class GatedActivationDescriptor:
         return self.shape[: self.axis] + (self.shape[self.axis] // 2,) + self.shape[self.axis + 1:]
 
     @property
-    def kernel_config(self) -> pallas_gated.GatedConfig:
+    def kernel_config(self) -> pallas_gated.TileConfig:
         return pallas_gated.default_config(self.rows, self.cols)
 
 

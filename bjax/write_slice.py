@@ -66,7 +66,7 @@ class KernelView:
     dest_shape: tuple[int, ...]
     window_shape: tuple[int, ...]
     axes: tuple[pallas_write_slice.AxisStart, ...]
-    config: pallas_write_slice.WindowConfig
+    config: pallas_write_slice.TileConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,6 @@ output's dtype.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -24,17 +23,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.special import approx_exp2_f32, approx_reciprocal_f32, normal_cdf_and_pdf
+from pallas_kernels.tiling import TileConfig, fit_tile
 
 _SQRT_2_OVER_PI = 0.7978845608028654
 _GELU_TANH_CUBIC = 0.044715
-
-
-@dataclasses.dataclass(frozen=True)
-class GatedConfig:
-    """Launch configuration: tile of the output owned by one program, and its warps."""
-    block_rows: int
-    block_cols: int
-    num_warps: int
 
 
 # Programs to launch at least, so that small problems still fill a GPU
@@ -44,16 +36,9 @@ _MIN_PROGRAMS = 512
 _TILE_ELEMENTS = 2048
 
 
-def default_config(rows: int, cols: int) -> GatedConfig:
+def default_config(rows: int, cols: int) -> TileConfig:
     """Tile of ``_TILE_ELEMENTS`` as wide as the rows allow, shrunk until the grid fills the GPU."""
-    block_cols = min(pl.next_power_of_2(max(cols, 1)), 1024)
-    block_rows = min(pl.next_power_of_2(max(rows, 1)), max(1, _TILE_ELEMENTS // block_cols))
-    while block_rows > 1 and pl.cdiv(rows, block_rows) * pl.cdiv(cols, block_cols) < _MIN_PROGRAMS:
-        block_rows //= 2
-    while block_cols > 128 and pl.cdiv(rows, block_rows) * pl.cdiv(cols, block_cols) < _MIN_PROGRAMS:
-        block_cols //= 2
-    num_warps = 8 if block_rows * block_cols >= 4096 else 4
-    return GatedConfig(block_rows, block_cols, num_warps)
+    return fit_tile(rows, cols, tile_elements=_TILE_ELEMENTS, min_programs=_MIN_PROGRAMS)
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -105,7 +90,7 @@ def gated_math(first, second, kind: str, gate: str, approximate: bool, cdf_optio
     return (d_value, d_gate_in) if gate == "second" else (d_gate_in, d_value)
 
 
-def _program_tile(rows, cols, config: GatedConfig):
+def _program_tile(rows, cols, config: TileConfig):
     """This program's rows, its columns in the first and second halves, and the
     in-bounds mask (None when the tiles divide the array)."""
     br, bc = config.block_rows, config.block_cols
@@ -174,7 +159,7 @@ _STATIC = ("kind", "gate", "approximate", "config", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def gated_forward(x2, *, kind, gate, approximate, config: GatedConfig, interpret=False, out=None):
+def gated_forward(x2, *, kind, gate, approximate, config: TileConfig, interpret=False, out=None):
     """``x2 [rows, 2 * cols] -> y [rows, cols]``; written into ``out`` if given (tests poison it)."""
     rows, cols = x2.shape[0], x2.shape[1] // 2
     kernel = functools.partial(_forward_kernel, rows=rows, cols=cols, kind=kind, gate=gate,
@@ -184,7 +169,7 @@ def gated_forward(x2, *, kind, gate, approximate, config: GatedConfig, interpret
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def gated_backward(dy2, x2, *, kind, gate, approximate, config: GatedConfig, interpret=False,
+def gated_backward(dy2, x2, *, kind, gate, approximate, config: TileConfig, interpret=False,
                    out=None):
     """``dy2 [rows, cols], x2 [rows, 2 * cols] -> dx2 [rows, 2 * cols]`` in one pass."""
     rows, cols = dy2.shape

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.tiling import TileConfig, fit_tile
+
 
 @dataclasses.dataclass(frozen=True)
 class AxisStart:
@@ -41,36 +43,17 @@ class AxisStart:
     high: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class WindowConfig:
-    """Launch configuration: window tile owned by one program, and its warps."""
-    block_rows: int
-    block_cols: int
-    num_warps: int
-
-
 # Elements of the window per program, and programs to launch at least.
 _TILE_ELEMENTS = 4096
 _MIN_PROGRAMS = 256
 
 
-def default_config(window_shape: tuple[int, ...], per_row: bool) -> WindowConfig:
-    """Tile over the window's last two axes, shrunk until the grid has enough programs."""
-    rows, cols = window_shape[-2], window_shape[-1]
-    outer = math.prod(window_shape[:-2])
-    block_cols = min(pl.next_power_of_2(max(cols, 1)), 1024)
-    block_rows = 1 if per_row and len(window_shape) == 2 else min(
-        pl.next_power_of_2(max(rows, 1)), max(1, _TILE_ELEMENTS // block_cols))
-
-    def programs():
-        return outer * pl.cdiv(rows, block_rows) * pl.cdiv(cols, block_cols)
-
-    while block_rows > 1 and programs() < _MIN_PROGRAMS:
-        block_rows //= 2
-    while block_cols > 128 and programs() < _MIN_PROGRAMS:
-        block_cols //= 2
-    num_warps = 8 if block_rows * block_cols >= 4096 else 4
-    return WindowConfig(block_rows, block_cols, num_warps)
+def default_config(window_shape: tuple[int, ...], per_row: bool) -> TileConfig:
+    """Tile over the window's last two axes (one row high for per-row positions on a
+    2-d view), shrunk until the grid has enough programs."""
+    return fit_tile(window_shape[-2], window_shape[-1], tile_elements=_TILE_ELEMENTS,
+                    min_programs=_MIN_PROGRAMS, outer=math.prod(window_shape[:-2]),
+                    max_block_rows=1 if per_row and len(window_shape) == 2 else None)
 
 
 def _window_kernel(*refs, window, axes, config):
@@ -110,7 +93,7 @@ def _window_kernel(*refs, window, axes, config):
 
 
 @functools.partial(jax.jit, static_argnames=("axes", "config", "interpret"))
-def write_window(dest, source, positions, *, axes: tuple[AxisStart, ...], config: WindowConfig,
+def write_window(dest, source, positions, *, axes: tuple[AxisStart, ...], config: TileConfig,
                  interpret: bool = False):
     """``dest`` with the window at the given starts replaced by ``source`` (see module doc).
 

@@ -73,9 +73,9 @@ def test_reglu_derivative_at_zero_is_zero(backend):
 
 
 KERNEL_CASES = [  # (rows, cols, config): several tiles, both edges cut, and exact tiling.
-    (5, 13, kernels.GatedConfig(2, 8, 4)),
-    (7, 3, kernels.GatedConfig(4, 4, 4)),
-    (8, 32, kernels.GatedConfig(4, 16, 4)),
+    (5, 13, kernels.TileConfig(2, 8, 4)),
+    (7, 3, kernels.TileConfig(4, 4, 4)),
+    (8, 32, kernels.TileConfig(4, 16, 4)),
     (3, 1500, kernels.default_config(3, 1500)),
 ]
 
@@ -255,7 +255,7 @@ def test_plan_describes_the_call_without_running_it():
     assert p.descriptor == bjax.GatedActivationDescriptor(
         "geglu", "first", False, (8, 28), jnp.dtype(jnp.bfloat16), 1)
     assert p.descriptor.out_shape == (8, 14)
-    assert isinstance(p.block_config, kernels.GatedConfig)
+    assert isinstance(p.block_config, kernels.TileConfig)
     assert p.precision.math_precision == "float32" and p.precision.deterministic
     assert p.precision.bit_stable_on_same_hardware and p.precision.accumulator is None
     assert bjax.plan(bjax.swiglu, x, backend="xla").block_config is None

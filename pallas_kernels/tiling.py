@@ -1,0 +1,38 @@
+"""Two-dimensional tiles for kernels that stream rows of an array, one tile a program."""
+from __future__ import annotations
+
+import dataclasses
+
+from jax.experimental import pallas as pl
+
+# Widest tile: 1024 columns keep a row's loads long and coalesced.
+_MAX_BLOCK_COLS = 1024
+_MIN_BLOCK_COLS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Launch configuration: the ``[block_rows, block_cols]`` tile one program owns, and its warps."""
+    block_rows: int
+    block_cols: int
+    num_warps: int
+
+
+def fit_tile(rows: int, cols: int, *, tile_elements: int, min_programs: int, outer: int = 1,
+             max_block_rows: int | None = None) -> TileConfig:
+    """A tile of about ``tile_elements`` as wide as the rows allow, shrunk (rows first,
+    then columns) until ``outer`` times the tiles of ``[rows, cols]`` reach ``min_programs``."""
+    block_cols = min(pl.next_power_of_2(max(cols, 1)), _MAX_BLOCK_COLS)
+    block_rows = min(pl.next_power_of_2(max(rows, 1)), max(1, tile_elements // block_cols))
+    if max_block_rows is not None:
+        block_rows = min(block_rows, max_block_rows)
+
+    def programs():
+        return outer * pl.cdiv(rows, block_rows) * pl.cdiv(cols, block_cols)
+
+    while block_rows > 1 and programs() < min_programs:
+        block_rows //= 2
+    while block_cols > _MIN_BLOCK_COLS and programs() < min_programs:
+        block_cols //= 2
+    num_warps = 8 if block_rows * block_cols >= 4096 else 4
+    return TileConfig(block_rows, block_cols, num_warps)

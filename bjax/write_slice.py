@@ -128,6 +128,15 @@ class WriteSliceDescriptor:
     def per_row(self) -> bool:
         return PER_ROW in self.starts
 
+    @property
+    def traced_axes(self) -> tuple[int, ...]:
+        """Axes whose start is traced, in the order of the traced starts."""
+        return tuple(d for d, kind in enumerate(self.starts) if not isinstance(kind, int))
+
+    def high(self, d: int) -> int:
+        """Largest start on axis ``d`` at which the window fits."""
+        return self.dest_shape[d] - self.source_shape[d]
+
     def route(self, backend: str) -> str:
         """``"noop"``, ``"whole"``, ``"dus"`` (lax.dynamic_update_slice), ``"scatter"``
         (lax.scatter) or ``"kernel"`` (Pallas).
@@ -176,7 +185,6 @@ class WriteSliceDescriptor:
             else:
                 groups.insert(0, [d])
         dest_c, window_c, axes = [], [], []
-        traced = [d for d, kind in enumerate(self.starts) if not isinstance(kind, int)]
         for group in groups:
             first, scale = group[0], math.prod(dest[a] for a in group[1:])
             dest_c.append(dest[first] * scale)
@@ -187,8 +195,8 @@ class WriteSliceDescriptor:
                 axes.append(pallas_write_slice.AxisStart(static=static))
             else:
                 axes.append(pallas_write_slice.AxisStart(
-                    operand=traced.index(first), per_row=kind == PER_ROW, scale=scale,
-                    high=self.dest_shape[first] - self.source_shape[first]))
+                    operand=self.traced_axes.index(first), per_row=kind == PER_ROW, scale=scale,
+                    high=self.high(first)))
         if len(groups) == 1:
             dest_c, window_c = [1, *dest_c], [1, *window_c]
             axes.insert(0, pallas_write_slice.AxisStart(static=0))
@@ -240,7 +248,7 @@ def _row_table(desc: WriteSliceDescriptor, traced):
     columns, written, reports = [], jnp.ones((rows,), bool), []
     first_row = None
     for d, kind in enumerate(desc.starts):
-        high = desc.dest_shape[d] - desc.source_shape[d]
+        high = desc.high(d)
         if isinstance(kind, int):
             column = jnp.full((rows,), kind, jnp.int32)
         else:
@@ -264,7 +272,7 @@ def _report_out_of_range(desc: WriteSliceDescriptor, reports) -> None:
     """Under checkify: which position was out of range (a no-op otherwise)."""
     for d, values, ok in reports:
         row = jnp.argmin(ok)
-        high = desc.dest_shape[d] - desc.source_shape[d]
+        high = desc.high(d)
         checkify.debug_check(
             jnp.all(ok),
             f"write_slice: start[{d}] = {{value}} (window row {{row}}) is out of range "
@@ -288,8 +296,10 @@ def _to_bits(x, view: KernelView):
     return lax.bitcast_convert_type(x, view.bits_dtype)
 
 
-def _from_bits(bits, shape, dtype):
-    return lax.bitcast_convert_type(bits, dtype).reshape(shape)
+def _from_bits(bits, view: KernelView, desc: WriteSliceDescriptor):
+    if view.packed:  # uint8 [..., D / 2] -> int4 [..., D / 2, 2]
+        bits = bits.reshape(*desc.dest_shape[:-1], desc.dest_shape[-1] // 2)
+    return lax.bitcast_convert_type(bits, desc.dtype).reshape(desc.dest_shape)
 
 
 def _kernel_positions(desc: WriteSliceDescriptor, traced):
@@ -299,11 +309,8 @@ def _kernel_positions(desc: WriteSliceDescriptor, traced):
     out-of-range position wraps around into range.
     """
     positions = []
-    kinds = [kind for kind in desc.starts if not isinstance(kind, int)]
-    highs = [desc.dest_shape[d] - desc.source_shape[d] for d, kind in enumerate(desc.starts)
-             if not isinstance(kind, int)]
-    for values, kind, high in zip(traced, kinds, highs):
-        values = jnp.asarray(values)
+    for values, d in zip(traced, desc.traced_axes):
+        high = desc.high(d)
         if values.dtype != jnp.int32:
             info = jnp.iinfo(values.dtype)
             values = jnp.clip(values, -1 if info.min < 0 else None,
@@ -327,14 +334,12 @@ def _write_impl(dest, source, table, traced, desc: WriteSliceDescriptor, backend
                     table)
         return lax.bitcast_convert_type(out, desc.dtype)
     view = desc.kernel_view()
-    bits_shape = (*desc.dest_shape[:-1], desc.dest_shape[-1] // 2) if view.packed \
-        else desc.dest_shape
     out = pallas_write_slice.write_window(
         _to_bits(dest, view).reshape(view.dest_shape),
         _to_bits(source, view).reshape(view.window_shape),
         _kernel_positions(desc, traced), axes=view.axes, config=view.config,
         interpret=backend == "interpret")
-    return _from_bits(out.reshape(bits_shape), desc.dest_shape, desc.dtype)
+    return _from_bits(out, view, desc)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

@@ -18,8 +18,9 @@ bound was measured against 30-digit mpmath over |x| <= 38): at most
 stored in a 16-bit type use a shorter float32 fit, within 5e-6 relative (one
 percent of a float16 ulp), which keeps the kernels that need it at the memory
 bound. Compiled GPU kernels may pass the hardware's ``rcp.approx`` and
-``ex2.approx`` (:func:`approx_reciprocal_f32`, :func:`approx_exp2_f32`), which
-add at most 2 ulp (``tests/test_special.py`` measures it on the GPU).
+``ex2.approx`` (:func:`approx_reciprocal_f32`, :func:`approx_exp2_f32`); the
+bound is then ``6 * max(1, x^2 / 2)`` ulp (``tests/test_special.py`` measures it
+on the GPU).
 """
 import jax
 import jax.numpy as jnp

@@ -1,5 +1,4 @@
 """write_slice against the NumPy oracle: bits, positions, fast paths, in place, errors."""
-import functools
 import re
 
 import jax
@@ -17,7 +16,8 @@ from tests.conftest import BACKENDS, KERNEL_BACKEND, random
 
 _BYTE_DTYPES = (
     jnp.int8, jnp.uint8, jnp.int16, jnp.uint16, jnp.int32, jnp.uint32, jnp.int64, jnp.uint64,
-    jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64,
+    jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.float8_e4m3, jnp.float8_e3m4, jnp.float8_e4m3fnuz,
+    jnp.float8_e5m2fnuz, jnp.float8_e4m3b11fnuz, jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64,
     jnp.complex64, jnp.complex128,
 )
 ALL_DTYPES = (jnp.bool_, jnp.int4, jnp.uint4) + _BYTE_DTYPES
@@ -282,11 +282,19 @@ _S = jax.ShapeDtypeStruct((4, 2, 8), jnp.float32)
 def test_bad_input_raises_at_trace_time(dest, source, start, error, message):
     with pytest.raises(error, match="write_slice: " + message):
         bjax.plan(bjax.write_slice, dest, source, start, backend="xla")
-    if all(not isinstance(s, jax.ShapeDtypeStruct) for s in (start if isinstance(start, tuple)
-                                                              else ())):
-        with pytest.raises(error, match=message):
-            jax.eval_shape(functools.partial(bjax.write_slice, start=start, backend="xla"),
-                           dest, source)
+    # The op itself, traced, with array starts passed as traced arguments.
+    entries = list(start) if isinstance(start, tuple) else start
+    arrays = [e for e in entries if isinstance(e, jax.ShapeDtypeStruct)] \
+        if isinstance(entries, list) else []
+
+    def call(dest, source, *traced):
+        traced = iter(traced)
+        full = [next(traced) if isinstance(e, jax.ShapeDtypeStruct) else e for e in entries] \
+            if isinstance(entries, list) else entries
+        return bjax.write_slice(dest, source, full, backend="xla")
+
+    with pytest.raises(error, match="write_slice: " + message):
+        jax.eval_shape(call, dest, source, *arrays)
 
 
 def test_plan_names_the_path():

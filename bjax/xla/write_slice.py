@@ -5,10 +5,10 @@ Both take the row table of ``bjax.write_slice``: ``positions`` int32
 along axis 0 on every axis (column 0 is ``p_0 + i``) and, in column N, whether
 that row is written. A scatter (gather) with one index per row and
 ``FILL_OR_DROP`` skips (zero-fills) rows whose index is out of bounds, which is
-where unwritten rows are sent. With one position for the whole window,
-:func:`write_window` uses ``dynamic_update_slice`` instead (one fusion, in
-place), writing the window's own bytes back when the position is out of range.
-XLA updates ``dest`` in place when it is donated.
+where unwritten rows are sent. :func:`write_window` does the same with
+``dynamic_update_slice`` when one position serves the whole window (small
+windows on the Pallas backend), writing the window's own bytes back when the
+position is out of range. XLA updates ``dest`` in place when it is donated.
 """
 import jax.numpy as jnp
 from jax import lax

@@ -33,21 +33,28 @@ def device_time_ms(fn, *args, calls: int = 50, trials: int = 5) -> float:
     return statistics.median(per_call)
 
 
-def chained_time_ms(fn, state, *args, calls: int = 20, trials: int = 5) -> float:
-    """Median milliseconds per call of ``state = fn(state, *args)``, ``fn`` donating ``state``.
+def chained_times_ms(fns: dict, states: dict, *args, calls: int = 10,
+                     rounds: int = 7) -> dict:
+    """Median milliseconds per call of ``state = fn(state, *args)`` for each ``fn``
+    (donating ``state``; ``states`` holds each one's initial state, consumed).
 
     For in-place ops: each call consumes the previous call's output, so no
-    copy of ``state`` is needed to keep the donated input alive.
+    copy of ``state`` is needed to keep the donated input alive. The functions
+    take turns, round by round, so that drift in the machine's speed reaches
+    all of them alike.
     """
-    state = jax.block_until_ready(fn(fn(state, *args), *args))  # compile and warm up
-    per_call = []
-    for _ in range(trials):
-        start = time.perf_counter()
-        for _ in range(calls):
-            state = fn(state, *args)
-        jax.block_until_ready(state)
-        per_call.append((time.perf_counter() - start) / calls * 1e3)
-    return statistics.median(per_call)
+    states = {name: jax.block_until_ready(fn(fn(states[name], *args), *args))  # warm up
+              for name, fn in fns.items()}
+    per_call = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            state = states[name]
+            start = time.perf_counter()
+            for _ in range(calls):
+                state = fn(state, *args)
+            states[name] = jax.block_until_ready(state)
+            per_call[name].append((time.perf_counter() - start) / calls * 1e3)
+    return {name: statistics.median(times) for name, times in per_call.items()}
 
 
 def kernel_time_ms(fn, *args, calls: int = 20, chain: bool = False) -> float:
@@ -79,7 +86,9 @@ def kernel_time_ms(fn, *args, calls: int = 20, chain: bool = False) -> float:
                 if line.name.startswith("Stream"):
                     total_ns += sum(event.duration_ns for event in line.events)
     if not total_ns:
-        return chained_time_ms(fn, *args) if chain else device_time_ms(fn, *args)
+        if chain:
+            return chained_times_ms({"fn": fn}, {"fn": args[0]}, *args[1:])["fn"]
+        return device_time_ms(fn, *args)
     return total_ns / calls / 1e6
 
 

@@ -115,6 +115,35 @@ def test_out_of_range_scalar_position_changes_nothing(start, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("position", [
+    np.int8(-1), np.uint8(255), np.int16(297), np.uint16(299), np.int64(2**40), np.int64(5),
+    np.uint32(2**32 - 1), np.uint64(2**63 + 3)], ids=repr)
+def test_positions_of_every_integer_dtype(position, backend):
+    # A window of extent 2 on an axis of 300 fits at 0..298. Out-of-range values
+    # must not wrap into range when narrowed (2**40 to 0, 2**32 - 1 to -1).
+    dest = random_bits(0, (3, 300, 4), jnp.float32)
+    source = random_bits(1, (2, 2, 4), jnp.float32)
+    write = jax.jit(lambda d, s, p: bjax.write_slice(d, s, (1, p, 0), backend=backend))
+    out = write(dest, source, jnp.asarray(position))
+    assert_same_bits(out, oracles.write_slice(dest, source, (1, int(position), 0)))
+
+
+@pytest.mark.parametrize("dtype", _BYTE_DTYPES[:-2], ids=lambda d: np.dtype(d).name)  # no complex
+@pytest.mark.parametrize("start", [(1, 3, 2), (0, 8, 0), (0, 9, 0), (2, -1, 0)],
+                         ids=["inside", "last", "past_the_end", "negative"])
+def test_guarded_dynamic_update_slice_path(start, dtype, monkeypatch):
+    # The Pallas backend's route for small one-position windows is XLA code,
+    # so it runs on CPU too once the backend believes a GPU is present.
+    monkeypatch.setattr(bjax._op, "cuda_available", lambda: True)
+    dest = jax.ShapeDtypeStruct((3, 10, 4), dtype)
+    traced = tuple(jax.ShapeDtypeStruct((), jnp.int32) for _ in start)
+    plan = bjax.plan(bjax.write_slice, dest, jax.ShapeDtypeStruct((1, 2, 2), dtype), traced,
+                     backend="pallas")
+    assert plan.kernel.startswith("lax.dynamic_update_slice")
+    check((3, 10, 4), (1, 2, 2), start, dtype, "pallas")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [jnp.int4, jnp.uint4], ids=["int4", "uint4"])
 @pytest.mark.parametrize("window,start", [((2, 4), (1, 2)), ((2, 3), (1, 2)), ((2, 4), (1, 3)),
                                           ((3, 10), (0, 0)), ((2, 1), (0, 9))],

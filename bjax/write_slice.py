@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental import checkify
 
-from bjax import _op
+from bjax import _checks, _op
 from bjax.errors import UnsupportedError
 from bjax.xla import write_slice as xla_write_slice
 from pallas_kernels import write_slice as pallas_write_slice
@@ -272,6 +271,8 @@ def _window_start(desc: WriteSliceDescriptor, traced):
     """One start per axis (in range: 0 where the position is not) and whether the
     window is written, straight from the starts, so that XLA fuses them into its update."""
     traced = iter(traced)
+    # Index operands share one dtype; an in-range start fits int32 unless dest's axis does not.
+    index_dtype = jnp.int32 if max(desc.dest_shape) <= jnp.iinfo(jnp.int32).max else jnp.int64
     start, written = [], True
     for d, kind in enumerate(desc.starts):
         if isinstance(kind, int):
@@ -280,21 +281,19 @@ def _window_start(desc: WriteSliceDescriptor, traced):
         values = next(traced)
         ok = _in_range(values, desc.high(d))
         written = written & ok
-        start.append(jnp.where(ok, values, jnp.zeros_like(values)))
+        start.append(jnp.where(ok, values, jnp.zeros_like(values)).astype(index_dtype))
     return tuple(start), written
 
 
-def _report_out_of_range(desc: WriteSliceDescriptor, reports) -> None:
-    """Under checkify: which position was out of range (a no-op otherwise)."""
-    for d, values, ok in reports:
-        row = jnp.argmin(ok)
-        high = desc.high(d)
-        checkify.debug_check(
-            jnp.all(ok),
+def _with_range_reports(desc: WriteSliceDescriptor, traced, reports):
+    """``traced``, each start carrying its range check, which checkify reports."""
+    return tuple(
+        _checks.report_unless(
+            jnp.asarray(values_in), ok, values,
             f"write_slice: start[{d}] = {{value}} (window row {{row}}) is out of range "
-            f"[0, {high}] for a window of extent {desc.source_shape[d]} on an axis of extent "
-            f"{desc.dest_shape[d]}; that row was left unchanged",
-            value=values[row], row=row)
+            f"[0, {desc.high(d)}] for a window of extent {desc.source_shape[d]} on an axis of "
+            f"extent {desc.dest_shape[d]}; that row was left unchanged")
+        for values_in, (d, values, ok) in zip(traced, reports))
 
 
 def _uint_of_width(dtype):
@@ -418,8 +417,7 @@ def write_slice(dest, source, start, *, backend=None):
     if desc.empty:
         return dest
     table, reports = _row_table(desc, traced)
-    _report_out_of_range(desc, reports)
-    return _write(dest, source, table, tuple(jnp.asarray(t) for t in traced), desc, backend)
+    return _write(dest, source, table, _with_range_reports(desc, traced, reports), desc, backend)
 
 
 @_op.register_planner(write_slice)

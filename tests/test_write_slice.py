@@ -269,6 +269,28 @@ def test_checkify_reports_the_out_of_range_position(backend):
     # Outside checkify the same call runs and drops the row.
     out = bjax.write_slice(dest, source, (0, jnp.array([1, 9, 0]), 0), backend=backend)
     assert float(out.sum()) == 2 * 2 * 4
+    # ... and carries no effect, which would take jit's dispatch off its fast path.
+    assert not jax.make_jaxpr(lambda p: bjax.write_slice(dest, source, (0, p, 0),
+                                                         backend=backend))(1).effects
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checkify_reports_under_vmap_and_in_a_loop(backend):
+    dest = jnp.zeros((2, 3, 10, 4), jnp.float32)
+    source = jnp.ones((2, 3, 2, 4), jnp.float32)
+
+    def write(dest, source, p):
+        return bjax.write_slice(dest, source, (0, p, 0), backend=backend)
+
+    err, _ = checkify.checkify(jax.jit(jax.vmap(write)))(dest, source, jnp.array([3, 9]))
+    assert re.search(r"start\[1\] = 9 \(window row 0\)", err.get())
+
+    def decode(cache, p):
+        return lax.fori_loop(0, 4, lambda i, c: write(c, source[0], p + 3 * i), cache)
+    err, _ = checkify.checkify(jax.jit(decode))(dest[0], jnp.int32(0))
+    assert re.search(r"start\[1\] = 9 \(window row 0\)", err.get())
+    err, _ = checkify.checkify(jax.jit(decode))(dest[0], jnp.int32(-2))
+    assert re.search(r"start\[1\] = -2 \(window row 0\)", err.get())
 
 
 _D = jax.ShapeDtypeStruct((4, 10, 8), jnp.float32)

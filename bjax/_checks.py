@@ -9,7 +9,7 @@ primitive of its own instead: without effects, lowered to nothing, and turned
 into a ``FailedCheckError`` by checkify's rule for it.
 """
 import jax.numpy as jnp
-from jax._src import checkify as _checkify  # the rule registry and error type
+from jax._src import checkify as _checkify  # its rule registry: no public API registers one
 from jax.extend import core
 from jax.interpreters import ad, batching, mlir
 
@@ -70,14 +70,17 @@ def _batch(args, dims, *, message):
 batching.primitive_batchers[_report_p] = _batch
 
 
-def _checkify_rule(error, enabled_errors, passthrough, ok, values, *, message):
+def _checkify_rule(*args, message):
+    # JAX 0.11 passes a CheckifyContext first, which its assert_func takes too; 0.10 does not.
+    context = args[:-5]
+    error, enabled_errors, passthrough, ok, values = args[-5:]
     if _checkify.FailedCheckError not in enabled_errors:
         return error, passthrough
     first = jnp.argmin(ok.reshape(-1))
     failure = _checkify.FailedCheckError(
         _checkify.get_traceback(), message, value=values.reshape(-1)[first],
         row=first % max(ok.shape[-1:] or (1,)))
-    return _checkify.assert_func(error, ~jnp.all(ok), failure), passthrough
+    return _checkify.assert_func(*context, error, ~jnp.all(ok), failure), passthrough
 
 
 _checkify.error_checks[_report_p] = _checkify_rule

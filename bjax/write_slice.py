@@ -276,7 +276,7 @@ def _window_start(desc: WriteSliceDescriptor, traced):
     start, written = [], True
     for d, kind in enumerate(desc.starts):
         if isinstance(kind, int):
-            start.append(kind)
+            start.append(np.asarray(kind, index_dtype))
             continue
         values = next(traced)
         ok = _in_range(values, desc.high(d))

@@ -141,6 +141,15 @@ def test_guarded_dynamic_update_slice_path(start, dtype, monkeypatch):
                      backend="pallas")
     assert plan.kernel.startswith("lax.dynamic_update_slice")
     check((3, 10, 4), (1, 2, 2), start, dtype, "pallas")
+    # Static starts beside a traced one of another integer dtype.
+    dest, source = random_bits(0, (3, 10, 4), dtype), random_bits(1, (1, 2, 2), dtype)
+    write = jax.jit(lambda d, s, p: bjax.write_slice(d, s, (start[0], p, start[2]),
+                                                     backend="pallas"))
+    for position_dtype in (jnp.int8, jnp.uint16, jnp.int64):
+        position = jnp.asarray(start[1]).astype(position_dtype)  # -1 is 65535 as uint16
+        out = write(dest, source, position)
+        assert_same_bits(out, oracles.write_slice(dest, source,
+                                                  (start[0], int(position), start[2])))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,6 +8,7 @@ import importlib
 
 from bjax import errors
 from bjax._op import BACKENDS, Plan, PrecisionGuarantee, plan
+from bjax.cascade import CascadeMergeDescriptor, merge_state, merge_states
 from bjax.errors import BjaxError, InvalidProblemError, UnsupportedError
 from bjax.gated import GatedActivationDescriptor, gated_activation, geglu, glu, reglu, swiglu
 from bjax.write_slice import WriteSliceDescriptor, write_slice
@@ -22,7 +23,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'bjax' has no attribute {name!r}")
 
 __all__ = [
-    "BACKENDS", "BjaxError", "GatedActivationDescriptor", "InvalidProblemError", "Plan",
+    "BACKENDS", "BjaxError", "CascadeMergeDescriptor", "GatedActivationDescriptor", "InvalidProblemError", "Plan",
     "PrecisionGuarantee", "UnsupportedError", "errors", "gated_activation", "geglu", "glu",
-    "plan", "reglu", "swiglu", "WriteSliceDescriptor", "write_slice",
+    "merge_state", "merge_states", "plan", "reglu", "swiglu", "WriteSliceDescriptor", "write_slice",
 ]

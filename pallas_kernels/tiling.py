@@ -19,10 +19,12 @@ class TileConfig:
 
 
 def fit_tile(rows: int, cols: int, *, tile_elements: int, min_programs: int, outer: int = 1,
-             max_block_rows: int | None = None) -> TileConfig:
+             max_block_rows: int | None = None, min_block_cols: int = _MIN_BLOCK_COLS,
+             max_block_cols: int = _MAX_BLOCK_COLS) -> TileConfig:
     """A tile of about ``tile_elements`` as wide as the rows allow, shrunk (rows first,
-    then columns) until ``outer`` times the tiles of ``[rows, cols]`` reach ``min_programs``."""
-    block_cols = min(pl.next_power_of_2(max(cols, 1)), _MAX_BLOCK_COLS)
+    then columns, down to ``min_block_cols``) until ``outer`` times the tiles of
+    ``[rows, cols]`` reach ``min_programs``."""
+    block_cols = min(pl.next_power_of_2(max(cols, 1)), max_block_cols)
     block_rows = min(pl.next_power_of_2(max(rows, 1)), max(1, tile_elements // block_cols))
     if max_block_rows is not None:
         block_rows = min(block_rows, max_block_rows)
@@ -32,7 +34,7 @@ def fit_tile(rows: int, cols: int, *, tile_elements: int, min_programs: int, out
 
     while block_rows > 1 and programs() < min_programs:
         block_rows //= 2
-    while block_cols > _MIN_BLOCK_COLS and programs() < min_programs:
+    while block_cols > min_block_cols and programs() < min_programs:
         block_cols //= 2
     num_warps = 8 if block_rows * block_cols >= 4096 else 4
     return TileConfig(block_rows, block_cols, num_warps)

@@ -1,0 +1,276 @@
+"""Cascade-attention merge: ``merge_state`` (two partial states) and ``merge_states`` (K).
+
+A partial attention state is ``(v, s)``: the attention output over a subset of
+the keys and ``s``, the log-sum-exp of its scores, in base ``lse_base`` (2, the
+convention of FlashInfer; or ``"e"``, that of flash-attn, vLLM and tokamax).
+Merging is exact softmax re-weighting, in float32 (float64 for float64 ``v``):
+
+    m = max_k s_k,   w_k = b^(s_k - m),
+    v = sum_k w_k v_k / sum_k w_k,   s = m + log_b sum_k w_k.
+
+Empty states: ``s = -inf`` (attention over zero keys) has weight 0 and its
+``v`` is never read, whatever it holds; merged with a non-empty state the
+result is that state bit for bit, and empty with empty is ``(0, -inf)``.
+``s = +inf`` is not a log-sum-exp; flash-attn emits it for rows with no keys,
+so it is read as an empty state too (the result's ``s`` is then ``-inf``, never
+``+inf``). NaN in a non-empty state (in ``v`` or ``s``) propagates.
+
+Gradients (``custom_vjp``, Pallas backward kernels): with ``p_k = w_k / sum_j w_j``,
+``dv_k = p_k dv`` and ``ds_k = p_k (ds + ln(b) <dv, v_k - v>)``; 0 into empty states.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bjax import _op
+from bjax.errors import UnsupportedError
+from bjax.xla import cascade as xla_cascade
+from pallas_kernels import cascade as pallas_cascade
+
+LSE_BASES = pallas_cascade.BASES
+_V_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadeMergeDescriptor:
+    """Static facts of one merge (hashable; the custom_vjp's static argument).
+
+    Attributes:
+      op: ``"merge_state"`` (two states) or ``"merge_states"`` (``num_states``).
+      seq_len, num_states, num_heads, head_dim: extents.
+      v_dtype: dtype of every ``v`` (and of the merged ``v``).
+      s_dtype: dtype of every ``s`` (float32; float64 with float64 ``v``).
+      lse_base: 2 or ``"e"``.
+      masked: ``merge_state`` was given a row mask.
+    """
+    op: str
+    seq_len: int
+    num_states: int
+    num_heads: int
+    head_dim: int
+    v_dtype: np.dtype
+    s_dtype: np.dtype
+    lse_base: int | str
+    masked: bool = False
+
+    @property
+    def v_shape(self) -> tuple[int, int, int]:
+        """Shape of one state's (and the merged) ``v``."""
+        return (self.seq_len, self.num_heads, self.head_dim)
+
+    @property
+    def kernel_config(self) -> pallas_cascade.TileConfig:
+        return pallas_cascade.default_config(self.seq_len, self.num_heads, self.head_dim)
+
+    @classmethod
+    def for_pair(cls, v_a, s_a, v_b, s_b, mask, lse_base):
+        """Validates a ``merge_state`` call; raises naming the argument."""
+        op = "merge_state"
+        _check_base(lse_base, op)
+        _check_v(v_a, "v_a", 3, "[seq_len, num_heads, head_dim]", op)
+        for name, x in (("v_b", v_b), ("s_a", s_a), ("s_b", s_b)):
+            expected = v_a.shape if name == "v_b" else v_a.shape[:2]
+            _op.check(tuple(x.shape) == tuple(expected), op, f"{name}.shape",
+                      f"{tuple(expected)} to match v_a {tuple(v_a.shape)}", tuple(x.shape))
+        _op.check(v_b.dtype == v_a.dtype, op, "v_b.dtype", f"{v_a.dtype} (v_a's dtype)",
+                  jnp.dtype(v_b.dtype).name)
+        _check_s(s_a, "s_a", v_a.dtype, op)
+        _op.check(s_b.dtype == s_a.dtype, op, "s_b.dtype", f"{s_a.dtype} (s_a's dtype)",
+                  jnp.dtype(s_b.dtype).name)
+        if mask is not None:
+            _op.check(tuple(mask.shape) == (v_a.shape[0],) and mask.dtype == jnp.bool_, op,
+                      "mask", f"None or a bool array of shape ({v_a.shape[0]},) (seq_len)",
+                      f"{jnp.dtype(mask.dtype).name} of shape {tuple(mask.shape)}")
+        seq_len, num_heads, head_dim = map(int, v_a.shape)
+        return cls(op, seq_len, 2, num_heads, head_dim, jnp.dtype(v_a.dtype),
+                   jnp.dtype(s_a.dtype), lse_base, mask is not None)
+
+    @classmethod
+    def for_many(cls, v, s, lse_base):
+        """Validates a ``merge_states`` call; raises naming the argument."""
+        op = "merge_states"
+        _check_base(lse_base, op)
+        _check_v(v, "v", 4, "[seq_len, num_index_sets, num_heads, head_dim]", op)
+        _op.check(v.shape[1] >= 1, op, "v.shape[1] (num_index_sets)", ">= 1", v.shape[1])
+        _op.check(tuple(s.shape) == tuple(v.shape[:3]), op, "s.shape",
+                  f"{tuple(v.shape[:3])} to match v {tuple(v.shape)}", tuple(s.shape))
+        _check_s(s, "s", v.dtype, op)
+        seq_len, num_states, num_heads, head_dim = map(int, v.shape)
+        return cls(op, seq_len, num_states, num_heads, head_dim, jnp.dtype(v.dtype),
+                   jnp.dtype(s.dtype), lse_base)
+
+
+def _check_base(lse_base, op):
+    _op.check(type(lse_base) in (int, str) and lse_base in LSE_BASES, op, "lse_base",
+              "2 (FlashInfer's log2-sum-exp) or 'e' (flash-attn's, vLLM's)", repr(lse_base))
+
+
+def _check_v(v, name, rank, layout, op):
+    _op.check(len(v.shape) == rank, op, name, f"an array of rank {rank} {layout}",
+              f"shape {tuple(v.shape)}")
+    _op.check(v.shape[-1] >= 1 and v.shape[-2] >= 1, op, f"{name}.shape",
+              "num_heads >= 1 and head_dim >= 1", tuple(v.shape))
+    dtype = jnp.dtype(v.dtype)
+    _op.check(dtype in [jnp.dtype(d) for d in _V_DTYPES], op, f"{name}.dtype",
+              "float16, bfloat16, float32 or float64", dtype.name, UnsupportedError)
+    _op.check(dtype != jnp.float64 or jax.config.jax_enable_x64, op, f"{name}.dtype",
+              "float64 only with jax_enable_x64 on", dtype.name, UnsupportedError)
+
+
+def _check_s(s, name, v_dtype, op):
+    allowed = ("float32", "float64") if jnp.dtype(v_dtype) == jnp.float64 else ("float32",)
+    _op.check(jnp.dtype(s.dtype).name in allowed, op, f"{name}.dtype",
+              " or ".join(allowed) + f" (a log-sum-exp, with v in {jnp.dtype(v_dtype).name})",
+              jnp.dtype(s.dtype).name)
+
+
+def _backend_module(backend):
+    return xla_cascade if backend == "xla" else pallas_cascade
+
+
+def _kernel_options(desc: CascadeMergeDescriptor, backend: str) -> dict:
+    if backend == "xla":
+        return {"base": desc.lse_base}
+    return {"base": desc.lse_base, "config": desc.kernel_config,
+            "interpret": backend == "interpret"}
+
+
+def _kernel_mask(mask, backend):
+    # The kernels read the row mask as int8 (no bool memory in the Triton lowering).
+    return mask if mask is None or backend == "xla" else mask.astype(jnp.int8)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _merge_pair(v_a, s_a, v_b, s_b, mask, desc: CascadeMergeDescriptor, backend: str):
+    if desc.seq_len == 0:
+        return v_a, s_a
+    return _backend_module(backend).merge_pair(v_a, s_a, v_b, s_b, _kernel_mask(mask, backend),
+                                               **_kernel_options(desc, backend))
+
+
+def _merge_pair_fwd(v_a, s_a, v_b, s_b, mask, desc, backend):
+    return _merge_pair(v_a, s_a, v_b, s_b, mask, desc, backend), (v_a, s_a, v_b, s_b, mask)
+
+
+def _merge_pair_bwd(desc, backend, residuals, cotangents):
+    v_a, s_a, v_b, s_b, mask = residuals
+    dv, ds = cotangents
+    if desc.seq_len == 0:
+        return dv, ds, jnp.zeros_like(v_b), jnp.zeros_like(s_b), None
+    grads = _backend_module(backend).merge_pair_backward(
+        v_a, s_a, v_b, s_b, _kernel_mask(mask, backend), dv, ds,
+        **_kernel_options(desc, backend))
+    return (*grads, None)
+
+
+_merge_pair.defvjp(_merge_pair_fwd, _merge_pair_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _merge_many(v, s, desc: CascadeMergeDescriptor, backend: str):
+    if desc.seq_len == 0:
+        return jnp.zeros(desc.v_shape, desc.v_dtype), jnp.zeros(desc.v_shape[:2], desc.s_dtype)
+    return _backend_module(backend).merge_many(v, s, **_kernel_options(desc, backend))
+
+
+def _merge_many_fwd(v, s, desc, backend):
+    return _merge_many(v, s, desc, backend), (v, s)
+
+
+def _merge_many_bwd(desc, backend, residuals, cotangents):
+    v, s = residuals
+    if desc.seq_len == 0:
+        return jnp.zeros_like(v), jnp.zeros_like(s)
+    return _backend_module(backend).merge_many_backward(v, s, *cotangents,
+                                                        **_kernel_options(desc, backend))
+
+
+_merge_many.defvjp(_merge_many_fwd, _merge_many_bwd)
+
+
+def merge_state(v_a, s_a, v_b, s_b, *, mask=None, lse_base=2, backend=None):
+    """Merges two partial attention states (see the module doc for the formula).
+
+    Args:
+      v_a, v_b: ``[seq_len, num_heads, head_dim]``, float16 / bfloat16 / float32
+        (float64 with x64 on), same dtype.
+      s_a, s_b: ``[seq_len, num_heads]`` log-sum-exps, float32 (float64 allowed
+        with float64 ``v``).
+      mask: optional bool ``[seq_len]``; rows where it is False return
+        ``(v_a, s_a)`` unchanged (and are not read from ``b``).
+      lse_base: 2 (default) or ``"e"``: the base of every ``s``, in and out.
+      backend: ``None`` (``$BJAX_BACKEND``, else Pallas on CUDA GPUs and XLA
+        elsewhere), ``"pallas"``, ``"interpret"`` or ``"xla"``.
+
+    Returns:
+      ``(v, s)`` in the dtypes of ``(v_a, s_a)``. The Pallas kernel writes them
+      over ``v_a, s_a``: in place when those are donated to the enclosing
+      ``jit`` (or computed inside it and not used again), a copy otherwise.
+
+    Raises:
+      InvalidProblemError: shapes or dtypes of the two sides differ, ``s`` is not
+        float32, a bad mask, an unknown ``lse_base``, zero heads or head_dim.
+      UnsupportedError: ``v`` not a float dtype listed above; ``backend="pallas"``
+        without a CUDA GPU.
+    """
+    v_a, s_a, v_b, s_b = map(jnp.asarray, (v_a, s_a, v_b, s_b))
+    mask = None if mask is None else jnp.asarray(mask)
+    desc = CascadeMergeDescriptor.for_pair(v_a, s_a, v_b, s_b, mask, lse_base)
+    return _merge_pair(v_a, s_a, v_b, s_b, mask, desc, _op.resolve_backend(backend, desc.op))
+
+
+def merge_states(v, s, *, lse_base=2, backend=None):
+    """Merges ``num_index_sets`` partial attention states (see the module doc).
+
+    Args:
+      v: ``[seq_len, num_index_sets, num_heads, head_dim]``, float16 / bfloat16 /
+        float32 (float64 with x64 on).
+      s: ``[seq_len, num_index_sets, num_heads]`` log-sum-exps, float32 (float64
+        allowed with float64 ``v``).
+      lse_base: 2 (default) or ``"e"``.
+      backend: as in :func:`merge_state`.
+
+    Returns:
+      ``(v [seq_len, num_heads, head_dim], s [seq_len, num_heads])`` in the
+      dtypes of ``(v, s)``.
+
+    Raises:
+      InvalidProblemError: ``s`` of the wrong shape or dtype, no index sets, an
+        unknown ``lse_base``, zero heads or head_dim.
+      UnsupportedError: as in :func:`merge_state`.
+    """
+    v, s = jnp.asarray(v), jnp.asarray(s)
+    desc = CascadeMergeDescriptor.for_many(v, s, lse_base)
+    return _merge_many(v, s, desc, _op.resolve_backend(backend, desc.op))
+
+
+def _plan(desc: CascadeMergeDescriptor, backend: str) -> _op.Plan:
+    on_xla = backend == "xla"
+    return _op.Plan(
+        op=desc.op, descriptor=desc, backend=backend,
+        kernel=f"bjax.xla.cascade.{'merge_pair' if desc.op == 'merge_state' else 'merge_many'}"
+        if on_xla else f"bjax_{desc.op}",
+        block_config=None if on_xla else desc.kernel_config,
+        precision=_op.PrecisionGuarantee(
+            math_precision=pallas_cascade.compute_dtype(desc.v_dtype).name,
+            accumulator=pallas_cascade.compute_dtype(desc.v_dtype).name, deterministic=True,
+            bit_stable_on_same_hardware=True,
+            notes="weights by exp2 (base 2) or exp (base e) in the math dtype; a state merged "
+                  "with empty states comes back bit for bit"))
+
+
+@_op.register_planner(merge_state)
+def _plan_merge_state(v_a, s_a, v_b, s_b, *, mask=None, lse_base=2, backend=None):
+    desc = CascadeMergeDescriptor.for_pair(v_a, s_a, v_b, s_b, mask, lse_base)
+    return _plan(desc, _op.resolve_backend(backend, desc.op))
+
+
+@_op.register_planner(merge_states)
+def _plan_merge_states(v, s, *, lse_base=2, backend=None):
+    desc = CascadeMergeDescriptor.for_many(v, s, lse_base)
+    return _plan(desc, _op.resolve_backend(backend, desc.op))

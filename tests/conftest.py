@@ -1,4 +1,6 @@
 """Shared fixtures: the backends this machine can run, tolerances, random data."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,3 +56,11 @@ def random(key, shape, dtype, scale=2.0):
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
+
+
+def copies_of(hlo_text, shape, dtype):
+    """Instructions of a compiled program's text that copy an array of ``shape`` and ``dtype``."""
+    name = jnp.dtype(dtype).name.replace("bfloat16", "bf16").replace("float", "f")
+    shape_text = f"{name}[{','.join(map(str, shape))}]"
+    return [line for line in hlo_text.splitlines()
+            if re.search(r"= " + re.escape(shape_text) + r"\S* copy\(", line)]

@@ -80,3 +80,43 @@ def write_slice(dest, source, start):
             window = tuple(slice(p, p + w) for p, w in zip(position, source.shape[1:]))
             out[(r, *window)] = source[i]
     return out
+
+
+def _log_base(x, base):
+    return np.log2(x) if base == 2 else np.log(x)
+
+
+def cascade_merge(v, s, base=2):
+    """Merge of K partial attention states: ``v [S, K, H, D], s [S, K, H] -> (v, s)``.
+
+    ``s = +-inf`` is an empty state (weight 0, its ``v`` unused); all empty gives
+    ``(0, -inf)``: m = max s_k, w_k = base^(s_k - m), v = sum w_k v_k / sum w_k,
+    s = m + log_base(sum w_k).
+    """
+    v, s = np.asarray(v, np.float64), np.asarray(s, np.float64)
+    empty = np.isinf(s)
+    all_empty = empty.all(axis=1)
+    m = np.max(np.where(empty, -np.inf, s), axis=1)
+    m = np.where(all_empty, 0.0, m)
+    b = 2.0 if base == 2 else math.e
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        w = np.where(empty, 0.0, b ** (s - m[:, None]))
+        total = w.sum(axis=1)
+        v_out = np.where(empty[..., None], 0.0, w[..., None] * v).sum(axis=1) / total[..., None]
+        s_out = m + _log_base(total, base)
+    return (np.where(all_empty[..., None], 0.0, v_out), np.where(all_empty, -np.inf, s_out))
+
+
+def cascade_merge_grad(v, s, dv, ds, base=2):
+    """``(dv_k, ds_k)`` of :func:`cascade_merge`: with p_k = w_k / sum w,
+    dv_k = p_k dv and ds_k = p_k (ds + ln(base) <dv, v_k - v>); 0 for empty states."""
+    v, s = np.asarray(v, np.float64), np.asarray(s, np.float64)
+    dv, ds = np.asarray(dv, np.float64), np.asarray(ds, np.float64)
+    v_out, s_out = cascade_merge(v, s, base)
+    empty = np.isinf(s)
+    b = 2.0 if base == 2 else math.e
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.where(empty, 0.0, b ** (s - s_out[:, None]))
+    spread = np.where(empty[..., None], 0.0, v - v_out[:, None])
+    dot = np.sum(dv[:, None] * spread, axis=-1)
+    return p[..., None] * dv[:, None], p * (ds[:, None] + math.log(b) * dot)

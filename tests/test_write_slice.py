@@ -12,7 +12,7 @@ from jax.test_util import check_grads
 
 import bjax
 from tests import oracles
-from tests.conftest import BACKENDS, KERNEL_BACKEND, random
+from tests.conftest import BACKENDS, KERNEL_BACKEND, copies_of, random
 
 _BYTE_DTYPES = (
     jnp.int8, jnp.uint8, jnp.int16, jnp.uint16, jnp.int32, jnp.uint32, jnp.int64, jnp.uint64,
@@ -235,14 +235,6 @@ def test_decode_loop_with_the_cache_as_carry(backend):
     assert_same_bits(jax.jit(scan_decode)(cache, tokens), ref)
 
 
-def _dest_copies(hlo_text, shape, dtype):
-    """HLO instructions that copy an array of dest's shape."""
-    shape_text = f"{jnp.dtype(dtype).name.replace('bfloat16', 'bf16').replace('float', 'f')}" \
-                 f"[{','.join(map(str, shape))}]"
-    return [line for line in hlo_text.splitlines()
-            if re.search(r"= " + re.escape(shape_text) + r"\S* copy\(", line)]
-
-
 @pytest.mark.parametrize("backend", ["xla", KERNEL_BACKEND])
 @pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per_row"])
 def test_donated_dest_is_updated_in_place(backend, per_row):
@@ -258,7 +250,7 @@ def test_donated_dest_is_updated_in_place(backend, per_row):
     text = compiled.as_text()
     assert re.search(r"input_output_alias=\{ \{\}: \(0, \{\}, (may|must)-alias\) \}", text), \
         text[:2000]
-    assert not _dest_copies(text, shape, jnp.bfloat16), _dest_copies(text, shape, jnp.bfloat16)
+    assert not copies_of(text, shape, jnp.bfloat16), copies_of(text, shape, jnp.bfloat16)
     out = append(dest, token, position)
     assert dest.is_deleted()
     assert float(out[0, 5, 0, 0]) == 1 and out.shape == shape

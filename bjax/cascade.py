@@ -47,6 +47,7 @@ class CascadeMergeDescriptor:
       s_dtype: dtype of every ``s`` (float32; float64 with float64 ``v``).
       lse_base: 2 or ``"e"``.
       masked: ``merge_state`` was given a row mask.
+      in_place: ``merge_state`` writes over ``v_a, s_a`` (Pallas backend).
     """
     op: str
     seq_len: int
@@ -57,6 +58,7 @@ class CascadeMergeDescriptor:
     s_dtype: np.dtype
     lse_base: int | str
     masked: bool = False
+    in_place: bool = False
 
     @property
     def v_shape(self) -> tuple[int, int, int]:
@@ -68,10 +70,12 @@ class CascadeMergeDescriptor:
         return pallas_cascade.default_config(self.seq_len, self.num_heads, self.head_dim)
 
     @classmethod
-    def for_pair(cls, v_a, s_a, v_b, s_b, mask, lse_base):
+    def for_pair(cls, v_a, s_a, v_b, s_b, mask, lse_base, in_place):
         """Validates a ``merge_state`` call; raises naming the argument."""
         op = "merge_state"
         _check_base(lse_base, op)
+        _op.check(isinstance(in_place, (bool, np.bool_)), op, "in_place", "a bool",
+                  repr(in_place))
         _check_v(v_a, "v_a", 3, "[seq_len, num_heads, head_dim]", op)
         for name, x in (("v_b", v_b), ("s_a", s_a), ("s_b", s_b)):
             expected = v_a.shape if name == "v_b" else v_a.shape[:2]
@@ -88,7 +92,7 @@ class CascadeMergeDescriptor:
                       f"{jnp.dtype(mask.dtype).name} of shape {tuple(mask.shape)}")
         seq_len, num_heads, head_dim = map(int, v_a.shape)
         return cls(op, seq_len, 2, num_heads, head_dim, jnp.dtype(v_a.dtype),
-                   jnp.dtype(s_a.dtype), lse_base, mask is not None)
+                   jnp.dtype(s_a.dtype), lse_base, mask is not None, bool(in_place))
 
     @classmethod
     def for_many(cls, v, s, lse_base):
@@ -140,6 +144,14 @@ def _kernel_options(desc: CascadeMergeDescriptor, backend: str) -> dict:
             "interpret": backend == "interpret"}
 
 
+def _pair_forward(v_a, s_a, v_b, s_b, mask, desc, backend, in_place):
+    if desc.seq_len == 0:
+        return v_a, s_a
+    return _backend_module(backend).merge_pair(v_a, s_a, v_b, s_b, _kernel_mask(mask, backend),
+                                               in_place=in_place,
+                                               **_kernel_options(desc, backend))
+
+
 def _kernel_mask(mask, backend):
     # The kernels read the row mask as int8 (no bool memory in the Triton lowering).
     return mask if mask is None or backend == "xla" else mask.astype(jnp.int8)
@@ -147,14 +159,13 @@ def _kernel_mask(mask, backend):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _merge_pair(v_a, s_a, v_b, s_b, mask, desc: CascadeMergeDescriptor, backend: str):
-    if desc.seq_len == 0:
-        return v_a, s_a
-    return _backend_module(backend).merge_pair(v_a, s_a, v_b, s_b, _kernel_mask(mask, backend),
-                                               **_kernel_options(desc, backend))
+    return _pair_forward(v_a, s_a, v_b, s_b, mask, desc, backend, desc.in_place)
 
 
 def _merge_pair_fwd(v_a, s_a, v_b, s_b, mask, desc, backend):
-    return _merge_pair(v_a, s_a, v_b, s_b, mask, desc, backend), (v_a, s_a, v_b, s_b, mask)
+    # v_a and s_a stay alive for the backward: written over, XLA would first copy them.
+    out = _pair_forward(v_a, s_a, v_b, s_b, mask, desc, backend, in_place=False)
+    return out, (v_a, s_a, v_b, s_b, mask)
 
 
 def _merge_pair_bwd(desc, backend, residuals, cotangents):
@@ -193,7 +204,7 @@ def _merge_many_bwd(desc, backend, residuals, cotangents):
 _merge_many.defvjp(_merge_many_fwd, _merge_many_bwd)
 
 
-def merge_state(v_a, s_a, v_b, s_b, *, mask=None, lse_base=2, backend=None):
+def merge_state(v_a, s_a, v_b, s_b, *, mask=None, lse_base=2, in_place=True, backend=None):
     """Merges two partial attention states (see the module doc for the formula).
 
     Args:
@@ -204,23 +215,30 @@ def merge_state(v_a, s_a, v_b, s_b, *, mask=None, lse_base=2, backend=None):
       mask: optional bool ``[seq_len]``; rows where it is False return
         ``(v_a, s_a)`` unchanged (and are not read from ``b``).
       lse_base: 2 (default) or ``"e"``: the base of every ``s``, in and out.
+      in_place: the Pallas kernel writes the result over ``v_a, s_a``: no new
+        buffer when they are donated to the enclosing ``jit``, or computed
+        inside it and not used afterwards (the usual cascade: the prefix
+        attention's output). When ``v_a`` stays alive (a jit argument not
+        donated, a value used again), XLA must first copy it, which costs more
+        than the merge: pass ``in_place=False`` there for a fresh output.
+        Under differentiation the forward never writes in place (``v_a`` is
+        kept for the backward). The XLA backend decides by itself.
       backend: ``None`` (``$BJAX_BACKEND``, else Pallas on CUDA GPUs and XLA
         elsewhere), ``"pallas"``, ``"interpret"`` or ``"xla"``.
 
     Returns:
-      ``(v, s)`` in the dtypes of ``(v_a, s_a)``. The Pallas kernel writes them
-      over ``v_a, s_a``: in place when those are donated to the enclosing
-      ``jit`` (or computed inside it and not used again), a copy otherwise.
+      ``(v, s)`` in the dtypes of ``(v_a, s_a)``.
 
     Raises:
       InvalidProblemError: shapes or dtypes of the two sides differ, ``s`` is not
-        float32, a bad mask, an unknown ``lse_base``, zero heads or head_dim.
+        float32, a bad mask, an unknown ``lse_base``, a non-bool ``in_place``,
+        zero heads or head_dim.
       UnsupportedError: ``v`` not a float dtype listed above; ``backend="pallas"``
         without a CUDA GPU.
     """
     v_a, s_a, v_b, s_b = map(jnp.asarray, (v_a, s_a, v_b, s_b))
     mask = None if mask is None else jnp.asarray(mask)
-    desc = CascadeMergeDescriptor.for_pair(v_a, s_a, v_b, s_b, mask, lse_base)
+    desc = CascadeMergeDescriptor.for_pair(v_a, s_a, v_b, s_b, mask, lse_base, in_place)
     return _merge_pair(v_a, s_a, v_b, s_b, mask, desc, _op.resolve_backend(backend, desc.op))
 
 
@@ -265,8 +283,9 @@ def _plan(desc: CascadeMergeDescriptor, backend: str) -> _op.Plan:
 
 
 @_op.register_planner(merge_state)
-def _plan_merge_state(v_a, s_a, v_b, s_b, *, mask=None, lse_base=2, backend=None):
-    desc = CascadeMergeDescriptor.for_pair(v_a, s_a, v_b, s_b, mask, lse_base)
+def _plan_merge_state(v_a, s_a, v_b, s_b, *, mask=None, lse_base=2, in_place=True,
+                      backend=None):
+    desc = CascadeMergeDescriptor.for_pair(v_a, s_a, v_b, s_b, mask, lse_base, in_place)
     return _plan(desc, _op.resolve_backend(backend, desc.op))
 
 

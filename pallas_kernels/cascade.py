@@ -170,17 +170,25 @@ def _row_flags(mask_ref, tile: _Tile):
                       other=0 if tile.rows_in is not None else None) != 0
 
 
-def _pair_forward_kernel(*refs, shape, base, masked, config):
+def _pair_forward_kernel(*refs, shape, base, masked, in_place, config):
     v_a, s_a, v_b, s_b, *rest = refs
     mask_ref = rest.pop(0) if masked else None
     v_out, s_out = rest
     tile = _tile(*shape, config)
     row_on = _row_flags(mask_ref, tile) if masked else None
+    # In place, rows the mask turns off are neither read nor written (v_out, s_out
+    # are v_a, s_a); otherwise they are copied from a.
+    skip = row_on if in_place else None
     load_v, load_s, s_mask, v_mask = _loaders(
         tile, lambda k: (v_a, v_b)[k].at[tile.rows, tile.heads, tile.dims],
-        lambda k: (s_a, s_b)[k].at[tile.rows, tile.heads], compute_dtype(v_a.dtype), row_on)
+        lambda k: (s_a, s_b)[k].at[tile.rows, tile.heads], compute_dtype(v_a.dtype), skip)
     v, s = merge_math(load_s, load_v, 2, base)
-    # Rows the mask turns off are not stored: v_out, s_out alias v_a, s_a.
+    v, s = v.astype(v_out.dtype), s.astype(s_out.dtype)
+    if masked and not in_place:
+        keep_v = plgpu.load(v_a.at[tile.rows, tile.heads, tile.dims], mask=tile.v_mask)
+        keep_s = plgpu.load(s_a.at[tile.rows, tile.heads], mask=tile.s_mask)
+        v = jnp.where(row_on[:, None, None], v, keep_v)
+        s = jnp.where(row_on[:, None], s, keep_s)
     _store(v_out.at[tile.rows, tile.heads, tile.dims], v, v_mask)
     _store(s_out.at[tile.rows, tile.heads], s, s_mask)
 
@@ -255,19 +263,22 @@ def _like(x, dtype=None):
 _STATIC = ("base", "config", "interpret")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def merge_pair(v_a, s_a, v_b, s_b, mask=None, *, base, config: TileConfig, interpret=False):
-    """``(v, s)`` merged from ``(v_a, s_a)`` and ``(v_b, s_b)``, written over ``v_a, s_a``
-    (in place when they are donated); rows where ``mask`` (int8 ``[seq_len]``) is 0 keep a.
+@functools.partial(jax.jit, static_argnames=_STATIC + ("in_place",))
+def merge_pair(v_a, s_a, v_b, s_b, mask=None, *, base, config: TileConfig, in_place=True,
+               interpret=False):
+    """``(v, s)`` merged from ``(v_a, s_a)`` and ``(v_b, s_b)``; rows where ``mask``
+    (int8 ``[seq_len]``) is 0 keep a.
 
     ``v_*``: ``[seq_len, num_heads, head_dim]``; ``s_*``: ``[seq_len, num_heads]``.
+    With ``in_place`` the results are written over ``v_a, s_a`` (aliased: in
+    place when they are donated, after a copy XLA makes when they are not).
     """
     masked = mask is not None
     kernel = functools.partial(_pair_forward_kernel, shape=v_a.shape, base=base, masked=masked,
-                               config=config)
+                               in_place=in_place, config=config)
     operands = (v_a, s_a, v_b, s_b) + ((mask,) if masked else ())
     return _call(kernel, operands, (_like(v_a), _like(s_a)), v_a.shape, config, interpret,
-                 "bjax_merge_state", aliases={0: 0, 1: 1})
+                 "bjax_merge_state", aliases={0: 0, 1: 1} if in_place else None)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

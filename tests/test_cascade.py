@@ -46,12 +46,13 @@ def bits(x):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_merge_state_matches_oracle(shape, dtype, base, backend):
     v, s = states(0, shape[0], 2, *shape[1:], dtype)
-    out_v, out_s = jax.jit(lambda *a: bjax.merge_state(*a, lse_base=base, backend=backend))(
-        *pair(v, s))
     ref_v, ref_s = reference(v, s, base)
-    assert out_v.dtype == dtype and out_s.dtype == s.dtype
-    assert_close(out_v, ref_v, dtype)
-    assert_close(out_s, ref_s, s.dtype)
+    for in_place in (True, False):
+        out_v, out_s = jax.jit(lambda *a: bjax.merge_state(
+            *a, lse_base=base, in_place=in_place, backend=backend))(*pair(v, s))
+        assert out_v.dtype == dtype and out_s.dtype == s.dtype
+        assert_close(out_v, ref_v, dtype)
+        assert_close(out_s, ref_s, s.dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -122,14 +123,15 @@ def test_nan_in_a_non_empty_state_propagates(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "fresh"])
 @pytest.mark.parametrize("base", BASES)
-def test_mask_keeps_a_where_false(base, backend):
+def test_mask_keeps_a_where_false(base, in_place, backend):
     v, s = states(4, 6, 2, 3, 40, jnp.float32)
     v_a, s_a, v_b, s_b = pair(v, s)
     v_a = v_a.at[2].set(jnp.nan)  # a row the mask turns off is returned as it is
     mask = jnp.array([True, False, False, True, False, True])
     out_v, out_s = bjax.merge_state(v_a, s_a, v_b, s_b, mask=mask, lse_base=base,
-                                    backend=backend)
+                                    in_place=in_place, backend=backend)
     off = ~np.asarray(mask)
     np.testing.assert_array_equal(bits(out_v[off]), bits(v_a[off]))
     np.testing.assert_array_equal(bits(out_s[off]), bits(s_a[off]))
@@ -243,6 +245,13 @@ def test_empty_sequence(backend):
     assert grads.shape == v.shape
 
 
+def _aliased_outputs(compiled_text):
+    """Output indices the compiled program writes over a parameter of the same index."""
+    return [i for i in (0, 1) if re.search(
+        rf"input_output_alias=\{{[^\n]*\{{{i}\}}: \({i}, \{{\}}, (may|must)-alias\)",
+        compiled_text)]
+
+
 @pytest.mark.parametrize("backend", ["xla", KERNEL_BACKEND])
 def test_donated_state_is_merged_in_place(backend):
     if backend == "interpret":
@@ -251,14 +260,29 @@ def test_donated_state_is_merged_in_place(backend):
     merge = jax.jit(lambda *a: bjax.merge_state(*a, backend=backend), donate_argnums=(0, 1))
     v_a, s_a, v_b, s_b = pair(v, s)
     text = merge.lower(v_a, s_a, v_b, s_b).compile().as_text()
-    for output in (0, 1):  # merged v over v_a (parameter 0), merged s over s_a (parameter 1)
-        assert re.search(rf"input_output_alias=\{{[^\n]*\{{{output}\}}: \({output}, \{{\}}, "
-                         r"(may|must)-alias\)", text), text[:1500]
+    # merged v over v_a (parameter 0), merged s over s_a (parameter 1), no copy of v_a
+    assert _aliased_outputs(text) == [0, 1], text[:1500]
     assert not copies_of(text, (64, 8, 128), jnp.bfloat16)
     ref_v, _ = reference(v, s, 2)
     out_v, _ = merge(v_a, s_a, v_b, s_b)
     assert v_a.is_deleted() and s_a.is_deleted()
     assert_close(out_v, ref_v, jnp.bfloat16)
+
+
+@pytest.mark.skipif(KERNEL_BACKEND != "pallas", reason="compiled kernels only")
+def test_in_place_false_and_grad_write_fresh_buffers():
+    v, s = states(11, 64, 2, 8, 128, jnp.bfloat16)
+    args = pair(v, s)
+    fresh = jax.jit(lambda *a: bjax.merge_state(*a, in_place=False))
+    text = fresh.lower(*args).compile().as_text()
+    assert not copies_of(text, (64, 8, 128), jnp.bfloat16)
+    # Without donation an in-place kernel makes XLA copy v_a first.
+    text = jax.jit(lambda *a: bjax.merge_state(*a)).lower(*args).compile().as_text()
+    assert copies_of(text, (64, 8, 128), jnp.bfloat16)
+    # Under grad, v_a is a residual: the forward must not write over it.
+    grad = jax.jit(jax.grad(lambda *a: bjax.merge_state(*a)[0].astype(jnp.float32).sum(),
+                            argnums=(0, 2)))
+    assert not copies_of(grad.lower(*args).compile().as_text(), (64, 8, 128), jnp.bfloat16)
 
 
 _V = jax.ShapeDtypeStruct((4, 2, 8), jnp.float32)
@@ -297,8 +321,10 @@ _S = jax.ShapeDtypeStruct((4, 2), jnp.float32)
      r"vLLM's\); got 2.718281828459045"),
     ((_V, _S, _V, _S), {"lse_base": "2"}, bjax.InvalidProblemError,
      r"merge_state: lse_base must be 2 .*; got '2'"),
+    ((_V, _S, _V, _S), {"in_place": 1}, bjax.InvalidProblemError,
+     r"merge_state: in_place must be a bool; got 1"),
 ], ids=["v_shape", "s_shape", "v_dtype", "s_dtype", "s_dtypes_differ", "integer_v", "rank",
-        "zero_head_dim", "mask_dtype", "mask_shape", "base_float", "base_string"])
+        "zero_head_dim", "mask_dtype", "mask_shape", "base_float", "base_string", "in_place"])
 def test_merge_state_bad_input_raises_at_trace_time(args, kwargs, error, message):
     with pytest.raises(error, match=message):
         bjax.plan(bjax.merge_state, *args, backend="xla", **kwargs)

@@ -15,8 +15,12 @@ def _pair(v_a, s_a, v_b, s_b):
     return (lambda k: vs[k].astype(dtype)), (lambda k: ss[k].astype(dtype))
 
 
-def merge_pair(v_a, s_a, v_b, s_b, mask=None, *, base):
-    """``(v, s)`` of two states; rows where ``mask`` (bool ``[seq_len]``) is False keep a."""
+def merge_pair(v_a, s_a, v_b, s_b, mask=None, *, base, in_place=True):
+    """``(v, s)`` of two states; rows where ``mask`` (bool ``[seq_len]``) is False keep a.
+
+    ``in_place`` is XLA's to decide: it writes over donated inputs by itself.
+    """
+    del in_place
     load_v, load_s = _pair(v_a, s_a, v_b, s_b)
     v, s = merge_math(load_s, load_v, 2, base)
     v, s = v.astype(v_a.dtype), s.astype(s_a.dtype)

@@ -3,10 +3,10 @@
 On a CUDA GPU the default backend is Pallas; elsewhere it is XLA, and the
 Pallas kernels also run through the Pallas interpreter (on smaller shapes: the
 interpreter runs the grid one program at a time). Gated activations are
-compared with the XLA implementation evaluated in float64 (the table gives the
-largest error relative to the reference's largest magnitude, bound 2^-7 for
-bf16 results); write_slice with NumPy, bit for bit (the error is the fraction
-of elements whose bits differ; bound 0). Times are the
+and cascade merges are compared with the XLA implementation evaluated in
+float64 (the table gives the largest error relative to the reference's largest
+magnitude, bound 2^-7 for bf16 results); write_slice with NumPy, bit for bit
+(the error is the fraction of elements whose bits differ; bound 0). Times are the
 median of a call.
 """
 from __future__ import annotations
@@ -91,21 +91,53 @@ def write_slice_rows(backend, cache_shape):
     return rows
 
 
+def cascade_rows(backend, shape):
+    """merge_states and merge_state of bf16 partial states (some of them empty), forward
+    and backward, against the XLA backend evaluated in float64."""
+    seq_len, num_states = shape[:2]
+    v = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(jnp.bfloat16)
+    s = 20 * jax.random.normal(jax.random.key(1), shape[:3], jnp.float32)
+    s = s.at[::5, 0].set(-jnp.inf)  # empty states: their v must not leak
+    dv = jax.random.normal(jax.random.key(2), (seq_len, *shape[2:]), jnp.bfloat16)
+    ds = jax.random.normal(jax.random.key(3), (seq_len, shape[2]), jnp.float32)
+    v64, s64 = v.astype(jnp.float64), s.astype(jnp.float64)
+    rows = []
+    cases = (
+        ("merge_state fwd", lambda v, s: bjax.merge_state(v[:, 0], s[:, 0], v[:, 1], s[:, 1],
+                                                          in_place=False, backend=backend),
+         lambda v, s: bjax.merge_state(v[:, 0], s[:, 0], v[:, 1], s[:, 1], backend="xla")),
+        ("merge_states fwd", functools.partial(bjax.merge_states, backend=backend),
+         functools.partial(bjax.merge_states, backend="xla")),
+        ("merge_states bwd", lambda v, s: jax.vjp(
+            functools.partial(bjax.merge_states, backend=backend), v, s)[1](
+            (dv.astype(v.dtype), ds.astype(s.dtype))),
+         lambda v, s: jax.vjp(functools.partial(bjax.merge_states, backend="xla"), v, s)[1](
+            (dv.astype(v.dtype), ds.astype(s.dtype)))),
+    )
+    for name, fn, ref_fn in cases:
+        f = jax.jit(fn)
+        error = max(_relative_error(jnp.where(jnp.isinf(r), 0, o), jnp.where(jnp.isinf(r), 0, r))
+                    for o, r in zip(f(v, s), ref_fn(v64, s64)))
+        rows.append((name, shape, "bfloat16", backend, error, _time_ms(f, v, s), _GATED_BOUND))
+    return rows
+
+
 def main() -> int:
     default = resolve_backend(None, "demo")
     on_gpu = default == "pallas"
     runs = [(default, (4096, 8192) if on_gpu else (256, 1024),
-             (8, 4096, 8, 128) if on_gpu else (4, 256, 4, 64))]
+             (8, 4096, 8, 128) if on_gpu else (4, 256, 4, 64),
+             (4096, 4, 32, 128) if on_gpu else (256, 4, 8, 64))]
     if not on_gpu:
-        runs.append(("interpret", (64, 256), (4, 64, 2, 32)))
+        runs.append(("interpret", (64, 256), (4, 64, 2, 32), (16, 3, 4, 32)))
     print(f"bjax {bjax.__version__} on {jax.devices()[0].device_kind}; default backend: {default}")
     header = (f"{'op':<26} {'shape':<18} {'dtype':<9} {'backend':<10} {'error':>12} "
               f"{'bound':>9} {'ms':>9}")
     print(header + "\n" + "-" * len(header))
     failures = 0
-    for backend, gated_shape, cache_shape in runs:
-        rows = gated_rows(backend, gated_shape, jnp.bfloat16) + write_slice_rows(backend,
-                                                                                  cache_shape)
+    for backend, gated_shape, cache_shape, cascade_shape in runs:
+        rows = (gated_rows(backend, gated_shape, jnp.bfloat16)
+                + write_slice_rows(backend, cache_shape) + cascade_rows(backend, cascade_shape))
         for name, shp, dtype, be, err, ms, bound in rows:
             failures += err > bound
             print(f"{name:<26} {str(shp):<18} {dtype:<9} {be:<10} {err:>12.2e} {bound:>9.2e} "

@@ -204,7 +204,7 @@ def _merge_many_bwd(desc, backend, residuals, cotangents):
 _merge_many.defvjp(_merge_many_fwd, _merge_many_bwd)
 
 
-def merge_state(v_a, s_a, v_b, s_b, *, mask=None, lse_base=2, in_place=True, backend=None):
+def merge_state(v_a, s_a, v_b, s_b, *, mask=None, lse_base=2, in_place=False, backend=None):
     """Merges two partial attention states (see the module doc for the formula).
 
     Args:
@@ -215,14 +215,16 @@ def merge_state(v_a, s_a, v_b, s_b, *, mask=None, lse_base=2, in_place=True, bac
       mask: optional bool ``[seq_len]``; rows where it is False return
         ``(v_a, s_a)`` unchanged (and are not read from ``b``).
       lse_base: 2 (default) or ``"e"``: the base of every ``s``, in and out.
-      in_place: the Pallas kernel writes the result over ``v_a, s_a``: no new
-        buffer when they are donated to the enclosing ``jit``, or computed
-        inside it and not used afterwards (the usual cascade: the prefix
-        attention's output). When ``v_a`` stays alive (a jit argument not
-        donated, a value used again), XLA must first copy it, which costs more
-        than the merge: pass ``in_place=False`` there for a fresh output.
-        Under differentiation the forward never writes in place (``v_a`` is
-        kept for the backward). The XLA backend decides by itself.
+      in_place: the seed's ``merge_in_place``: the Pallas kernel writes the
+        result over ``v_a, s_a``, saving a buffer when they are donated to the
+        enclosing ``jit`` or computed inside it and not used afterwards (the
+        prefix attention's output). Where ``v_a`` stays alive (a jit argument
+        not donated, a value used again) XLA must copy it first, which costs
+        more than the merge. Off by default: a fresh output is also the faster
+        one (writing over the buffer just read costs an H200 about 8%,
+        BENCHMARKS.md). Under differentiation the forward never writes in
+        place (``v_a`` is kept for the backward). The XLA backend decides by
+        itself, in place when ``v_a`` is donated.
       backend: ``None`` (``$BJAX_BACKEND``, else Pallas on CUDA GPUs and XLA
         elsewhere), ``"pallas"``, ``"interpret"`` or ``"xla"``.
 
@@ -283,7 +285,7 @@ def _plan(desc: CascadeMergeDescriptor, backend: str) -> _op.Plan:
 
 
 @_op.register_planner(merge_state)
-def _plan_merge_state(v_a, s_a, v_b, s_b, *, mask=None, lse_base=2, in_place=True,
+def _plan_merge_state(v_a, s_a, v_b, s_b, *, mask=None, lse_base=2, in_place=False,
                       backend=None):
     desc = CascadeMergeDescriptor.for_pair(v_a, s_a, v_b, s_b, mask, lse_base, in_place)
     return _plan(desc, _op.resolve_backend(backend, desc.op))

@@ -104,7 +104,7 @@ def cascade_rows(backend, shape):
     rows = []
     cases = (
         ("merge_state fwd", lambda v, s: bjax.merge_state(v[:, 0], s[:, 0], v[:, 1], s[:, 1],
-                                                          in_place=False, backend=backend),
+                                                          backend=backend),
          lambda v, s: bjax.merge_state(v[:, 0], s[:, 0], v[:, 1], s[:, 1], backend="xla")),
         ("merge_states fwd", functools.partial(bjax.merge_states, backend=backend),
          functools.partial(bjax.merge_states, backend="xla")),

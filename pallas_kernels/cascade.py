@@ -264,7 +264,7 @@ _STATIC = ("base", "config", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("in_place",))
-def merge_pair(v_a, s_a, v_b, s_b, mask=None, *, base, config: TileConfig, in_place=True,
+def merge_pair(v_a, s_a, v_b, s_b, mask=None, *, base, config: TileConfig, in_place=False,
                interpret=False):
     """``(v, s)`` merged from ``(v_a, s_a)`` and ``(v_b, s_b)``; rows where ``mask``
     (int8 ``[seq_len]``) is 0 keep a.

@@ -257,7 +257,8 @@ def test_donated_state_is_merged_in_place(backend):
     if backend == "interpret":
         pytest.skip("in place is a property of compiled programs; the interpreter emulates")
     v, s = states(10, 64, 2, 8, 128, jnp.bfloat16)
-    merge = jax.jit(lambda *a: bjax.merge_state(*a, backend=backend), donate_argnums=(0, 1))
+    merge = jax.jit(lambda *a: bjax.merge_state(*a, in_place=True, backend=backend),
+                    donate_argnums=(0, 1))
     v_a, s_a, v_b, s_b = pair(v, s)
     text = merge.lower(v_a, s_a, v_b, s_b).compile().as_text()
     # merged v over v_a (parameter 0), merged s over s_a (parameter 1), no copy of v_a
@@ -270,18 +271,18 @@ def test_donated_state_is_merged_in_place(backend):
 
 
 @pytest.mark.skipif(KERNEL_BACKEND != "pallas", reason="compiled kernels only")
-def test_in_place_false_and_grad_write_fresh_buffers():
+def test_fresh_output_by_default_and_under_grad():
     v, s = states(11, 64, 2, 8, 128, jnp.bfloat16)
     args = pair(v, s)
-    fresh = jax.jit(lambda *a: bjax.merge_state(*a, in_place=False))
-    text = fresh.lower(*args).compile().as_text()
-    assert not copies_of(text, (64, 8, 128), jnp.bfloat16)
-    # Without donation an in-place kernel makes XLA copy v_a first.
     text = jax.jit(lambda *a: bjax.merge_state(*a)).lower(*args).compile().as_text()
-    assert copies_of(text, (64, 8, 128), jnp.bfloat16)
+    assert not copies_of(text, (64, 8, 128), jnp.bfloat16) and not _aliased_outputs(text)
+    # Without donation an in-place kernel makes XLA copy v_a first.
+    in_place = jax.jit(lambda *a: bjax.merge_state(*a, in_place=True))
+    assert copies_of(in_place.lower(*args).compile().as_text(), (64, 8, 128), jnp.bfloat16)
     # Under grad, v_a is a residual: the forward must not write over it.
-    grad = jax.jit(jax.grad(lambda *a: bjax.merge_state(*a)[0].astype(jnp.float32).sum(),
-                            argnums=(0, 2)))
+    grad = jax.jit(jax.grad(
+        lambda *a: bjax.merge_state(*a, in_place=True)[0].astype(jnp.float32).sum(),
+        argnums=(0, 2)))
     assert not copies_of(grad.lower(*args).compile().as_text(), (64, 8, 128), jnp.bfloat16)
 
 

@@ -15,7 +15,7 @@ def _pair(v_a, s_a, v_b, s_b):
     return (lambda k: vs[k].astype(dtype)), (lambda k: ss[k].astype(dtype))
 
 
-def merge_pair(v_a, s_a, v_b, s_b, mask=None, *, base, in_place=True):
+def merge_pair(v_a, s_a, v_b, s_b, mask=None, *, base, in_place=False):
     """``(v, s)`` of two states; rows where ``mask`` (bool ``[seq_len]``) is False keep a.
 
     ``in_place`` is XLA's to decide: it writes over donated inputs by itself.

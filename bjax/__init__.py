@@ -22,8 +22,10 @@ def __getattr__(name):
         return importlib.import_module("bjax.nn")
     raise AttributeError(f"module 'bjax' has no attribute {name!r}")
 
+
 __all__ = [
-    "BACKENDS", "BjaxError", "CascadeMergeDescriptor", "GatedActivationDescriptor", "InvalidProblemError", "Plan",
-    "PrecisionGuarantee", "UnsupportedError", "errors", "gated_activation", "geglu", "glu",
-    "merge_state", "merge_states", "plan", "reglu", "swiglu", "WriteSliceDescriptor", "write_slice",
+    "BACKENDS", "BjaxError", "CascadeMergeDescriptor", "GatedActivationDescriptor",
+    "InvalidProblemError", "Plan", "PrecisionGuarantee", "UnsupportedError",
+    "WriteSliceDescriptor", "errors", "gated_activation", "geglu", "glu", "merge_state",
+    "merge_states", "plan", "reglu", "swiglu", "write_slice",
 ]

@@ -144,17 +144,17 @@ def _kernel_options(desc: CascadeMergeDescriptor, backend: str) -> dict:
             "interpret": backend == "interpret"}
 
 
+def _kernel_mask(mask, backend):
+    # The kernels read the row mask as int8 (no bool memory in the Triton lowering).
+    return mask if mask is None or backend == "xla" else mask.astype(jnp.int8)
+
+
 def _pair_forward(v_a, s_a, v_b, s_b, mask, desc, backend, in_place):
     if desc.seq_len == 0:
         return v_a, s_a
     return _backend_module(backend).merge_pair(v_a, s_a, v_b, s_b, _kernel_mask(mask, backend),
                                                in_place=in_place,
                                                **_kernel_options(desc, backend))
-
-
-def _kernel_mask(mask, backend):
-    # The kernels read the row mask as int8 (no bool memory in the Triton lowering).
-    return mask if mask is None or backend == "xla" else mask.astype(jnp.int8)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

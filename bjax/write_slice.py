@@ -267,24 +267,6 @@ def _row_table(desc: WriteSliceDescriptor, traced):
     return jnp.stack([*columns, written.astype(jnp.int32)], axis=1), reports
 
 
-def _window_start(desc: WriteSliceDescriptor, traced):
-    """One start per axis (in range: 0 where the position is not) and whether the
-    window is written, straight from the starts, so that XLA fuses them into its update."""
-    traced = iter(traced)
-    # Index operands share one dtype; an in-range start fits int32 unless dest's axis does not.
-    index_dtype = jnp.int32 if max(desc.dest_shape) <= jnp.iinfo(jnp.int32).max else jnp.int64
-    start, written = [], True
-    for d, kind in enumerate(desc.starts):
-        if isinstance(kind, int):
-            start.append(np.asarray(kind, index_dtype))
-            continue
-        values = next(traced)
-        ok = _in_range(values, desc.high(d))
-        written = written & ok
-        start.append(jnp.where(ok, values, jnp.zeros_like(values)).astype(index_dtype))
-    return tuple(start), written
-
-
 def _with_range_reports(desc: WriteSliceDescriptor, traced, reports):
     """``traced``, each start carrying its range check, which checkify reports."""
     return tuple(
@@ -339,18 +321,14 @@ def _write_impl(dest, source, table, traced, desc: WriteSliceDescriptor, backend
     if route == "whole":
         return source
     if route in ("dus", "scatter"):
-        if route == "dus":
-            start, written = _window_start(desc, traced)
-            write = functools.partial(xla_write_slice.write_window, start=start,
-                                      written=written)
-        else:
-            write = functools.partial(xla_write_slice.write_rows, positions=table)
+        write = xla_write_slice.write_window if route == "dus" else xla_write_slice.write_rows
         # Move the bits: XLA may compute narrow floats in a wider type and
         # canonicalize NaN payloads on the way.
         bits = _uint_of_width(desc.dtype)
         if bits is None:
-            return write(dest, source)
-        out = write(lax.bitcast_convert_type(dest, bits), lax.bitcast_convert_type(source, bits))
+            return write(dest, source, table)
+        out = write(lax.bitcast_convert_type(dest, bits), lax.bitcast_convert_type(source, bits),
+                    table)
         return lax.bitcast_convert_type(out, desc.dtype)
     view = desc.kernel_view()
     out = pallas_write_slice.write_window(
@@ -363,8 +341,7 @@ def _write_impl(dest, source, table, traced, desc: WriteSliceDescriptor, backend
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _write(dest, source, table, traced, desc: WriteSliceDescriptor, backend: str):
-    # ``table`` serves the scatter path and the backward; the kernel and the
-    # dynamic_update_slice path read ``traced``.
+    # ``table`` serves the XLA paths and the backward; the kernel reads ``traced``.
     return _write_impl(dest, source, table, traced, desc, backend)
 
 

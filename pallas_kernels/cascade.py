@@ -101,8 +101,13 @@ def merge_math(load_s, load_v, num_states: int, base):
     return v, s
 
 
-def merge_grad_math(load_s, load_v, dv, ds, num_states: int, base):
-    """``(p_k, ds_k)`` for every state: ``dv_k = p_k[..., None] * dv`` (0 for empty states)."""
+def merge_grad_math(load_s, load_v, dv, ds, num_states: int, base, keep_first=None):
+    """``(p_k, ds_k)`` for every state: ``dv_k = p_k[..., None] * dv`` (0 for empty states).
+
+    ``keep_first`` (bool, broadcasting against ``ds``) marks rows where the merge
+    returned state 0 unchanged (``merge_state``'s mask off): there the gradient
+    passes to state 0 whole and to no other.
+    """
     _, _, ln_b = _lse_functions(base)
     s, _, weights, total = _weights(load_s, num_states, base)
     inverse = jnp.where(total == 0, 0, 1 / total)
@@ -111,8 +116,12 @@ def merge_grad_math(load_s, load_v, dv, ds, num_states: int, base):
     g = [jnp.sum(dv * jnp.where(_empty(s_k)[..., None], 0, load_v(k)), axis=-1)
          for k, s_k in enumerate(s)]
     g_mean = functools.reduce(jnp.add, [p_k * g_k for p_k, g_k in zip(p, g)])
-    return p, [jnp.where(_empty(s_k), 0, p_k * (ds + ln_b * (g_k - g_mean)))
-               for s_k, p_k, g_k in zip(s, p, g)]
+    d_s = [jnp.where(_empty(s_k), 0, p_k * (ds + ln_b * (g_k - g_mean)))
+           for s_k, p_k, g_k in zip(s, p, g)]
+    if keep_first is not None:
+        p = [jnp.where(keep_first, 1 if k == 0 else 0, p_k) for k, p_k in enumerate(p)]
+        d_s = [jnp.where(keep_first, ds if k == 0 else 0, d) for k, d in enumerate(d_s)]
+    return p, d_s
 
 
 class _Tile(NamedTuple):
@@ -141,8 +150,13 @@ def _tile(seq_len, num_heads, head_dim, config: TileConfig) -> _Tile:
                   None if heads_in is None else heads_in[None, :])
     v_mask = _and(None if s_mask is None else s_mask[:, :, None],
                   None if dims_in is None else dims_in[None, None, :])
-    return _Tile(pl.ds(r0, block_rows), pl.ds(h0, block_heads), pl.ds(jnp.int32(0), padded), rows_in,
-                 s_mask, v_mask)
+    return _Tile(pl.ds(r0, block_rows), pl.ds(h0, block_heads), pl.ds(jnp.int32(0), padded),
+                 rows_in, s_mask, v_mask)
+
+
+def _load(view, mask, other):
+    """``view``'s tile; cells outside ``mask`` (None: none) read as ``other``."""
+    return plgpu.load(view, mask=mask, other=other if mask is not None else None)
 
 
 def _loaders(tile: _Tile, v_at, s_at, dtype, row_on=None):
@@ -152,13 +166,17 @@ def _loaders(tile: _Tile, v_at, s_at, dtype, row_on=None):
     v_mask = _and(tile.v_mask, None if row_on is None else row_on[:, None, None])
 
     def load_s(k):
-        return plgpu.load(s_at(k), mask=s_mask,
-                          other=-jnp.inf if s_mask is not None else None).astype(dtype)
+        return _load(s_at(k), s_mask, -jnp.inf).astype(dtype)
 
     def load_v(k):
-        return plgpu.load(v_at(k), mask=v_mask,
-                          other=0 if v_mask is not None else None).astype(dtype)
+        return _load(v_at(k), v_mask, 0).astype(dtype)
     return load_v, load_s, s_mask, v_mask
+
+
+def _cotangents(dv_ref, ds_ref, tile: _Tile, dtype):
+    """This program's tiles of ``(dv, ds)``, 0 outside the arrays."""
+    return (_load(dv_ref.at[tile.rows, tile.heads, tile.dims], tile.v_mask, 0).astype(dtype),
+            _load(ds_ref.at[tile.rows, tile.heads], tile.s_mask, 0).astype(dtype))
 
 
 def _store(ref, value, mask):
@@ -166,8 +184,7 @@ def _store(ref, value, mask):
 
 
 def _row_flags(mask_ref, tile: _Tile):
-    return plgpu.load(mask_ref.at[tile.rows], mask=tile.rows_in,
-                      other=0 if tile.rows_in is not None else None) != 0
+    return _load(mask_ref.at[tile.rows], tile.rows_in, 0) != 0
 
 
 def _pair_forward_kernel(*refs, shape, base, masked, in_place, config):
@@ -185,8 +202,8 @@ def _pair_forward_kernel(*refs, shape, base, masked, in_place, config):
     v, s = merge_math(load_s, load_v, 2, base)
     v, s = v.astype(v_out.dtype), s.astype(s_out.dtype)
     if masked and not in_place:
-        keep_v = plgpu.load(v_a.at[tile.rows, tile.heads, tile.dims], mask=tile.v_mask)
-        keep_s = plgpu.load(s_a.at[tile.rows, tile.heads], mask=tile.s_mask)
+        keep_v = _load(v_a.at[tile.rows, tile.heads, tile.dims], tile.v_mask, 0)
+        keep_s = _load(s_a.at[tile.rows, tile.heads], tile.s_mask, 0)
         v = jnp.where(row_on[:, None, None], v, keep_v)
         s = jnp.where(row_on[:, None], s, keep_s)
     _store(v_out.at[tile.rows, tile.heads, tile.dims], v, v_mask)
@@ -202,15 +219,9 @@ def _pair_backward_kernel(*refs, shape, base, masked, config):
     load_v, load_s, _, _ = _loaders(
         tile, lambda k: (v_a, v_b)[k].at[tile.rows, tile.heads, tile.dims],
         lambda k: (s_a, s_b)[k].at[tile.rows, tile.heads], dtype)
-    dv = plgpu.load(dv_ref.at[tile.rows, tile.heads, tile.dims], mask=tile.v_mask,
-                    other=0 if tile.v_mask is not None else None).astype(dtype)
-    ds = plgpu.load(ds_ref.at[tile.rows, tile.heads], mask=tile.s_mask,
-                    other=0 if tile.s_mask is not None else None).astype(dtype)
-    p, d_s = merge_grad_math(load_s, load_v, dv, ds, 2, base)
-    if masked:  # rows the mask turns off returned (v_a, s_a): identity into a, nothing into b
-        row_on = _row_flags(mask_ref, tile)[:, None]
-        p = [jnp.where(row_on, p[0], 1), jnp.where(row_on, p[1], 0)]
-        d_s = [jnp.where(row_on, d_s[0], ds), jnp.where(row_on, d_s[1], 0)]
+    dv, ds = _cotangents(dv_ref, ds_ref, tile, dtype)
+    keep_a = ~_row_flags(mask_ref, tile)[:, None] if masked else None
+    p, d_s = merge_grad_math(load_s, load_v, dv, ds, 2, base, keep_first=keep_a)
     for p_k, d_s_k, dv_k, ds_k in zip(p, d_s, (dv_a, dv_b), (ds_a, ds_b)):
         _store(dv_k.at[tile.rows, tile.heads, tile.dims], p_k[..., None] * dv, tile.v_mask)
         _store(ds_k.at[tile.rows, tile.heads], d_s_k, tile.s_mask)
@@ -233,13 +244,11 @@ def _many_backward_kernel(v_ref, s_ref, dv_ref, ds_ref, dv_out, ds_out, *, shape
     load_v, load_s, s_mask, v_mask = _loaders(
         tile, lambda k: v_ref.at[tile.rows, jnp.int32(k), tile.heads, tile.dims],
         lambda k: s_ref.at[tile.rows, jnp.int32(k), tile.heads], dtype)
-    dv = plgpu.load(dv_ref.at[tile.rows, tile.heads, tile.dims], mask=v_mask,
-                    other=0 if v_mask is not None else None).astype(dtype)
-    ds = plgpu.load(ds_ref.at[tile.rows, tile.heads], mask=s_mask,
-                    other=0 if s_mask is not None else None).astype(dtype)
+    dv, ds = _cotangents(dv_ref, ds_ref, tile, dtype)
     p, d_s = merge_grad_math(load_s, load_v, dv, ds, num_states, base)
     for k, (p_k, d_s_k) in enumerate(zip(p, d_s)):
-        _store(dv_out.at[tile.rows, jnp.int32(k), tile.heads, tile.dims], p_k[..., None] * dv, v_mask)
+        _store(dv_out.at[tile.rows, jnp.int32(k), tile.heads, tile.dims], p_k[..., None] * dv,
+               v_mask)
         _store(ds_out.at[tile.rows, jnp.int32(k), tile.heads], d_s_k, s_mask)
 
 
@@ -256,8 +265,8 @@ def _call(kernel, operands, out_shapes, shape, config, interpret, name, aliases=
     )(*operands)
 
 
-def _like(x, dtype=None):
-    return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
+def _like(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
 _STATIC = ("base", "config", "interpret")
@@ -300,9 +309,8 @@ def merge_many(v, s, *, base, config: TileConfig, interpret=False):
     shape = (seq_len, num_heads, head_dim)
     kernel = functools.partial(_many_forward_kernel, shape=shape, base=base,
                                num_states=num_states, config=config)
-    return _call(kernel, (v, s), (jax.ShapeDtypeStruct(shape, v.dtype),
-                                  jax.ShapeDtypeStruct(shape[:2], s.dtype)),
-                 shape, config, interpret, "bjax_merge_states")
+    out_shapes = (jax.ShapeDtypeStruct(shape, v.dtype), jax.ShapeDtypeStruct(shape[:2], s.dtype))
+    return _call(kernel, (v, s), out_shapes, shape, config, interpret, "bjax_merge_states")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

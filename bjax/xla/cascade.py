@@ -34,11 +34,8 @@ def merge_pair_backward(v_a, s_a, v_b, s_b, mask, dv, ds, *, base):
     load_v, load_s = _pair(v_a, s_a, v_b, s_b)
     dtype = compute_dtype(v_a.dtype)
     dv, ds = dv.astype(dtype), ds.astype(dtype)
-    p, d_s = merge_grad_math(load_s, load_v, dv, ds, 2, base)
-    if mask is not None:
-        on = mask[:, None]
-        p = [jnp.where(on, p[0], 1), jnp.where(on, p[1], 0)]
-        d_s = [jnp.where(on, d_s[0], ds), jnp.where(on, d_s[1], 0)]
+    keep_a = None if mask is None else ~mask[:, None]
+    p, d_s = merge_grad_math(load_s, load_v, dv, ds, 2, base, keep_first=keep_a)
     return ((p[0][..., None] * dv).astype(v_a.dtype), d_s[0].astype(s_a.dtype),
             (p[1][..., None] * dv).astype(v_b.dtype), d_s[1].astype(s_b.dtype))
 

@@ -5,9 +5,10 @@ Both take the row table of ``bjax.write_slice``: ``positions`` int32
 along axis 0 on every axis (column 0 is ``p_0 + i``) and, in column N, whether
 that row is written. A scatter (gather) with one index per row and
 ``FILL_OR_DROP`` skips (zero-fills) rows whose index is out of bounds, which is
-where unwritten rows are sent. :func:`write_window` writes a window at one
-position with ``dynamic_update_slice`` (small windows on the Pallas backend),
-writing the window's own bytes back when the position is out of range. XLA updates ``dest`` in place when it is donated.
+where unwritten rows are sent. :func:`write_window` does the same with
+``dynamic_update_slice`` when one position serves the whole window (small
+windows on the Pallas backend), writing the window's own bytes back when the
+position is out of range. XLA updates ``dest`` in place when it is donated.
 """
 import jax.numpy as jnp
 from jax import lax
@@ -44,8 +45,9 @@ def read_rows(array, window_shape, positions):
                       mode=lax.GatherScatterMode.FILL_OR_DROP, fill_value=0)
 
 
-def write_window(dest, source, start, written):
-    """``dest`` with ``source`` written at ``start`` (one int or int scalar per
-    axis, in range wherever ``written``) if ``written``, else unchanged."""
+def write_window(dest, source, positions):
+    """Like :func:`write_rows` when every row shares one position (``positions[0]``)."""
+    written = positions[0, -1] != 0
+    start = tuple(jnp.where(written, p, 0) for p in positions[0, :-1])
     current = lax.dynamic_slice(dest, start, source.shape)
     return lax.dynamic_update_slice(dest, jnp.where(written, source, current), start)

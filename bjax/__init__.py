@@ -11,6 +11,7 @@ from bjax._op import BACKENDS, Plan, PrecisionGuarantee, plan
 from bjax.cascade import CascadeMergeDescriptor, merge_state, merge_states
 from bjax.errors import BjaxError, InvalidProblemError, UnsupportedError
 from bjax.gated import GatedActivationDescriptor, gated_activation, geglu, glu, reglu, swiglu
+from bjax.ssd import SsdChunkScanDescriptor, SsdStepDescriptor, ssd_chunk_scan, ssd_step
 from bjax.write_slice import WriteSliceDescriptor, write_slice
 
 __version__ = "0.1.0"
@@ -27,5 +28,6 @@ __all__ = [
     "BACKENDS", "BjaxError", "CascadeMergeDescriptor", "GatedActivationDescriptor",
     "InvalidProblemError", "Plan", "PrecisionGuarantee", "UnsupportedError",
     "WriteSliceDescriptor", "errors", "gated_activation", "geglu", "glu", "merge_state",
-    "merge_states", "plan", "reglu", "swiglu", "write_slice",
+    "merge_states", "plan", "reglu", "SsdChunkScanDescriptor", "SsdStepDescriptor",
+    "ssd_chunk_scan", "ssd_step", "swiglu", "write_slice",
 ]

@@ -1,0 +1,420 @@
+"""Mamba-2 SSD: ``ssd_chunk_scan`` (a whole sequence, chunked) and ``ssd_step`` (one token).
+
+Per batch row and head, with ``dt' = clip(softplus?(dt + dt_bias), *dt_limit)``:
+
+    h_t = exp(dt'_t A) h_{t-1} + dt'_t x_t B_t^T        (state h: [head_dim, state_dim])
+    y_t = h_t C_t + D x_t,   then  y_t *= silu(z_t)  when z is given.
+
+``B`` and ``C`` come in ``groups``; head ``i`` reads group ``i // (heads // groups)``.
+With ``seq_idx`` (packed sequences) the state restarts from 0 wherever
+``seq_idx`` changes along the sequence; ``initial_states`` seeds the first
+segment only. ``dt'``, every cumulative sum and every state are float32; matmul
+operands stay in the input dtype (float32 inputs: full float32) with float32
+accumulation; ``y`` comes back in x's dtype.
+
+Gradients are not implemented yet: ``jax.grad`` raises :class:`UnsupportedError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bjax import _op
+from bjax.errors import UnsupportedError
+from bjax.xla import ssd as xla_ssd
+from pallas_kernels import ssd as pallas_ssd
+
+_FLOATS = ("float32", "float16", "bfloat16")
+_PARAM_FLOATS = ("float64", "float32", "float16", "bfloat16")
+CHUNK_SIZES = tuple(2**k for k in range(4, 11))   # 16 ... 1024
+MAX_DIM = 256
+
+
+def _name(x) -> str:
+    return jnp.dtype(x.dtype).name
+
+
+def _shape_rule(value, name, expected, layout, op):
+    _op.check(tuple(value.shape) == tuple(expected), op, f"{name}.shape",
+              f"{tuple(expected)} {layout}", tuple(value.shape))
+
+
+def _dtype_rule(value, name, allowed, op, error=UnsupportedError):
+    _op.check(_name(value) in allowed, op, f"{name}.dtype", " or ".join(allowed), _name(value),
+              error)
+
+
+def _bool_rule(value, name, op):
+    _op.check(isinstance(value, (bool, np.bool_)), op, name, "a bool", repr(value))
+
+
+def _limit_rule(limit, op) -> tuple[float, float]:
+    ok = (isinstance(limit, (tuple, list)) and len(limit) == 2
+          and all(isinstance(v, (int, float, np.integer, np.floating))
+                  and not isinstance(v, (bool, np.bool_)) for v in limit))
+    ok = ok and not any(math.isnan(v) for v in limit) and 0 <= limit[0] <= limit[1]
+    _op.check(ok, op, "dt_limit", "a pair (low, high) of numbers with 0 <= low <= high",
+              repr(limit))
+    return float(limit[0]), float(limit[1])
+
+
+def _dim_rule(extent, name, op):
+    _op.check(extent >= 1, op, name, ">= 1", extent)
+    _op.check(extent <= MAX_DIM, op, name, f"<= {MAX_DIM}", extent, UnsupportedError)
+
+
+@dataclasses.dataclass(frozen=True)
+class SsdOptions:
+    """The options ``ssd_chunk_scan`` and ``ssd_step`` share (static, hashable).
+
+    Attributes:
+      d_shape: ``None``, ``"h"`` (D ``[heads]``) or ``"hp"`` (D ``[heads, head_dim]``).
+      has_z, has_dt_bias: whether z / dt_bias were given.
+      dt_softplus: softplus on ``dt + dt_bias``.
+      dt_limit: ``(low, high)`` clamp of the processed step size.
+    """
+    d_shape: str | None
+    has_z: bool
+    has_dt_bias: bool
+    dt_softplus: bool
+    dt_limit: tuple[float, float]
+
+    @classmethod
+    def check(cls, x_dtype, p_shape, D, z, dt_bias, dt_softplus, dt_limit, op):
+        """Validates the shared options against ``x`` of shape ``p_shape``
+        (``[..., heads, head_dim]``)."""
+        heads, head_dim = p_shape[-2:]
+        d_shape = None
+        if D is not None:
+            _op.check(tuple(D.shape) in ((heads,), (heads, head_dim)), op, "D.shape",
+                      f"({heads},) or ({heads}, {head_dim}) ([heads] or [heads, head_dim])",
+                      tuple(D.shape))
+            _dtype_rule(D, "D", _PARAM_FLOATS, op)
+            d_shape = "h" if D.ndim == 1 else "hp"
+        if z is not None:
+            _shape_rule(z, "z", p_shape, "(x's shape)", op)
+            _op.check(z.dtype == x_dtype, op, "z.dtype", f"{jnp.dtype(x_dtype).name} (x's dtype)",
+                      _name(z))
+        if dt_bias is not None:
+            _shape_rule(dt_bias, "dt_bias", (heads,), "[heads]", op)
+            _dtype_rule(dt_bias, "dt_bias", _PARAM_FLOATS, op)
+        _bool_rule(dt_softplus, "dt_softplus", op)
+        return cls(d_shape, z is not None, dt_bias is not None, bool(dt_softplus),
+                   _limit_rule(dt_limit, op))
+
+
+def _check_x_b_c(x, B, C, b_layout, op):
+    """Shared rules for x / B / C; returns the number of groups."""
+    _dtype_rule(x, "x", _FLOATS, op)
+    heads, head_dim = x.shape[-2:]
+    _dim_rule(heads, "x.shape[-2] (heads)", op)
+    _dim_rule(head_dim, "x.shape[-1] (head_dim)", op)
+    _op.check(B.ndim == x.ndim, op, "B", f"an array of rank {x.ndim} {b_layout}",
+              f"shape {tuple(B.shape)}")
+    _shape_rule(B, "B", (*x.shape[:-2], *B.shape[-2:]), f"{b_layout} (leading axes as x's)", op)
+    groups, state_dim = B.shape[-2:]
+    _op.check(groups >= 1 and heads % groups == 0, op, "B.shape[-2] (groups)",
+              f"a divisor of heads = {heads}", groups)
+    _dim_rule(state_dim, "B.shape[-1] (state_dim)", op)
+    _shape_rule(C, "C", B.shape, "(B's shape)", op)
+    for name, v in (("B", B), ("C", C)):
+        _op.check(v.dtype == x.dtype, op, f"{name}.dtype", f"{_name(x)} (x's dtype)", _name(v))
+    return groups
+
+
+@dataclasses.dataclass(frozen=True)
+class SsdChunkScanDescriptor:
+    """Static facts of one ``ssd_chunk_scan`` call (hashable; the custom_vjp's static argument).
+
+    Attributes:
+      batch, seq_len, heads, head_dim, groups, state_dim, chunk_size: extents.
+      dtype: dtype of x, B, C, z and y.
+      options: the :class:`SsdOptions`.
+      has_initial_states, has_seq_idx, return_final_states: as passed.
+    """
+    batch: int
+    seq_len: int
+    heads: int
+    head_dim: int
+    groups: int
+    state_dim: int
+    chunk_size: int
+    dtype: np.dtype
+    options: SsdOptions
+    has_initial_states: bool
+    has_seq_idx: bool
+    return_final_states: bool
+
+    @property
+    def chunks(self) -> int:
+        return max(1, -(-self.seq_len // self.chunk_size))
+
+    @property
+    def kernel_config(self) -> pallas_ssd.SsdConfig:
+        return pallas_ssd.default_config(self.chunk_size, self.head_dim, self.state_dim)
+
+    @classmethod
+    def from_args(cls, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
+                  initial_states, seq_idx, return_final_states):
+        """Validates an ``ssd_chunk_scan`` call; raises naming the argument."""
+        op = "ssd_chunk_scan"
+        _op.check(x.ndim == 4, op, "x", "an array of rank 4 [batch, seqlen, heads, head_dim]",
+                  f"shape {tuple(x.shape)}")
+        batch, seq_len, heads, head_dim = map(int, x.shape)
+        groups = _check_x_b_c(x, B, C, "[batch, seqlen, groups, state_dim]", op)
+        _shape_rule(dt, "dt", (batch, seq_len, heads), "[batch, seqlen, heads]", op)
+        _dtype_rule(dt, "dt", _FLOATS, op)
+        _shape_rule(A, "A", (heads,), "[heads]", op)
+        _dtype_rule(A, "A", _PARAM_FLOATS, op)
+        _op.check(type(chunk_size) is int and chunk_size in CHUNK_SIZES, op, "chunk_size",
+                  f"a power of two from {CHUNK_SIZES[0]} to {CHUNK_SIZES[-1]}", repr(chunk_size))
+        options = SsdOptions.check(x.dtype, x.shape, D, z, dt_bias, dt_softplus, dt_limit, op)
+        if initial_states is not None:
+            _shape_rule(initial_states, "initial_states",
+                        (batch, heads, head_dim, int(B.shape[-1])),
+                        "[batch, heads, head_dim, state_dim]", op)
+            _dtype_rule(initial_states, "initial_states", _PARAM_FLOATS, op)
+        if seq_idx is not None:
+            _shape_rule(seq_idx, "seq_idx", (batch, seq_len), "[batch, seqlen]", op)
+            _op.check(jnp.issubdtype(seq_idx.dtype, jnp.integer), op, "seq_idx.dtype",
+                      "an integer dtype", _name(seq_idx))
+        _bool_rule(return_final_states, "return_final_states", op)
+        return cls(batch, seq_len, heads, head_dim, groups, int(B.shape[-1]), chunk_size,
+                   jnp.dtype(x.dtype), options, initial_states is not None, seq_idx is not None,
+                   bool(return_final_states))
+
+
+@dataclasses.dataclass(frozen=True)
+class SsdStepDescriptor:
+    """Static facts of one ``ssd_step`` call."""
+    batch: int
+    heads: int
+    head_dim: int
+    groups: int
+    state_dim: int
+    dtype: np.dtype
+    options: SsdOptions
+
+    @classmethod
+    def from_args(cls, state, x, dt, A, B, C, *, D, z, dt_bias, dt_softplus, dt_limit):
+        """Validates an ``ssd_step`` call; raises naming the argument."""
+        op = "ssd_step"
+        _op.check(x.ndim == 3, op, "x", "an array of rank 3 [batch, heads, head_dim]",
+                  f"shape {tuple(x.shape)}")
+        batch, heads, head_dim = map(int, x.shape)
+        groups = _check_x_b_c(x, B, C, "[batch, groups, state_dim]", op)
+        state_dim = int(B.shape[-1])
+        _shape_rule(state, "state", (batch, heads, head_dim, state_dim),
+                    "[batch, heads, head_dim, state_dim]", op)
+        _op.check(state.dtype == jnp.float32, op, "state.dtype", "float32", _name(state))
+        _shape_rule(dt, "dt", (batch, heads), "[batch, heads]", op)
+        _dtype_rule(dt, "dt", _FLOATS, op)
+        _shape_rule(A, "A", (heads,), "[heads]", op)
+        _dtype_rule(A, "A", _PARAM_FLOATS, op)
+        options = SsdOptions.check(x.dtype, x.shape, D, z, dt_bias, dt_softplus, dt_limit, op)
+        return cls(batch, heads, head_dim, groups, state_dim, jnp.dtype(x.dtype), options)
+
+
+def _params(A, D, dt_bias, head_dim):
+    """A, dt_bias as float32 [heads]; D as float32 [heads, head_dim] (or None)."""
+    a = A.astype(jnp.float32)
+    bias = None if dt_bias is None else dt_bias.astype(jnp.float32)
+    d = None
+    if D is not None:
+        d = D.astype(jnp.float32)
+        d = jnp.broadcast_to(d[:, None] if d.ndim == 1 else d, (A.shape[0], head_dim))
+    return a, bias, d
+
+
+def _scan_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
+                  desc: SsdChunkScanDescriptor, backend: str):
+    a, bias, d = _params(A, D, dt_bias, desc.head_dim)
+    init = None if initial_states is None else initial_states.astype(jnp.float32)
+    if desc.seq_len == 0 or desc.batch == 0:
+        final = init if init is not None else jnp.zeros(
+            (desc.batch, desc.heads, desc.head_dim, desc.state_dim), jnp.float32)
+        return jnp.zeros(x.shape, x.dtype), final
+    opts = desc.options
+    dt_p, a_cs, seg = xla_ssd.prologue(dt, a, bias, seq_idx, chunk_size=desc.chunk_size,
+                                       softplus=opts.dt_softplus, limit=opts.dt_limit)
+    if backend == "xla":
+        return xla_ssd.chunk_scan(x, B, C, dt_p, a_cs, seg, d, z, init,
+                                  chunk_size=desc.chunk_size)
+    kernel_args = {"chunk_size": desc.chunk_size, "config": desc.kernel_config,
+                   "interpret": backend == "interpret"}
+    states, final = pallas_ssd.chunk_states(x, B, dt_p, a_cs, seg, init, **kernel_args)
+    y = pallas_ssd.chunk_scan(x, B, C, dt_p, a_cs, states, seg, d, z, **kernel_args)
+    return y, final
+
+
+def _no_backward(op):
+    raise UnsupportedError(
+        f"{op}: gradients are not implemented yet (no backward pass for {op}); "
+        "use it outside jax.grad / jax.vjp, or wrap the call in jax.lax.stop_gradient")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11))
+def _chunk_scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, desc, backend):
+    return _scan_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, desc, backend)
+
+
+def _chunk_scan_fwd(*args):
+    return _scan_forward(*args), None
+
+
+def _chunk_scan_bwd(desc, backend, residuals, cotangents):
+    _no_backward("ssd_chunk_scan")
+
+
+_chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
+
+
+def _step_forward(state, x, dt, A, B, C, D, z, dt_bias, desc: SsdStepDescriptor, backend):
+    a, bias, d = _params(A, D, dt_bias, desc.head_dim)
+    if desc.batch == 0:
+        return jnp.zeros(x.shape, x.dtype), state
+    opts = desc.options
+    kwargs = {"softplus": opts.dt_softplus, "limit": opts.dt_limit}
+    if backend == "xla":
+        return xla_ssd.step(state, x, dt, a, B, C, bias, d, z, **kwargs)
+    return pallas_ssd.step(state, x, dt, a, B, C, bias, d, z, interpret=backend == "interpret",
+                           **kwargs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def _step(state, x, dt, A, B, C, D, z, dt_bias, desc, backend):
+    return _step_forward(state, x, dt, A, B, C, D, z, dt_bias, desc, backend)
+
+
+def _step_fwd(*args):
+    return _step_forward(*args), None
+
+
+def _step_bwd(desc, backend, residuals, cotangents):
+    _no_backward("ssd_step")
+
+
+_step.defvjp(_step_fwd, _step_bwd)
+
+
+def _asarrays(*values):
+    return [None if v is None else jnp.asarray(v) for v in values]
+
+
+def ssd_chunk_scan(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
+                   dt_softplus=False, dt_limit=(0.0, float("inf")), initial_states=None,
+                   seq_idx=None, return_final_states=False, backend=None):
+    """Mamba-2's selective state-space scan over whole sequences, chunked (module doc).
+
+    Args:
+      x: ``[batch, seqlen, heads, head_dim]``, float32 / float16 / bfloat16.
+      dt: ``[batch, seqlen, heads]`` step sizes (any of those float dtypes).
+      A: ``[heads]`` (negative for a decaying state); any float dtype, used in float32.
+      B, C: ``[batch, seqlen, groups, state_dim]`` in x's dtype, ``heads % groups == 0``.
+      chunk_size: a power of two from 16 to 1024 (results agree across chunk
+        sizes up to rounding; 256 suits long sequences, 64-128 short ones).
+      D: optional skip ``[heads]`` or ``[heads, head_dim]``.
+      z: optional gate, x's shape and dtype: ``y * silu(z)``.
+      dt_bias: optional ``[heads]``, added to dt.
+      dt_softplus: apply softplus to ``dt + dt_bias``.
+      dt_limit: ``(low, high)``: the processed dt is clamped to it (the default
+        ``(0, inf)`` maps negative step sizes to 0 and changes nothing else).
+      initial_states: optional ``[batch, heads, head_dim, state_dim]`` state before
+        the first step (of the first segment, with ``seq_idx``); used in float32.
+      seq_idx: optional integer ``[batch, seqlen]``: the state restarts at 0
+        wherever it changes (packed sequences).
+      return_final_states: also return the state after the last step.
+      backend: ``None`` (``$BJAX_BACKEND``, else Pallas on CUDA GPUs and XLA
+        elsewhere), ``"pallas"``, ``"interpret"`` or ``"xla"``.
+
+    Returns:
+      ``y`` ``[batch, seqlen, heads, head_dim]`` in x's dtype, or ``(y,
+      final_states)`` with ``final_states`` float32 ``[batch, heads, head_dim, state_dim]``.
+
+    Raises:
+      InvalidProblemError: shapes that do not fit together, a chunk_size that is
+        not a power of two in range, groups not dividing heads, non-bool flags,
+        a bad dt_limit, B / C / z of another dtype than x, non-integer seq_idx.
+      UnsupportedError: x not float32 / float16 / bfloat16, head_dim or state_dim
+        over 256, ``backend="pallas"`` without a CUDA GPU; under ``jax.grad``
+        (no backward yet).
+    """
+    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx = _asarrays(
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+    desc = SsdChunkScanDescriptor.from_args(
+        x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
+        dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states,
+        seq_idx=seq_idx, return_final_states=return_final_states)
+    backend = _op.resolve_backend(backend, "ssd_chunk_scan")
+    y, final = _chunk_scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, desc, backend)
+    return (y, final) if desc.return_final_states else y
+
+
+def ssd_step(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
+             dt_limit=(0.0, float("inf")), backend=None):
+    """One decoding step of the recurrence (module doc) for every sequence of a batch.
+
+    Args:
+      state: float32 ``[batch, heads, head_dim, state_dim]``, the state before
+        this token; updated in place when donated to the enclosing ``jit``.
+      x: ``[batch, heads, head_dim]``; dt ``[batch, heads]``; B, C
+        ``[batch, groups, state_dim]``; A, D, z, dt_bias, dt_softplus, dt_limit,
+        backend: as in :func:`ssd_chunk_scan`, without the sequence axis.
+
+    Returns:
+      ``(y [batch, heads, head_dim]`` in x's dtype, ``new_state)``. Running it over
+      a sequence matches ``ssd_chunk_scan(..., return_final_states=True)``.
+
+    Raises:
+      InvalidProblemError / UnsupportedError: as :func:`ssd_chunk_scan`; a state
+      that is not float32.
+    """
+    state, x, dt, A, B, C, D, z, dt_bias = _asarrays(state, x, dt, A, B, C, D, z, dt_bias)
+    desc = SsdStepDescriptor.from_args(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                       dt_softplus=dt_softplus, dt_limit=dt_limit)
+    backend = _op.resolve_backend(backend, "ssd_step")
+    return _step(state, x, dt, A, B, C, D, z, dt_bias, desc, backend)
+
+
+_PRECISION = _op.PrecisionGuarantee(
+    math_precision="float32", accumulator="float32", deterministic=True,
+    bit_stable_on_same_hardware=True,
+    notes="matmul operands in the input dtype (float32 inputs: full float32, no TF32); "
+          "dt, cumulative sums and states in float32; every exponent masked before exp")
+
+
+@_op.register_planner(ssd_chunk_scan)
+def _plan_chunk_scan(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
+                     dt_softplus=False, dt_limit=(0.0, float("inf")), initial_states=None,
+                     seq_idx=None, return_final_states=False, backend=None):
+    desc = SsdChunkScanDescriptor.from_args(
+        x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
+        dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states,
+        seq_idx=seq_idx, return_final_states=return_final_states)
+    backend = _op.resolve_backend(backend, "ssd_chunk_scan")
+    on_xla = backend == "xla"
+    return _op.Plan(
+        op="ssd_chunk_scan", descriptor=desc, backend=backend,
+        kernel="bjax.xla.ssd.chunk_scan" if on_xla
+        else "bjax_ssd_chunk_states + bjax_ssd_chunk_scan",
+        block_config=None if on_xla else desc.kernel_config, precision=_PRECISION)
+
+
+@_op.register_planner(ssd_step)
+def _plan_step(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
+               dt_limit=(0.0, float("inf")), backend=None):
+    desc = SsdStepDescriptor.from_args(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                       dt_softplus=dt_softplus, dt_limit=dt_limit)
+    backend = _op.resolve_backend(backend, "ssd_step")
+    on_xla = backend == "xla"
+    return _op.Plan(
+        op="ssd_step", descriptor=desc, backend=backend,
+        kernel="bjax.xla.ssd.step" if on_xla else "bjax_ssd_step",
+        block_config=None if on_xla else pallas_ssd.step_block_p(desc.head_dim,
+                                                                 desc.state_dim),
+        precision=_PRECISION)

@@ -1,0 +1,379 @@
+"""Mamba-2 SSD (state-space duality) kernels: the chunked scan and the one-token step.
+
+The recurrence, per batch row and head (``a_t = dt_t A``, ``x_t`` ``[p]``,
+``B_t, C_t`` ``[n]``, state ``h`` ``[p, n]``):
+
+    h_t = exp(a_t) h_{t-1} + dt_t x_t B_t^T,    y_t = h_t C_t  (+ D x_t, * silu(z_t)).
+
+The chunked form cuts the sequence into chunks of ``Q`` steps. With ``a_cs``
+the cumulative sum of ``a`` inside each chunk (inclusive) and ``S_c`` the state
+entering chunk ``c``:
+
+    y_t = exp(a_cs_t) C_t S_c^T                                   (inter-chunk)
+        + sum_{s <= t in the chunk} (C_t . B_s) exp(a_cs_t - a_cs_s) dt_s x_s   (intra-chunk)
+    S_{c+1} = exp(a_cs_end) S_c + sum_s exp(a_cs_end - a_cs_s) dt_s x_s B_s^T.
+
+Packed sequences: ``seg`` numbers the segments (non-decreasing, 0 first); the
+state is dropped wherever the segment changes, so every sum above runs over
+pairs in one segment. The initial state belongs to segment 0.
+
+Two kernels (after an XLA prologue that computes ``dt`` and ``a_cs`` in float32,
+``[b, h, chunks * Q]``, zero ``dt`` past the sequence end):
+
+* :func:`chunk_states`: one program per (batch row, head, block of ``p``) walks
+  the sequence in pieces of ``block_q`` steps, carrying the float32 state in
+  registers, and writes the state entering every chunk (``[b, chunks, h, p, n]``)
+  and the final state. x is read once.
+* :func:`chunk_scan`: one program per (batch row, chunk, head, block of ``block_t``
+  output steps, block of ``p``) adds the inter-chunk term from the stored state
+  and the intra-chunk term by a loop over source blocks up to the diagonal.
+
+Every exponent is masked before ``exp`` (``-inf`` where a pair does not count),
+never after: no ``inf * 0``. Matmul operands are in the input dtype (float32
+inputs: full float32 precision, no TF32) with float32 accumulation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class SsdConfig:
+    """Launch configuration of the chunked scan.
+
+    Attributes:
+      block_q: steps per piece in :func:`chunk_states` (divides the chunk size).
+      block_t: output steps per :func:`chunk_scan` program (divides the chunk size).
+      block_s: source steps per inner iteration of :func:`chunk_scan` (divides block_t).
+      block_p: head_dim columns per program (a power of 2).
+      state_warps, scan_warps: warps of each kernel's programs.
+      num_stages: software-pipelining depth of the kernels' loops.
+    """
+    block_q: int
+    block_t: int
+    block_s: int
+    block_p: int
+    state_warps: int = 4
+    scan_warps: int = 4
+    num_stages: int = 2
+
+
+def default_config(chunk_size: int, head_dim: int, state_dim: int) -> SsdConfig:
+    """Blocks of 64 steps (fewer for small chunks) and as much of head_dim as fits."""
+    block = min(chunk_size, 64)
+    padded_p = max(16, pl.next_power_of_2(head_dim))
+    return SsdConfig(block_q=block, block_t=block, block_s=block, block_p=min(padded_p, 64),
+                     state_warps=4, scan_warps=4 if padded_p <= 64 else 8, num_stages=2)
+
+
+def snapshot_dtype(x_dtype) -> jnp.dtype:
+    """Dtype of the stored chunk states: bfloat16 for bfloat16 inputs (the operand of
+    their matmul), float32 otherwise (float16's range is too narrow for a state)."""
+    return jnp.dtype(jnp.bfloat16) if jnp.dtype(x_dtype) == jnp.bfloat16 else jnp.dtype(
+        jnp.float32)
+
+
+def process_dt(dt, bias, softplus: bool, limit: tuple[float, float]):
+    """Step sizes in float32: ``clip(softplus?(dt + bias), *limit)``.
+
+    Softplus is ``log1p(exp(u))``, and ``u`` itself above 20 (where the two agree
+    in float32). Used by the kernels and the XLA backend alike.
+    """
+    u = dt.astype(jnp.float32)
+    if bias is not None:
+        u = u + bias.astype(jnp.float32)
+    if softplus:
+        u = jnp.where(u > 20.0, u, jnp.log1p(jnp.exp(jnp.minimum(u, 20.0))))
+    return jnp.minimum(jnp.maximum(u, limit[0]), limit[1])
+
+
+def _precision(dtype):
+    # Triton's default for float32 operands is TF32; HIGHEST keeps them float32.
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _dot(a, b, contract=(1, 0)):
+    """``a @ b`` over dims ``contract`` in float32, operands in their (shared) dtype."""
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                               precision=_precision(a.dtype),
+                               preferred_element_type=jnp.float32)
+
+
+def _load(view, mask, other=0):
+    return plgpu.load(view, mask=mask, other=other if mask is not None else None)
+
+
+def _padded(extent):
+    return max(16, pl.next_power_of_2(extent))
+
+
+def _columns(extent, start, block):
+    """``(pl.ds, mask or None)`` for ``block`` columns from ``start`` of ``extent``."""
+    start = jnp.int32(start)  # every index int32, with or without x64
+    ids = start + jnp.arange(block, dtype=jnp.int32)
+    return pl.ds(start, block), (ids < extent) if extent % block else None
+
+
+def _and(a, b):
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def _rows_cols(rows, cols):
+    return _and(None if rows is None else rows[:, None], None if cols is None else cols[None, :])
+
+
+def _state_kernel(*refs, dims, config: SsdConfig, has_seg, has_init, dot_dtype):
+    x_ref, b_ref, dt_ref, acs_ref, *rest = refs
+    seg_ref = rest.pop(0) if has_seg else None
+    init_ref = rest.pop(0) if has_init else None
+    states_ref, final_ref = rest
+    seq_len, chunk, heads_per_group, head_dim, state_dim = dims
+    bq, bp = config.block_q, config.block_p
+    n_pad = _padded(state_dim)
+    pb, head, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    group = head // heads_per_group
+    p_slice, p_mask = _columns(head_dim, pb * bp, bp)
+    n_slice, n_mask = _columns(state_dim, 0, n_pad)
+    pieces_per_chunk = chunk // bq
+    num_pieces = states_ref.shape[1] * pieces_per_chunk
+
+    if has_init:
+        state = _load(init_ref.at[row, head, p_slice, n_slice], _rows_cols(p_mask, n_mask))
+        state = state.astype(jnp.float32)
+    else:
+        state = jnp.zeros((bp, n_pad), jnp.float32)
+
+    def body(i, state):
+        start = i * bq
+        first = i % pieces_per_chunk == 0
+        # The state entering the chunk (written once, by the chunk's first piece).
+        snapshot_mask = _and(_rows_cols(p_mask, n_mask),
+                             jnp.full((bp, n_pad), first))
+        plgpu.store(states_ref.at[row, i // pieces_per_chunk, head, p_slice, n_slice],
+                    state.astype(states_ref.dtype), mask=snapshot_mask)
+        steps = pl.ds(start, bq)
+        a = acs_ref[row, head, steps]
+        a_end = acs_ref[row, head, start + bq - 1]
+        a_before = jnp.where(first, 0.0, acs_ref[row, head, jnp.maximum(start - 1, 0)])
+        dt = dt_ref[row, head, steps]
+        keep = jnp.full((bq,), True)
+        carry = jnp.bool_(True)
+        if has_seg:
+            seg = seg_ref[row, steps]
+            seg_end = seg_ref[row, start + bq - 1]
+            seg_before = jnp.where(i == 0, 0, seg_ref[row, jnp.maximum(start - 1, 0)])
+            keep = seg == seg_end
+            carry = seg_end == seg_before
+        weight = dt * jnp.exp(jnp.where(keep, a_end - a, -jnp.inf))
+        decay = jnp.exp(jnp.where(carry, a_end - a_before, -jnp.inf))
+        in_seq = (start + jnp.arange(bq, dtype=jnp.int32)) < seq_len if seq_len % chunk else None
+        x = _load(x_ref.at[row, steps, head, p_slice], _rows_cols(in_seq, p_mask))
+        b = _load(b_ref.at[row, steps, group, n_slice], _rows_cols(in_seq, n_mask))
+        bw = (b.astype(jnp.float32) * weight[:, None]).astype(dot_dtype)
+        return decay * state + _dot(x.astype(dot_dtype), bw, contract=(0, 0))
+
+    state = jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_pieces), body, state)
+    plgpu.store(final_ref.at[row, head, p_slice, n_slice], state,
+                mask=_rows_cols(p_mask, n_mask))
+
+
+def _scan_kernel(*refs, dims, config: SsdConfig, has_seg, has_d, has_z, dot_dtype):
+    x_ref, b_ref, c_ref, dt_ref, acs_ref, states_ref, *rest = refs
+    seg_ref = rest.pop(0) if has_seg else None
+    d_ref = rest.pop(0) if has_d else None
+    z_ref = rest.pop(0) if has_z else None
+    (y_ref,) = rest
+    seq_len, chunk, heads_per_group, head_dim, state_dim = dims
+    bt, bs, bp = config.block_t, config.block_s, config.block_p
+    n_pad = _padded(state_dim)
+    p_blocks = pl.cdiv(head_dim, bp)
+    tile, head, c, row = (pl.program_id(i) for i in range(4))
+    tb, pb = tile // p_blocks, tile % p_blocks
+    group = head // heads_per_group
+    p_slice, p_mask = _columns(head_dim, pb * bp, bp)
+    n_slice, n_mask = _columns(state_dim, 0, n_pad)
+    t_start = c * chunk + tb * bt
+    t_steps = pl.ds(t_start, bt)
+    t_local = tb * bt + jnp.arange(bt, dtype=jnp.int32)
+    t_in = (t_start + jnp.arange(bt, dtype=jnp.int32)) < seq_len if seq_len % chunk else None
+    a_t = acs_ref[row, head, t_steps]
+    c_t = _load(c_ref.at[row, t_steps, group, n_slice], _rows_cols(t_in, n_mask))
+
+    # Inter-chunk: exp(a_cs_t) C_t S_c^T, for steps still in the segment the chunk entered in.
+    enters = jnp.full((bt,), True)
+    if has_seg:
+        seg_t = seg_ref[row, t_steps]
+        seg_before = jnp.where(c == 0, 0, seg_ref[row, jnp.maximum(c * chunk - 1, 0)])
+        enters = seg_t == seg_before
+    state = _load(states_ref.at[row, c, head, p_slice, n_slice], _rows_cols(p_mask, n_mask))
+    snap_dtype = states_ref.dtype
+    acc = _dot(c_t.astype(snap_dtype), state, contract=(1, 1))
+    acc = acc * jnp.exp(jnp.where(enters, a_t, -jnp.inf))[:, None]
+
+    # Intra-chunk: source blocks up to the diagonal.
+    def body(j, acc):
+        s_start = c * chunk + j * bs
+        s_steps = pl.ds(s_start, bs)
+        s_in = (s_start + jnp.arange(bs, dtype=jnp.int32)) < seq_len if seq_len % chunk else None
+        b_s = _load(b_ref.at[row, s_steps, group, n_slice], _rows_cols(s_in, n_mask))
+        x_s = _load(x_ref.at[row, s_steps, head, p_slice], _rows_cols(s_in, p_mask))
+        a_s = acs_ref[row, head, s_steps]
+        dt_s = dt_ref[row, head, s_steps]
+        pairs = t_local[:, None] >= (j * bs + jnp.arange(bs, dtype=jnp.int32))[None, :]
+        if has_seg:
+            pairs = pairs & (seg_t[:, None] == seg_ref[row, s_steps][None, :])
+        scores = _dot(c_t.astype(dot_dtype), b_s.astype(dot_dtype), contract=(1, 1))
+        decay = jnp.exp(jnp.where(pairs, a_t[:, None] - a_s[None, :], -jnp.inf))
+        weights = (scores * decay * dt_s[None, :]).astype(dot_dtype)
+        return acc + _dot(weights, x_s.astype(dot_dtype))
+
+    acc = jax.lax.fori_loop(jnp.int32(0), (tb + 1) * (bt // bs), body, acc)
+
+    tile_mask = _rows_cols(t_in, p_mask)
+    if has_d:
+        x_t = _load(x_ref.at[row, t_steps, head, p_slice], tile_mask)
+        d = _load(d_ref.at[head, p_slice], p_mask)
+        acc = acc + x_t.astype(jnp.float32) * d.astype(jnp.float32)[None, :]
+    if has_z:
+        z = _load(z_ref.at[row, t_steps, head, p_slice], tile_mask).astype(jnp.float32)
+        acc = acc * z * jax.nn.sigmoid(z)
+    plgpu.store(y_ref.at[row, t_steps, head, p_slice], acc.astype(y_ref.dtype), mask=tile_mask)
+
+
+_STATIC = ("chunk_size", "config", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: int,
+                 config: SsdConfig, interpret: bool = False):
+    """States entering every chunk, and the final state.
+
+    Args:
+      x: ``[batch, seqlen, heads, head_dim]``.
+      b: ``[batch, seqlen, groups, state_dim]`` (head ``i`` reads group
+        ``i // (heads // groups)``), x's dtype.
+      dt, a_cs: float32 ``[batch, heads, chunks * chunk_size]``: processed step
+        sizes (0 past seqlen) and their chunk-local inclusive cumsum times A.
+      seg: optional int32 ``[batch, chunks * chunk_size]`` segment numbers.
+      initial_states: optional float32 ``[batch, heads, head_dim, state_dim]``.
+
+    Returns:
+      ``(states [batch, chunks, heads, head_dim, state_dim]`` in
+      :func:`snapshot_dtype`, ``final [batch, heads, head_dim, state_dim]`` float32).
+    """
+    batch, seq_len, heads, head_dim = x.shape
+    groups, state_dim = b.shape[2:]
+    chunks = dt.shape[-1] // chunk_size
+    dims = (seq_len, chunk_size, heads // groups, head_dim, state_dim)
+    kernel = functools.partial(_state_kernel, dims=dims, config=config,
+                               has_seg=seg is not None, has_init=initial_states is not None,
+                               dot_dtype=x.dtype)
+    operands = [x, b, dt, a_cs] + [v for v in (seg, initial_states) if v is not None]
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_dim),
+                                        snapshot_dtype(x.dtype)),
+                   jax.ShapeDtypeStruct((batch, heads, head_dim, state_dim), jnp.float32)),
+        grid=(pl.cdiv(head_dim, config.block_p), heads, batch),
+        compiler_params=plgpu.CompilerParams(num_warps=config.state_warps,
+                                             num_stages=config.num_stages),
+        interpret=interpret,
+        name="bjax_ssd_chunk_states",
+    )(*operands)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def chunk_scan(x, b, c, dt, a_cs, states, seg=None, d=None, z=None, *, chunk_size: int,
+               config: SsdConfig, interpret: bool = False):
+    """``y [batch, seqlen, heads, head_dim]`` in x's dtype.
+
+    ``c`` is shaped like ``b``; ``states`` comes from :func:`chunk_states`; ``d``
+    is ``[heads, head_dim]`` (float32) and ``z`` shaped like ``x``, both optional.
+    """
+    batch, seq_len, heads, head_dim = x.shape
+    groups, state_dim = b.shape[2:]
+    chunks = dt.shape[-1] // chunk_size
+    dims = (seq_len, chunk_size, heads // groups, head_dim, state_dim)
+    kernel = functools.partial(_scan_kernel, dims=dims, config=config, has_seg=seg is not None,
+                               has_d=d is not None, has_z=z is not None, dot_dtype=x.dtype)
+    operands = [x, b, c, dt, a_cs, states] + [v for v in (seg, d, z) if v is not None]
+    tiles = (chunk_size // config.block_t) * pl.cdiv(head_dim, config.block_p)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        grid=(tiles, heads, chunks, batch),
+        compiler_params=plgpu.CompilerParams(num_warps=config.scan_warps,
+                                             num_stages=config.num_stages),
+        interpret=interpret,
+        name="bjax_ssd_chunk_scan",
+    )(*operands)
+
+
+def step_block_p(head_dim: int, state_dim: int) -> int:
+    """head_dim rows per :func:`step` program: about 4096 state cells."""
+    return min(pl.next_power_of_2(head_dim), max(1, 4096 // pl.next_power_of_2(state_dim)))
+
+
+def _step_kernel(*refs, dims, has_bias, has_d, has_z, softplus, limit, block_p):
+    state_ref, x_ref, dt_ref, a_ref, b_ref, c_ref, *rest = refs
+    bias_ref = rest.pop(0) if has_bias else None
+    d_ref = rest.pop(0) if has_d else None
+    z_ref = rest.pop(0) if has_z else None
+    y_ref, new_state_ref = rest
+    heads_per_group, head_dim, state_dim = dims
+    pb, head, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    group = head // heads_per_group
+    p_slice, p_mask = _columns(head_dim, pb * block_p, block_p)
+    n_slice, n_mask = _columns(state_dim, 0, pl.next_power_of_2(state_dim))
+    tile_mask = _rows_cols(p_mask, n_mask)
+    dt = process_dt(dt_ref[row, head], bias_ref[head] if has_bias else None, softplus, limit)
+    x = _load(x_ref.at[row, head, p_slice], p_mask).astype(jnp.float32)
+    b = _load(b_ref.at[row, group, n_slice], n_mask).astype(jnp.float32)
+    c = _load(c_ref.at[row, group, n_slice], n_mask).astype(jnp.float32)
+    state = _load(state_ref.at[row, head, p_slice, n_slice], tile_mask)
+    state = jnp.exp(dt * a_ref[head]) * state + (dt * x)[:, None] * b[None, :]
+    y = jnp.sum(state * c[None, :], axis=1)
+    if has_d:
+        y = y + _load(d_ref.at[head, p_slice], p_mask) * x
+    if has_z:
+        z = _load(z_ref.at[row, head, p_slice], p_mask).astype(jnp.float32)
+        y = y * z * jax.nn.sigmoid(z)
+    plgpu.store(new_state_ref.at[row, head, p_slice, n_slice], state, mask=tile_mask)
+    plgpu.store(y_ref.at[row, head, p_slice], y.astype(y_ref.dtype), mask=p_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("softplus", "limit", "interpret"))
+def step(state, x, dt, a, b, c, bias=None, d=None, z=None, *, softplus: bool,
+         limit: tuple[float, float], interpret: bool = False):
+    """One token: ``(y [batch, heads, head_dim], new_state)``, the state updated in place.
+
+    ``state`` float32 ``[batch, heads, head_dim, state_dim]``; ``x``, ``z``
+    ``[batch, heads, head_dim]``; ``dt`` ``[batch, heads]``; ``a``, ``bias``
+    float32 ``[heads]``; ``b``, ``c`` ``[batch, groups, state_dim]``; ``d``
+    float32 ``[heads, head_dim]``.
+    """
+    batch, heads, head_dim, state_dim = state.shape
+    dims = (heads // b.shape[1], head_dim, state_dim)
+    block_p = step_block_p(head_dim, state_dim)
+    kernel = functools.partial(_step_kernel, dims=dims, has_bias=bias is not None,
+                               has_d=d is not None, has_z=z is not None, softplus=softplus,
+                               limit=limit, block_p=block_p)
+    operands = [state, x, dt, a, b, c] + [v for v in (bias, d, z) if v is not None]
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
+                   jax.ShapeDtypeStruct(state.shape, state.dtype)),
+        grid=(pl.cdiv(head_dim, block_p), heads, batch),
+        input_output_aliases={0: 1},
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="bjax_ssd_step",
+    )(*operands)

@@ -1,0 +1,294 @@
+"""Mamba-2 SSD against the float64 step-by-step oracle: every feature, dtypes, step, errors."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bjax
+from tests import oracles
+from tests.conftest import BACKENDS, assert_close
+
+DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+# Tolerance multipliers of conftest.RTOL: matmul operands (B * weights, C . B
+# products, stored bf16 chunk states) are rounded to the input dtype before
+# their float32 accumulation, so a 16-bit output carries about two roundings.
+SCALE = {jnp.dtype(jnp.float32): 5.0, jnp.dtype(jnp.float16): 2.0,
+         jnp.dtype(jnp.bfloat16): 2.0}
+CHUNK = 16
+
+
+def problem(seed, batch, seq_len, heads, head_dim, groups, state_dim, dtype):
+    """Random (x, dt, A, B, C): dt in [0.01, 0.3], A in [-4, -0.5] (never zeros)."""
+    k = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(k[0], (batch, seq_len, heads, head_dim), jnp.float32).astype(dtype)
+    dt = jax.random.uniform(k[1], (batch, seq_len, heads), jnp.float32, 0.01, 0.3).astype(dtype)
+    A = -jax.random.uniform(k[2], (heads,), jnp.float32, 0.5, 4.0)
+    B = jax.random.normal(k[3], (batch, seq_len, groups, state_dim), jnp.float32).astype(dtype)
+    C = jax.random.normal(k[4], (batch, seq_len, groups, state_dim), jnp.float32).astype(dtype)
+    return x, dt, A, B, C
+
+
+def features(seed, x, state_dim, names):
+    """Keyword arguments for the features in ``names`` (random, never zeros)."""
+    batch, seq_len, heads, head_dim = x.shape
+    k = jax.random.split(jax.random.key(seed), 5)
+    kwargs = {}
+    if "D" in names:
+        kwargs["D"] = jax.random.normal(k[0], (heads,), jnp.float32)
+    if "D2" in names:
+        kwargs["D"] = jax.random.normal(k[0], (heads, head_dim), jnp.float32)
+    if "z" in names:
+        kwargs["z"] = jax.random.normal(k[1], x.shape, jnp.float32).astype(x.dtype)
+    if "dt" in names:
+        kwargs.update(dt_bias=jax.random.uniform(k[2], (heads,), jnp.float32, -3.0, -1.0),
+                      dt_softplus=True, dt_limit=(0.02, 0.2))
+    if "init" in names:
+        kwargs["initial_states"] = jax.random.normal(
+            k[3], (batch, heads, head_dim, state_dim), jnp.float32)
+    if "seq_idx" in names:
+        # Several segments per row, one boundary on a chunk edge, ids not sorted.
+        cuts = sorted({1, CHUNK, seq_len // 2, seq_len - 2} & set(range(1, seq_len)))
+        ids = np.zeros(seq_len, np.int32)
+        for i, cut in enumerate(cuts):
+            ids[cut:] = (i + 1) * (-1) ** i
+        kwargs["seq_idx"] = jnp.asarray(np.stack([ids, np.roll(ids, 3)])[:batch])
+    return kwargs
+
+
+def check(x, dt, A, B, C, backend, chunk_size=CHUNK, **kwargs):
+    y, final = jax.jit(lambda *a: bjax.ssd_chunk_scan(
+        *a, chunk_size=chunk_size, return_final_states=True, backend=backend, **kwargs))(
+        x, dt, A, B, C)
+    ref_y, ref_final = oracles.ssd_scan(x, dt, A, B, C, **kwargs)
+    assert y.dtype == x.dtype and final.dtype == jnp.float32
+    assert_close(y, ref_y, x.dtype, SCALE[jnp.dtype(x.dtype)])
+    # The state sums dt x B^T with B * dt rounded to the input dtype: its tolerance is x's.
+    assert_close(final, ref_final, x.dtype, SCALE[jnp.dtype(x.dtype)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("seq_len", [1, 7, CHUNK, CHUNK + 1, 3 * CHUNK - 5])
+def test_lengths_and_dtypes(seq_len, dtype, backend):
+    check(*problem(seq_len, 2, seq_len, 4, 8, 2, 16, dtype), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_groups(groups, backend):
+    check(*problem(groups, 2, 2 * CHUNK + 3, 6, 16, groups, 32, jnp.float32), backend)
+
+
+FEATURE_SETS = [("D",), ("D2",), ("z",), ("dt",), ("init",), ("seq_idx",),
+                ("D2", "z", "dt", "init", "seq_idx")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("names", FEATURE_SETS, ids="+".join)
+def test_features(names, backend):
+    x, dt, A, B, C = problem(3, 2, 3 * CHUNK - 5, 4, 8, 2, 16, jnp.float32)
+    check(x, dt, A, B, C, backend, **features(4, x, 16, names))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
+def test_all_features_16bit(dtype, backend):
+    x, dt, A, B, C = problem(5, 2, 2 * CHUNK + 9, 4, 16, 1, 16, dtype)
+    check(x, dt, A, B, C, backend, **features(6, x, 16, FEATURE_SETS[-1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 40, 3, 7, 1, 5), (2, 70, 2, 80, 2, 130)], ids=str)
+def test_awkward_dims_and_larger_chunk(shape, backend):
+    """head_dim / state_dim off powers of two and over a 64-column block; chunk 32."""
+    check(*problem(7, *shape, jnp.float32), backend, chunk_size=32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strongly_negative_A_stays_finite(backend):
+    """Decays of exp(-1e4 * dt) on a partial last chunk: every exponent is masked
+    before exp, so no inf * 0 reaches the output."""
+    x, dt, _, B, C = problem(8, 1, 2 * CHUNK + 5, 2, 8, 1, 16, jnp.bfloat16)
+    A = jnp.array([-1e4, -30.0], jnp.float32)
+    y = bjax.ssd_chunk_scan(x, dt * 10, A, B, C, chunk_size=CHUNK, backend=backend)
+    assert np.isfinite(np.asarray(y, np.float32)).all()
+    ref, _ = oracles.ssd_scan(x, dt * 10, A, B, C)
+    assert_close(y, ref, jnp.bfloat16, SCALE[jnp.dtype(jnp.bfloat16)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_sizes_agree(backend):
+    x, dt, A, B, C = problem(9, 1, 70, 2, 16, 1, 16, jnp.float32)
+    ys = [bjax.ssd_chunk_scan(x, dt, A, B, C, chunk_size=q, backend=backend) for q in (16, 64)]
+    np.testing.assert_allclose(np.asarray(ys[0]), np.asarray(ys[1]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_sequence_and_batch(backend):
+    for batch, seq_len in ((2, 0), (0, 5)):
+        x, dt, A, B, C = problem(0, batch, seq_len, 2, 8, 1, 16, jnp.float32)
+        init = jnp.ones((batch, 2, 8, 16), jnp.float32)
+        y, final = bjax.ssd_chunk_scan(x, dt, A, B, C, chunk_size=CHUNK, initial_states=init,
+                                       return_final_states=True, backend=backend)
+        assert y.shape == x.shape and np.array_equal(final, init)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend):
+    x, dt, A, B, C = problem(10, 2, 40, 4, 16, 2, 16, jnp.bfloat16)
+    run = jax.jit(lambda *a: bjax.ssd_chunk_scan(*a, chunk_size=CHUNK, backend=backend,
+                                                 return_final_states=True))
+    first, second = run(x, dt, A, B, C), run(x, dt, A, B, C)
+    for a, b in zip(first, second):
+        assert np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap(backend):
+    x, dt, A, B, C = problem(11, 3, 20, 2, 8, 1, 16, jnp.float32)
+    fn = lambda x, dt, B, C: bjax.ssd_chunk_scan(x, dt, A, B, C, chunk_size=CHUNK,  # noqa: E731
+                                                 backend=backend)
+    # Map over the head axis of x / dt (as a leading batch of single-head problems)
+    # and over the batch axis.
+    out = jax.vmap(fn, in_axes=(0, 0, 0, 0))(x[:, None], dt[:, None], B[:, None], C[:, None])
+    ref, _ = oracles.ssd_scan(x, dt, A, B, C)
+    assert_close(out[:, 0], ref, jnp.float32, SCALE[jnp.dtype(jnp.float32)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_raises_clear_error(backend):
+    x, dt, A, B, C = problem(12, 1, 8, 2, 8, 1, 16, jnp.float32)
+    loss = lambda x: bjax.ssd_chunk_scan(x, dt, A, B, C, chunk_size=CHUNK,  # noqa: E731
+                                         backend=backend).sum()
+    with pytest.raises(bjax.UnsupportedError, match="ssd_chunk_scan: gradients are not "
+                                                    "implemented yet"):
+        jax.grad(loss)(x)
+    state = jnp.zeros((1, 2, 8, 16), jnp.float32)
+    step_loss = lambda s: bjax.ssd_step(s, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0],  # noqa: E731
+                                        backend=backend)[0].sum()
+    with pytest.raises(bjax.UnsupportedError, match="ssd_step: gradients"):
+        jax.grad(step_loss)(state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_step_matches_chunk_scan(dtype, backend):
+    """ssd_step over a sequence == ssd_chunk_scan with return_final_states (and the oracle)."""
+    x, dt, A, B, C = problem(13, 2, 19, 4, 8, 2, 16, dtype)
+    kwargs = features(14, x, 16, ("D2", "z", "dt", "init"))
+    y_scan, final_scan = bjax.ssd_chunk_scan(x, dt, A, B, C, chunk_size=CHUNK,
+                                             return_final_states=True, backend=backend,
+                                             **kwargs)
+    ref_y, ref_final = oracles.ssd_scan(x, dt, A, B, C, **kwargs)
+    state, z = kwargs.pop("initial_states"), kwargs.pop("z")
+    step = jax.jit(lambda s, *a, z: bjax.ssd_step(s, *a, z=z, backend=backend, **kwargs),
+                   donate_argnums=0)
+    ys = []
+    for t in range(x.shape[1]):
+        y_t, state = step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], z=z[:, t])
+        ys.append(y_t)
+    scale = SCALE[jnp.dtype(dtype)]
+    assert_close(jnp.stack(ys, 1), ref_y, dtype, scale)
+    assert_close(state, ref_final, jnp.float32, 5.0)  # the step's math is all float32
+    assert_close(final_scan, ref_final, dtype, scale)
+    assert_close(y_scan, ref_y, dtype, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_in_place_and_vmap(backend):
+    x, dt, A, B, C = problem(15, 4, 1, 2, 8, 1, 16, jnp.float32)
+    state = jax.random.normal(jax.random.key(16), (4, 2, 8, 16), jnp.float32)
+    args = (x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+    step = jax.jit(lambda s, *a: bjax.ssd_step(s, *a, backend=backend), donate_argnums=0)
+    text = step.lower(state, *args).compile().as_text()
+    assert "input_output_alias" in text or backend == "interpret"
+    y, new_state = step(state + 0, *args)
+    mapped = jax.vmap(lambda s, x, dt, B, C: bjax.ssd_step(s, x, dt, A, B, C, backend=backend),
+                      in_axes=(0, 0, 0, 0, 0))
+    y_v, state_v = mapped(state[:, None], *(v[:, None] for v in (x[:, 0], dt[:, 0], B[:, 0],
+                                                                   C[:, 0])))
+    np.testing.assert_allclose(np.asarray(y_v[:, 0]), np.asarray(y), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state_v[:, 0]), np.asarray(new_state), rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_plan():
+    x, dt, A, B, C = problem(0, 1, 8, 2, 64, 1, 128, jnp.bfloat16)
+    p = bjax.plan(bjax.ssd_chunk_scan, x, dt, A, B, C, backend="interpret")
+    assert p.kernel == "bjax_ssd_chunk_states + bjax_ssd_chunk_scan"
+    assert p.descriptor.chunk_size == 256 and p.precision.deterministic
+    assert bjax.plan(bjax.ssd_chunk_scan, x, dt, A, B, C, backend="xla").block_config is None
+
+
+# ---------------------------------------------------------------------------- errors
+
+def _good():
+    x, dt, A, B, C = problem(0, 2, 8, 4, 8, 2, 16, jnp.float32)
+    return dict(x=x, dt=dt, A=A, B=B, C=C)
+
+
+SCAN_ERRORS = [
+    (dict(x=jnp.ones((2, 8, 4), jnp.float32)), bjax.InvalidProblemError, "x must be an array of rank 4"),
+    (dict(x=jnp.ones((2, 8, 4, 8), jnp.int32)), bjax.UnsupportedError, "x.dtype must be float32"),
+    (dict(x=jnp.ones((2, 8, 4, 300), jnp.float32)), bjax.UnsupportedError, r"x.shape\[-1\] \(head_dim\) must be <= 256"),
+    (dict(dt=jnp.ones((2, 8, 3), jnp.float32)), bjax.InvalidProblemError, r"dt.shape must be \(2, 8, 4\)"),
+    (dict(dt=jnp.ones((2, 8, 4), jnp.int32)), bjax.UnsupportedError, "dt.dtype must be"),
+    (dict(A=jnp.ones((3,), jnp.float32)), bjax.InvalidProblemError, r"A.shape must be \(4,\)"),
+    (dict(B=jnp.ones((2, 8, 3, 16), jnp.float32), C=jnp.ones((2, 8, 3, 16), jnp.float32)), bjax.InvalidProblemError, r"B.shape\[-2\] \(groups\) must be a divisor of heads = 4"),
+    (dict(B=jnp.ones((2, 9, 2, 16), jnp.float32)), bjax.InvalidProblemError, "B.shape must be"),
+    (dict(B=jnp.ones((2, 8, 16), jnp.float32)), bjax.InvalidProblemError, "B must be an array of rank 4"),
+    (dict(C=jnp.ones((2, 8, 2, 8), jnp.float32)), bjax.InvalidProblemError, r"C.shape must be \(2, 8, 2, 16\)"),
+    (dict(B=jnp.ones((2, 8, 2, 16), jnp.bfloat16)), bjax.InvalidProblemError, "B.dtype must be float32"),
+    (dict(B=jnp.ones((2, 8, 2, 512), jnp.float32), C=jnp.ones((2, 8, 2, 512), jnp.float32)), bjax.UnsupportedError, r"B.shape\[-1\] \(state_dim\) must be <= 256"),
+    (dict(chunk_size=48), bjax.InvalidProblemError, "chunk_size must be a power of two from 16 to 1024"),
+    (dict(chunk_size=8), bjax.InvalidProblemError, "chunk_size must be a power of two"),
+    (dict(chunk_size=64.0), bjax.InvalidProblemError, "chunk_size must be"),
+    (dict(D=jnp.ones((4, 3), jnp.float32)), bjax.InvalidProblemError, r"D.shape must be \(4,\) or \(4, 8\)"),
+    (dict(D=jnp.ones((4,), jnp.int32)), bjax.UnsupportedError, "D.dtype must be"),
+    (dict(z=jnp.ones((2, 8, 4, 7), jnp.float32)), bjax.InvalidProblemError, "z.shape must be"),
+    (dict(z=jnp.ones((2, 8, 4, 8), jnp.bfloat16)), bjax.InvalidProblemError, "z.dtype must be float32"),
+    (dict(dt_bias=jnp.ones((2,), jnp.float32)), bjax.InvalidProblemError, r"dt_bias.shape must be \(4,\)"),
+    (dict(dt_softplus=1), bjax.InvalidProblemError, "dt_softplus must be a bool"),
+    (dict(dt_limit=(0.5, 0.1)), bjax.InvalidProblemError, "dt_limit must be a pair"),
+    (dict(dt_limit=(-1.0, 1.0)), bjax.InvalidProblemError, "dt_limit must be a pair"),
+    (dict(dt_limit=(0.0, math.nan)), bjax.InvalidProblemError, "dt_limit must be a pair"),
+    (dict(dt_limit=0.1), bjax.InvalidProblemError, "dt_limit must be a pair"),
+    (dict(initial_states=jnp.ones((2, 4, 8, 15), jnp.float32)), bjax.InvalidProblemError, "initial_states.shape must be"),
+    (dict(seq_idx=jnp.ones((2, 7), jnp.int32)), bjax.InvalidProblemError, r"seq_idx.shape must be \(2, 8\)"),
+    (dict(seq_idx=jnp.ones((2, 8), jnp.float32)), bjax.InvalidProblemError, "seq_idx.dtype must be an integer dtype"),
+    (dict(return_final_states="yes"), bjax.InvalidProblemError, "return_final_states must be a bool"),
+    (dict(backend="cuda"), bjax.InvalidProblemError, "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("change,error,message", SCAN_ERRORS,
+                         ids=[str(i) for i in range(len(SCAN_ERRORS))])
+def test_chunk_scan_errors(change, error, message):
+    args = {**_good(), **change}
+    positional = [args.pop(k) for k in ("x", "dt", "A", "B", "C")]
+    with pytest.raises(error, match="ssd_chunk_scan: " + message) as info:
+        jax.jit(lambda *a: bjax.ssd_chunk_scan(*a, **args))(*positional)
+    assert "got" in str(info.value)
+
+
+STEP_ERRORS = [
+    (dict(state=jnp.ones((2, 4, 8, 16), jnp.bfloat16)), "state.dtype must be float32"),
+    (dict(state=jnp.ones((2, 4, 8, 15), jnp.float32)), "state.shape must be"),
+    (dict(x=jnp.ones((2, 4, 8, 1), jnp.float32)), "x must be an array of rank 3"),
+    (dict(dt=jnp.ones((2, 3), jnp.float32)), r"dt.shape must be \(2, 4\)"),
+    (dict(B=jnp.ones((2, 3, 16), jnp.float32), C=jnp.ones((2, 3, 16), jnp.float32)), r"B.shape\[-2\] \(groups\) must be a divisor of heads"),
+    (dict(z=jnp.ones((2, 4, 7), jnp.float32)), "z.shape must be"),
+]
+
+
+@pytest.mark.parametrize("change,message", STEP_ERRORS, ids=[str(i) for i in range(len(STEP_ERRORS))])
+def test_step_errors(change, message):
+    good = _good()
+    args = dict(state=jnp.zeros((2, 4, 8, 16), jnp.float32), x=good["x"][:, 0],
+                dt=good["dt"][:, 0], A=good["A"], B=good["B"][:, 0], C=good["C"][:, 0])
+    args.update(change)
+    positional = [args.pop(k) for k in ("state", "x", "dt", "A", "B", "C")]
+    with pytest.raises(bjax.InvalidProblemError, match="ssd_step: " + message):
+        jax.jit(lambda *a: bjax.ssd_step(*a, **args))(*positional)

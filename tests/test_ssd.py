@@ -8,7 +8,7 @@ import pytest
 
 import bjax
 from tests import oracles
-from tests.conftest import BACKENDS, assert_close
+from tests.conftest import BACKENDS, KERNEL_BACKEND, assert_close
 
 DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # Tolerance multipliers of conftest.RTOL: matmul operands (B * weights, C . B
@@ -292,3 +292,22 @@ def test_step_errors(change, message):
     positional = [args.pop(k) for k in ("state", "x", "dt", "A", "B", "C")]
     with pytest.raises(bjax.InvalidProblemError, match="ssd_step: " + message):
         jax.jit(lambda *a: bjax.ssd_step(*a, **args))(*positional)
+
+
+@pytest.mark.skipif(KERNEL_BACKEND != "pallas", reason="needs a GPU: 6 GiB inputs")
+def test_offsets_past_int32():
+    """x with 3 * 2^30 elements (b*l*h*p well past 2^31): the last segment, packed after
+    2M other tokens, matches the same tokens run alone. Pallas-Triton widens offsets to
+    64 bits for arrays over 4 GiB; this checks it end to end."""
+    seq_len, tail = 2**21 + 3 * 256 + 5, 300
+    x, dt, A, B, C = problem(17, 1, seq_len, 24, 64, 1, 16, jnp.bfloat16)
+    seq_idx = (jnp.arange(seq_len) >= seq_len - tail).astype(jnp.int32)[None]
+    y = bjax.ssd_chunk_scan(x, dt, A, B, C, seq_idx=seq_idx, backend="pallas")
+    last = y[:, -tail:]
+    del y
+    alone = bjax.ssd_chunk_scan(*(v[:, -tail:] for v in (x, dt)), A,
+                                *(v[:, -tail:] for v in (B, C)), backend="pallas")
+    ref, _ = oracles.ssd_scan(*(np.asarray(v[:, -tail:], np.float64) for v in (x, dt)), A,
+                              *(np.asarray(v[:, -tail:], np.float64) for v in (B, C)))
+    assert_close(last, ref, jnp.bfloat16, SCALE[jnp.dtype(jnp.bfloat16)])
+    assert_close(alone, ref, jnp.bfloat16, SCALE[jnp.dtype(jnp.bfloat16)])

@@ -1,0 +1,176 @@
+"""Mamba-2 SSD: bjax vs the XLA implementation vs mamba_ssm's Triton kernels, in one process.
+
+    python -m benchmarks.ssd [--backend pallas] [--mamba-src PATH]
+
+* ``ssd_chunk_scan`` forward at three shapes (bf16 x / B / C, float32 dt and A):
+  the reference shape b=4, l=4096, h=64, p=64, n=128, g=1, chunk 256; Mamba-2 2.7B
+  (b=1, l=2048, h=80); and b=2, l=8192, h=128, g=8, chunk 128.
+* ``ssd_step`` at b=64, h=64, p=64, n=128 (the state donated and fed back).
+* mamba_ssm column: ``mamba_chunk_scan_combined`` from the state-spaces/mamba
+  source tree at ``--mamba-src`` (its ``mamba_ssm`` package is loaded without
+  the package's compiled extensions); left blank where absent.
+
+Every column is device throughput: many calls enqueued, one wait at the end.
+``ratio`` is other / bjax (> 1: bjax faster). ``% floor`` is the larger of two
+floors over bjax's time: bytes (x, B, C, dt read, y written) at the copy
+ceiling, and the chunked algorithm's matmul flops (C B^T per group, the causal
+halves) at the bf16 matmul rate, both measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+
+import bjax
+from benchmarks import harness
+
+SCAN_SHAPES = [  # batch, seqlen, heads, head_dim, groups, state_dim, chunk
+    (4, 4096, 64, 64, 1, 128, 256),
+    (1, 2048, 80, 64, 1, 128, 256),
+    (2, 8192, 128, 64, 8, 128, 128),
+]
+STEP_SHAPE = (64, 64, 64, 1, 128)  # batch, heads, head_dim, groups, state_dim
+
+
+def inputs(shape, seed=0):
+    batch, seq_len, heads, head_dim, groups, state_dim, _ = shape
+    k = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(k[0], (batch, seq_len, heads, head_dim), jnp.bfloat16)
+    dt = jax.random.uniform(k[1], (batch, seq_len, heads), jnp.float32, 0.001, 0.1)
+    A = -jax.random.uniform(k[2], (heads,), jnp.float32, 1.0, 16.0)
+    B = jax.random.normal(k[3], (batch, seq_len, groups, state_dim), jnp.bfloat16)
+    C = jax.random.normal(k[4], (batch, seq_len, groups, state_dim), jnp.bfloat16)
+    return x, dt, A, B, C
+
+
+def floors_ms(shape, copy_tbps, matmul_tflops):
+    batch, seq_len, heads, head_dim, groups, state_dim, chunk = shape
+    chunks = -(-seq_len // chunk)
+    nbytes = (2 * batch * seq_len * heads * head_dim * 2 + 2 * batch * seq_len * groups
+              * state_dim * 2 + batch * seq_len * heads * 4)
+    flops = 2 * batch * chunks * (groups * chunk * chunk * state_dim / 2
+                                  + heads * (chunk * chunk * head_dim / 2
+                                             + 2 * chunk * head_dim * state_dim))
+    return nbytes / (copy_tbps * 1e9), flops / (matmul_tflops * 1e9)
+
+
+def matmul_tflops() -> float:
+    a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
+    ms = harness.device_time_ms(jax.jit(lambda a: a @ a), a, calls=20)
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def load_mamba(src):
+    """``mamba_chunk_scan_combined`` from a state-spaces/mamba checkout, or None."""
+    if not src or not os.path.isdir(os.path.join(src, "mamba_ssm")):
+        return None
+    try:
+        package = types.ModuleType("mamba_ssm")  # skip __init__: it needs compiled extensions
+        package.__path__ = [os.path.join(src, "mamba_ssm")]
+        sys.modules["mamba_ssm"] = package
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        return mamba_chunk_scan_combined
+    except Exception as e:  # noqa: BLE001  (report and go on without the column)
+        print(f"mamba_ssm not loaded: {e!r}")
+        return None
+
+
+def torch_time_ms(fn, calls=50, trials=5):
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        per_call.append((time.perf_counter() - start) / calls * 1e3)
+    return statistics.median(per_call)
+
+
+def mamba_ms(mamba, args, chunk):
+    import torch
+    x, dt, A, B, C = (torch.from_dlpack(jax.block_until_ready(v)) for v in args)
+    return torch_time_ms(lambda: mamba(x, dt, A, B, C, chunk))
+
+
+def scan_rows(backend, mamba, copy_tbps, tflops):
+    rows = []
+    for shape in SCAN_SHAPES:
+        chunk = shape[-1]
+        args = inputs(shape)
+        mine = jax.jit(lambda *a, chunk=chunk: bjax.ssd_chunk_scan(*a, chunk_size=chunk,
+                                                                   backend=backend))
+        xla = jax.jit(lambda *a, chunk=chunk: bjax.ssd_chunk_scan(*a, chunk_size=chunk,
+                                                                  backend="xla"))
+        t_mine = harness.device_time_ms(mine, *args)
+        t_xla = harness.device_time_ms(xla, *args, calls=10)
+        t_mamba = mamba_ms(mamba, args, chunk) if mamba else None
+        bytes_floor, flops_floor = floors_ms(shape, copy_tbps, tflops)
+        row = ["ssd_chunk_scan fwd", "b{} l{} h{} p{} g{} n{} Q{}".format(*shape),
+               f"{t_mine:.3f}", f"{t_xla:.3f}", f"{t_xla / t_mine:.2f}",
+               f"{t_mamba:.3f}" if t_mamba else "-",
+               f"{t_mamba / t_mine:.2f}" if t_mamba else "-",
+               f"{100 * bytes_floor / t_mine:.0f}% / {100 * flops_floor / t_mine:.0f}%"]
+        print(" | ".join(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def step_row(backend, copy_tbps):
+    batch, heads, head_dim, groups, state_dim = STEP_SHAPE
+    k = jax.random.split(jax.random.key(1), 6)
+    state = jax.random.normal(k[0], (batch, heads, head_dim, state_dim), jnp.float32)
+    x = jax.random.normal(k[1], (batch, heads, head_dim), jnp.bfloat16)
+    dt = jax.random.uniform(k[2], (batch, heads), jnp.float32, 0.001, 0.1)
+    A = -jax.random.uniform(k[3], (heads,), jnp.float32, 1.0, 16.0)
+    B = jax.random.normal(k[4], (batch, groups, state_dim), jnp.bfloat16)
+    C = jax.random.normal(k[5], (batch, groups, state_dim), jnp.bfloat16)
+    # The carry is (y, state): y stays live, so neither side can drop its computation.
+    fns = {name: jax.jit(lambda carry, *a, b=b: bjax.ssd_step(carry[1], *a, backend=b),
+                         donate_argnums=0)
+           for name, b in (("bjax", backend), ("xla", "xla"))}
+    times = harness.chained_times_ms(
+        fns, {name: (x + 0, state + 0) for name in fns}, x, dt, A, B, C)
+    tbps = 2 * state.nbytes / (times["bjax"] * 1e-3) / 1e12
+    row = ["ssd_step", "b{} h{} p{} g{} n{}".format(*STEP_SHAPE), f"{times['bjax']:.4f}",
+           f"{times['xla']:.4f}", f"{times['xla'] / times['bjax']:.2f}", "-", "-",
+           f"{100 * tbps / copy_tbps:.0f}% (state r+w)"]
+    print(" | ".join(row), flush=True)
+    return row
+
+
+def run(backend: str, mamba_src: str | None) -> str:
+    copy_tbps, how = harness.copy_ceiling_tbps()
+    tflops = matmul_tflops()
+    mamba = load_mamba(mamba_src)
+    rows = scan_rows(backend, mamba, copy_tbps, tflops) + [step_row(backend, copy_tbps)]
+    return "\n".join([
+        harness.environment(),
+        f"copy ceiling {copy_tbps:.2f} TB/s ({how}); bf16 matmul {tflops:.0f} TFLOP/s (XLA); "
+        f"backend={backend}; mamba_ssm {'loaded' if mamba else 'absent'}", "",
+        harness.markdown_table(["op", "shape", "bjax ms", "XLA ms", "XLA/bjax", "mamba_ssm ms",
+                                "mamba/bjax", "% floor (bytes / flops)"], rows)])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default=None, help="bjax backend (default: bjax's default)")
+    parser.add_argument("--mamba-src", default=os.environ.get("MAMBA_SRC"),
+                        help="a state-spaces/mamba checkout (or $MAMBA_SRC)")
+    args = parser.parse_args()
+    backend = args.backend or bjax.plan(
+        bjax.ssd_chunk_scan, *inputs((1, 1, 1, 16, 1, 16, 16))).backend
+    harness.write_report("ssd", run(backend, args.mamba_src))
+
+
+if __name__ == "__main__":
+    main()

@@ -69,6 +69,10 @@ class CascadeMergeDescriptor:
     def kernel_config(self) -> pallas_cascade.TileConfig:
         return pallas_cascade.default_config(self.seq_len, self.num_heads, self.head_dim)
 
+    @property
+    def backward_config(self) -> pallas_cascade.TileConfig:
+        return pallas_cascade.backward_config(self.seq_len, self.num_heads, self.head_dim)
+
     @classmethod
     def for_pair(cls, v_a, s_a, v_b, s_b, mask, lse_base, in_place):
         """Validates a ``merge_state`` call; raises naming the argument."""
@@ -137,10 +141,11 @@ def _backend_module(backend):
     return xla_cascade if backend == "xla" else pallas_cascade
 
 
-def _kernel_options(desc: CascadeMergeDescriptor, backend: str) -> dict:
+def _kernel_options(desc: CascadeMergeDescriptor, backend: str, backward=False) -> dict:
     if backend == "xla":
         return {"base": desc.lse_base}
-    return {"base": desc.lse_base, "config": desc.kernel_config,
+    return {"base": desc.lse_base,
+            "config": desc.backward_config if backward else desc.kernel_config,
             "interpret": backend == "interpret"}
 
 
@@ -175,7 +180,7 @@ def _merge_pair_bwd(desc, backend, residuals, cotangents):
         return dv, ds, jnp.zeros_like(v_b), jnp.zeros_like(s_b), None
     grads = _backend_module(backend).merge_pair_backward(
         v_a, s_a, v_b, s_b, _kernel_mask(mask, backend), dv, ds,
-        **_kernel_options(desc, backend))
+        **_kernel_options(desc, backend, backward=True))
     return (*grads, None)
 
 
@@ -197,8 +202,8 @@ def _merge_many_bwd(desc, backend, residuals, cotangents):
     v, s = residuals
     if desc.seq_len == 0:
         return jnp.zeros_like(v), jnp.zeros_like(s)
-    return _backend_module(backend).merge_many_backward(v, s, *cotangents,
-                                                        **_kernel_options(desc, backend))
+    return _backend_module(backend).merge_many_backward(
+        v, s, *cotangents, **_kernel_options(desc, backend, backward=True))
 
 
 _merge_many.defvjp(_merge_many_fwd, _merge_many_bwd)

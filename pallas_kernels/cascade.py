@@ -52,6 +52,15 @@ def default_config(seq_len: int, num_heads: int, head_dim: int) -> TileConfig:
     return dataclasses.replace(config, num_warps=8 if elements >= 4096 else 4)
 
 
+def backward_config(seq_len: int, num_heads: int, head_dim: int) -> TileConfig:
+    """The forward's tiles with 16 warps where a tile holds 4096 elements or more: the
+    backward keeps every state's tile and dv live at once (an H200 sweep: 1.88x the
+    forward's time for ``merge_states`` against 1.96x at 8 warps)."""
+    config = default_config(seq_len, num_heads, head_dim)
+    elements = config.block_rows * config.block_cols * pl.next_power_of_2(head_dim)
+    return dataclasses.replace(config, num_warps=16) if elements >= 4096 else config
+
+
 def compute_dtype(v_dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float64) if jnp.dtype(v_dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
@@ -101,25 +110,17 @@ def merge_math(load_s, load_v, num_states: int, base):
     return v, s
 
 
-def merge_grad_math(load_s, load_v, dv, ds, num_states: int, base, keep_first=None,
-                    store_dv=None):
+def merge_grad_math(load_s, load_v, dv, ds, num_states: int, base, keep_first=None):
     """``(p_k, ds_k)`` for every state: ``dv_k = p_k[..., None] * dv`` (0 for empty states).
 
     ``keep_first`` (bool, broadcasting against ``ds``) marks rows where the merge
     returned state 0 unchanged (``merge_state``'s mask off): there the gradient
-    passes to state 0 whole and to no other. ``store_dv(k, p_k)``, if given, is
-    called for every state once ``p`` is known and before any ``v_k`` is read,
-    so a kernel's ``dv_k`` stores are issued while its ``v_k`` loads are in flight.
+    passes to state 0 whole and to no other.
     """
     _, _, ln_b = _lse_functions(base)
     s, _, weights, total = _weights(load_s, num_states, base)
     inverse = jnp.where(total == 0, 0, 1 / total)
     p = [w * inverse for w in weights]
-    if keep_first is not None:
-        p = [jnp.where(keep_first, 1 if k == 0 else 0, p_k) for k, p_k in enumerate(p)]
-    if store_dv is not None:
-        for k, p_k in enumerate(p):
-            store_dv(k, p_k)
     # An empty state's v may hold anything: keep it out of the dot products.
     g = [jnp.sum(dv * jnp.where(_empty(s_k)[..., None], 0, load_v(k)), axis=-1)
          for k, s_k in enumerate(s)]
@@ -127,6 +128,7 @@ def merge_grad_math(load_s, load_v, dv, ds, num_states: int, base, keep_first=No
     d_s = [jnp.where(_empty(s_k), 0, p_k * (ds + ln_b * (g_k - g_mean)))
            for s_k, p_k, g_k in zip(s, p, g)]
     if keep_first is not None:
+        p = [jnp.where(keep_first, 1 if k == 0 else 0, p_k) for k, p_k in enumerate(p)]
         d_s = [jnp.where(keep_first, ds if k == 0 else 0, d) for k, d in enumerate(d_s)]
     return p, d_s
 
@@ -228,13 +230,9 @@ def _pair_backward_kernel(*refs, shape, base, masked, config):
         lambda k: (s_a, s_b)[k].at[tile.rows, tile.heads], dtype)
     dv, ds = _cotangents(dv_ref, ds_ref, tile, dtype)
     keep_a = ~_row_flags(mask_ref, tile)[:, None] if masked else None
-
-    def store_dv(k, p_k):
-        _store((dv_a, dv_b)[k].at[tile.rows, tile.heads, tile.dims], p_k[..., None] * dv,
-               tile.v_mask)
-    _, d_s = merge_grad_math(load_s, load_v, dv, ds, 2, base, keep_first=keep_a,
-                             store_dv=store_dv)
-    for d_s_k, ds_k in zip(d_s, (ds_a, ds_b)):
+    p, d_s = merge_grad_math(load_s, load_v, dv, ds, 2, base, keep_first=keep_a)
+    for p_k, d_s_k, dv_k, ds_k in zip(p, d_s, (dv_a, dv_b), (ds_a, ds_b)):
+        _store(dv_k.at[tile.rows, tile.heads, tile.dims], p_k[..., None] * dv, tile.v_mask)
         _store(ds_k.at[tile.rows, tile.heads], d_s_k, tile.s_mask)
 
 
@@ -256,12 +254,10 @@ def _many_backward_kernel(v_ref, s_ref, dv_ref, ds_ref, dv_out, ds_out, *, shape
         tile, lambda k: v_ref.at[tile.rows, jnp.int32(k), tile.heads, tile.dims],
         lambda k: s_ref.at[tile.rows, jnp.int32(k), tile.heads], dtype)
     dv, ds = _cotangents(dv_ref, ds_ref, tile, dtype)
-
-    def store_dv(k, p_k):
+    p, d_s = merge_grad_math(load_s, load_v, dv, ds, num_states, base)
+    for k, (p_k, d_s_k) in enumerate(zip(p, d_s)):
         _store(dv_out.at[tile.rows, jnp.int32(k), tile.heads, tile.dims], p_k[..., None] * dv,
                v_mask)
-    _, d_s = merge_grad_math(load_s, load_v, dv, ds, num_states, base, store_dv=store_dv)
-    for k, d_s_k in enumerate(d_s):
         _store(ds_out.at[tile.rows, jnp.int32(k), tile.heads], d_s_k, s_mask)
 
 

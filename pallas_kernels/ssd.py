@@ -54,6 +54,8 @@ class SsdConfig:
       block_p: head_dim columns per program (a power of 2).
       state_warps, scan_warps: warps of each kernel's programs.
       num_stages: software-pipelining depth of the kernels' loops.
+      shared_scores: compute ``C_t . B_s`` once per group (:func:`chunk_scores`)
+        instead of in every head's program.
     """
     block_q: int
     block_t: int
@@ -62,6 +64,7 @@ class SsdConfig:
     state_warps: int = 4
     scan_warps: int = 4
     num_stages: int = 2
+    shared_scores: bool = False
 
 
 def default_config(chunk_size: int, head_dim: int, state_dim: int) -> SsdConfig:
@@ -185,8 +188,29 @@ def _state_kernel(*refs, dims, config: SsdConfig, has_seg, has_init, dot_dtype):
                 mask=_rows_cols(p_mask, n_mask))
 
 
+def _scores_kernel(c_ref, b_ref, scores_ref, *, dims, config: SsdConfig, dot_dtype):
+    seq_len, chunk, _, _, state_dim = dims
+    bt, bs = config.block_t, config.block_s
+    n_slice, n_mask = _columns(state_dim, 0, _padded(state_dim))
+    tb, group, c, row = (pl.program_id(i) for i in range(4))
+    t_start = c * chunk + tb * bt
+    t_in = (t_start + jnp.arange(bt, dtype=jnp.int32)) < seq_len if seq_len % chunk else None
+    c_t = _load(c_ref.at[row, pl.ds(t_start, bt), group, n_slice], _rows_cols(t_in, n_mask))
+
+    def body(j, carry):
+        s_start = c * chunk + j * bs
+        s_in = (s_start + jnp.arange(bs, dtype=jnp.int32)) < seq_len if seq_len % chunk else None
+        b_s = _load(b_ref.at[row, pl.ds(s_start, bs), group, n_slice], _rows_cols(s_in, n_mask))
+        scores = _dot(c_t.astype(dot_dtype), b_s.astype(dot_dtype), contract=(1, 1))
+        scores_ref[row, c, group, pl.ds(tb * bt, bt), pl.ds(j * bs, bs)] = scores
+        return carry
+
+    jax.lax.fori_loop(jnp.int32(0), (tb + 1) * (bt // bs), body, jnp.int32(0))
+
+
 def _scan_kernel(*refs, dims, config: SsdConfig, has_seg, has_d, has_z, dot_dtype):
     x_ref, b_ref, c_ref, dt_ref, acs_ref, states_ref, *rest = refs
+    scores_ref = rest.pop(0) if config.shared_scores else None
     seg_ref = rest.pop(0) if has_seg else None
     d_ref = rest.pop(0) if has_d else None
     z_ref = rest.pop(0) if has_z else None
@@ -230,7 +254,10 @@ def _scan_kernel(*refs, dims, config: SsdConfig, has_seg, has_d, has_z, dot_dtyp
         pairs = t_local[:, None] >= (j * bs + jnp.arange(bs, dtype=jnp.int32))[None, :]
         if has_seg:
             pairs = pairs & (seg_t[:, None] == seg_ref[row, s_steps][None, :])
-        scores = _dot(c_t.astype(dot_dtype), b_s.astype(dot_dtype), contract=(1, 1))
+        if config.shared_scores:
+            scores = scores_ref[row, c, group, pl.ds(tb * bt, bt), pl.ds(j * bs, bs)]
+        else:
+            scores = _dot(c_t.astype(dot_dtype), b_s.astype(dot_dtype), contract=(1, 1))
         decay = jnp.exp(jnp.where(pairs, a_t[:, None] - a_s[None, :], -jnp.inf))
         weights = (scores * decay * dt_s[None, :]).astype(dot_dtype)
         return acc + _dot(weights, x_s.astype(dot_dtype))
@@ -291,6 +318,26 @@ def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: i
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
+def chunk_scores(b, c, *, chunk_size: int, config: SsdConfig, interpret: bool = False):
+    """``C_t . B_s`` for every pair of steps in a chunk, ``s <= t`` blocks only
+    (the rest left unwritten): float32 ``[batch, chunks, groups, chunk, chunk]``."""
+    batch, seq_len, groups, state_dim = b.shape
+    chunks = max(1, -(-seq_len // chunk_size))
+    dims = (seq_len, chunk_size, 1, 1, state_dim)
+    kernel = functools.partial(_scores_kernel, dims=dims, config=config, dot_dtype=b.dtype)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((batch, chunks, groups, chunk_size, chunk_size),
+                                       jnp.float32),
+        grid=(chunk_size // config.block_t, groups, chunks, batch),
+        compiler_params=plgpu.CompilerParams(num_warps=config.scan_warps,
+                                             num_stages=config.num_stages),
+        interpret=interpret,
+        name="bjax_ssd_chunk_scores",
+    )(c, b)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def chunk_scan(x, b, c, dt, a_cs, states, seg=None, d=None, z=None, *, chunk_size: int,
                config: SsdConfig, interpret: bool = False):
     """``y [batch, seqlen, heads, head_dim]`` in x's dtype.
@@ -304,7 +351,11 @@ def chunk_scan(x, b, c, dt, a_cs, states, seg=None, d=None, z=None, *, chunk_siz
     dims = (seq_len, chunk_size, heads // groups, head_dim, state_dim)
     kernel = functools.partial(_scan_kernel, dims=dims, config=config, has_seg=seg is not None,
                                has_d=d is not None, has_z=z is not None, dot_dtype=x.dtype)
-    operands = [x, b, c, dt, a_cs, states] + [v for v in (seg, d, z) if v is not None]
+    operands = [x, b, c, dt, a_cs, states]
+    if config.shared_scores:
+        operands.append(chunk_scores(b, c, chunk_size=chunk_size, config=config,
+                                     interpret=interpret))
+    operands += [v for v in (seg, d, z) if v is not None]
     tiles = (chunk_size // config.block_t) * pl.cdiv(head_dim, config.block_p)
     return pl.pallas_call(
         kernel,

@@ -156,7 +156,8 @@ class SsdChunkScanDescriptor:
 
     @property
     def kernel_config(self) -> pallas_ssd.SsdConfig:
-        return pallas_ssd.default_config(self.chunk_size, self.head_dim, self.state_dim)
+        return pallas_ssd.default_config(self.chunk_size, self.head_dim, self.state_dim,
+                                         self.heads // self.groups)
 
     @classmethod
     def from_args(cls, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,

@@ -52,27 +52,31 @@ class SsdConfig:
       block_t: output steps per :func:`chunk_scan` program (divides the chunk size).
       block_s: source steps per inner iteration of :func:`chunk_scan` (divides block_t).
       block_p: head_dim columns per program (a power of 2).
+      block_h: heads per :func:`chunk_scan` program (of one group: they share
+        each ``C_t . B_s`` block).
       state_warps, scan_warps: warps of each kernel's programs.
       num_stages: software-pipelining depth of the kernels' loops.
-      shared_scores: compute ``C_t . B_s`` once per group (:func:`chunk_scores`)
-        instead of in every head's program.
     """
     block_q: int
     block_t: int
     block_s: int
     block_p: int
+    block_h: int = 1
     state_warps: int = 4
     scan_warps: int = 4
     num_stages: int = 2
-    shared_scores: bool = False
 
 
-def default_config(chunk_size: int, head_dim: int, state_dim: int) -> SsdConfig:
-    """Blocks of 64 steps (fewer for small chunks) and as much of head_dim as fits."""
+def default_config(chunk_size: int, head_dim: int, state_dim: int,
+                   heads_per_group: int) -> SsdConfig:
+    """Pieces of 128 steps for the state walk, 64-step output blocks, as much of
+    head_dim as fits, and up to 4 heads of a group per scan program."""
     block = min(chunk_size, 64)
     padded_p = max(16, pl.next_power_of_2(head_dim))
-    return SsdConfig(block_q=block, block_t=block, block_s=block, block_p=min(padded_p, 64),
-                     state_warps=4, scan_warps=4 if padded_p <= 64 else 8, num_stages=2)
+    block_h = next(k for k in (4, 2, 1) if heads_per_group % k == 0)
+    return SsdConfig(block_q=min(chunk_size, 128), block_t=block, block_s=block,
+                     block_p=min(padded_p, 64), block_h=block_h, state_warps=4,
+                     scan_warps=4 if padded_p <= 64 else 8, num_stages=2)
 
 
 def snapshot_dtype(x_dtype) -> jnp.dtype:
@@ -188,47 +192,27 @@ def _state_kernel(*refs, dims, config: SsdConfig, has_seg, has_init, dot_dtype):
                 mask=_rows_cols(p_mask, n_mask))
 
 
-def _scores_kernel(c_ref, b_ref, scores_ref, *, dims, config: SsdConfig, dot_dtype):
-    seq_len, chunk, _, _, state_dim = dims
-    bt, bs = config.block_t, config.block_s
-    n_slice, n_mask = _columns(state_dim, 0, _padded(state_dim))
-    tb, group, c, row = (pl.program_id(i) for i in range(4))
-    t_start = c * chunk + tb * bt
-    t_in = (t_start + jnp.arange(bt, dtype=jnp.int32)) < seq_len if seq_len % chunk else None
-    c_t = _load(c_ref.at[row, pl.ds(t_start, bt), group, n_slice], _rows_cols(t_in, n_mask))
-
-    def body(j, carry):
-        s_start = c * chunk + j * bs
-        s_in = (s_start + jnp.arange(bs, dtype=jnp.int32)) < seq_len if seq_len % chunk else None
-        b_s = _load(b_ref.at[row, pl.ds(s_start, bs), group, n_slice], _rows_cols(s_in, n_mask))
-        scores = _dot(c_t.astype(dot_dtype), b_s.astype(dot_dtype), contract=(1, 1))
-        scores_ref[row, c, group, pl.ds(tb * bt, bt), pl.ds(j * bs, bs)] = scores
-        return carry
-
-    jax.lax.fori_loop(jnp.int32(0), (tb + 1) * (bt // bs), body, jnp.int32(0))
-
-
 def _scan_kernel(*refs, dims, config: SsdConfig, has_seg, has_d, has_z, dot_dtype):
     x_ref, b_ref, c_ref, dt_ref, acs_ref, states_ref, *rest = refs
-    scores_ref = rest.pop(0) if config.shared_scores else None
     seg_ref = rest.pop(0) if has_seg else None
     d_ref = rest.pop(0) if has_d else None
     z_ref = rest.pop(0) if has_z else None
     (y_ref,) = rest
     seq_len, chunk, heads_per_group, head_dim, state_dim = dims
-    bt, bs, bp = config.block_t, config.block_s, config.block_p
+    bt, bs, bp, bh = config.block_t, config.block_s, config.block_p, config.block_h
     n_pad = _padded(state_dim)
     p_blocks = pl.cdiv(head_dim, bp)
-    tile, head, c, row = (pl.program_id(i) for i in range(4))
+    tile, head_block, c, row = (pl.program_id(i) for i in range(4))
     tb, pb = tile // p_blocks, tile % p_blocks
-    group = head // heads_per_group
+    heads = [head_block * bh + k for k in range(bh)]   # all in one group
+    group = heads[0] // heads_per_group
     p_slice, p_mask = _columns(head_dim, pb * bp, bp)
     n_slice, n_mask = _columns(state_dim, 0, n_pad)
     t_start = c * chunk + tb * bt
     t_steps = pl.ds(t_start, bt)
     t_local = tb * bt + jnp.arange(bt, dtype=jnp.int32)
     t_in = (t_start + jnp.arange(bt, dtype=jnp.int32)) < seq_len if seq_len % chunk else None
-    a_t = acs_ref[row, head, t_steps]
+    a_t = [acs_ref[row, h, t_steps] for h in heads]
     c_t = _load(c_ref.at[row, t_steps, group, n_slice], _rows_cols(t_in, n_mask))
 
     # Inter-chunk: exp(a_cs_t) C_t S_c^T, for steps still in the segment the chunk entered in.
@@ -237,42 +221,44 @@ def _scan_kernel(*refs, dims, config: SsdConfig, has_seg, has_d, has_z, dot_dtyp
         seg_t = seg_ref[row, t_steps]
         seg_before = jnp.where(c == 0, 0, seg_ref[row, jnp.maximum(c * chunk - 1, 0)])
         enters = seg_t == seg_before
-    state = _load(states_ref.at[row, c, head, p_slice, n_slice], _rows_cols(p_mask, n_mask))
-    snap_dtype = states_ref.dtype
-    acc = _dot(c_t.astype(snap_dtype), state, contract=(1, 1))
-    acc = acc * jnp.exp(jnp.where(enters, a_t, -jnp.inf))[:, None]
+    accs = []
+    for h, a in zip(heads, a_t):
+        state = _load(states_ref.at[row, c, h, p_slice, n_slice], _rows_cols(p_mask, n_mask))
+        acc = _dot(c_t.astype(states_ref.dtype), state, contract=(1, 1))
+        accs.append(acc * jnp.exp(jnp.where(enters, a, -jnp.inf))[:, None])
 
-    # Intra-chunk: source blocks up to the diagonal.
-    def body(j, acc):
+    # Intra-chunk: source blocks up to the diagonal; C_t . B_s once for the block of heads.
+    def body(j, accs):
         s_start = c * chunk + j * bs
         s_steps = pl.ds(s_start, bs)
         s_in = (s_start + jnp.arange(bs, dtype=jnp.int32)) < seq_len if seq_len % chunk else None
         b_s = _load(b_ref.at[row, s_steps, group, n_slice], _rows_cols(s_in, n_mask))
-        x_s = _load(x_ref.at[row, s_steps, head, p_slice], _rows_cols(s_in, p_mask))
-        a_s = acs_ref[row, head, s_steps]
-        dt_s = dt_ref[row, head, s_steps]
         pairs = t_local[:, None] >= (j * bs + jnp.arange(bs, dtype=jnp.int32))[None, :]
         if has_seg:
             pairs = pairs & (seg_t[:, None] == seg_ref[row, s_steps][None, :])
-        if config.shared_scores:
-            scores = scores_ref[row, c, group, pl.ds(tb * bt, bt), pl.ds(j * bs, bs)]
-        else:
-            scores = _dot(c_t.astype(dot_dtype), b_s.astype(dot_dtype), contract=(1, 1))
-        decay = jnp.exp(jnp.where(pairs, a_t[:, None] - a_s[None, :], -jnp.inf))
-        weights = (scores * decay * dt_s[None, :]).astype(dot_dtype)
-        return acc + _dot(weights, x_s.astype(dot_dtype))
+        scores = _dot(c_t.astype(dot_dtype), b_s.astype(dot_dtype), contract=(1, 1))
+        new = []
+        for h, a, acc in zip(heads, a_t, accs):
+            x_s = _load(x_ref.at[row, s_steps, h, p_slice], _rows_cols(s_in, p_mask))
+            a_s = acs_ref[row, h, s_steps]
+            dt_s = dt_ref[row, h, s_steps]
+            decay = jnp.exp(jnp.where(pairs, a[:, None] - a_s[None, :], -jnp.inf))
+            weights = (scores * decay * dt_s[None, :]).astype(dot_dtype)
+            new.append(acc + _dot(weights, x_s.astype(dot_dtype)))
+        return tuple(new)
 
-    acc = jax.lax.fori_loop(jnp.int32(0), (tb + 1) * (bt // bs), body, acc)
+    accs = jax.lax.fori_loop(jnp.int32(0), (tb + 1) * (bt // bs), body, tuple(accs))
 
     tile_mask = _rows_cols(t_in, p_mask)
-    if has_d:
-        x_t = _load(x_ref.at[row, t_steps, head, p_slice], tile_mask)
-        d = _load(d_ref.at[head, p_slice], p_mask)
-        acc = acc + x_t.astype(jnp.float32) * d.astype(jnp.float32)[None, :]
-    if has_z:
-        z = _load(z_ref.at[row, t_steps, head, p_slice], tile_mask).astype(jnp.float32)
-        acc = acc * z * jax.nn.sigmoid(z)
-    plgpu.store(y_ref.at[row, t_steps, head, p_slice], acc.astype(y_ref.dtype), mask=tile_mask)
+    for h, acc in zip(heads, accs):
+        if has_d:
+            x_t = _load(x_ref.at[row, t_steps, h, p_slice], tile_mask)
+            d = _load(d_ref.at[h, p_slice], p_mask)
+            acc = acc + x_t.astype(jnp.float32) * d.astype(jnp.float32)[None, :]
+        if has_z:
+            z = _load(z_ref.at[row, t_steps, h, p_slice], tile_mask).astype(jnp.float32)
+            acc = acc * z * jax.nn.sigmoid(z)
+        plgpu.store(y_ref.at[row, t_steps, h, p_slice], acc.astype(y_ref.dtype), mask=tile_mask)
 
 
 _STATIC = ("chunk_size", "config", "interpret")
@@ -318,26 +304,6 @@ def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: i
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def chunk_scores(b, c, *, chunk_size: int, config: SsdConfig, interpret: bool = False):
-    """``C_t . B_s`` for every pair of steps in a chunk, ``s <= t`` blocks only
-    (the rest left unwritten): float32 ``[batch, chunks, groups, chunk, chunk]``."""
-    batch, seq_len, groups, state_dim = b.shape
-    chunks = max(1, -(-seq_len // chunk_size))
-    dims = (seq_len, chunk_size, 1, 1, state_dim)
-    kernel = functools.partial(_scores_kernel, dims=dims, config=config, dot_dtype=b.dtype)
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((batch, chunks, groups, chunk_size, chunk_size),
-                                       jnp.float32),
-        grid=(chunk_size // config.block_t, groups, chunks, batch),
-        compiler_params=plgpu.CompilerParams(num_warps=config.scan_warps,
-                                             num_stages=config.num_stages),
-        interpret=interpret,
-        name="bjax_ssd_chunk_scores",
-    )(c, b)
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
 def chunk_scan(x, b, c, dt, a_cs, states, seg=None, d=None, z=None, *, chunk_size: int,
                config: SsdConfig, interpret: bool = False):
     """``y [batch, seqlen, heads, head_dim]`` in x's dtype.
@@ -351,16 +317,12 @@ def chunk_scan(x, b, c, dt, a_cs, states, seg=None, d=None, z=None, *, chunk_siz
     dims = (seq_len, chunk_size, heads // groups, head_dim, state_dim)
     kernel = functools.partial(_scan_kernel, dims=dims, config=config, has_seg=seg is not None,
                                has_d=d is not None, has_z=z is not None, dot_dtype=x.dtype)
-    operands = [x, b, c, dt, a_cs, states]
-    if config.shared_scores:
-        operands.append(chunk_scores(b, c, chunk_size=chunk_size, config=config,
-                                     interpret=interpret))
-    operands += [v for v in (seg, d, z) if v is not None]
+    operands = [x, b, c, dt, a_cs, states] + [v for v in (seg, d, z) if v is not None]
     tiles = (chunk_size // config.block_t) * pl.cdiv(head_dim, config.block_p)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-        grid=(tiles, heads, chunks, batch),
+        grid=(tiles, heads // config.block_h, chunks, batch),
         compiler_params=plgpu.CompilerParams(num_warps=config.scan_warps,
                                              num_stages=config.num_stages),
         interpret=interpret,

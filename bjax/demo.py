@@ -2,9 +2,10 @@
 
 On a CUDA GPU the default backend is Pallas; elsewhere it is XLA, and the
 Pallas kernels also run through the Pallas interpreter (on smaller shapes: the
-interpreter runs the grid one program at a time). Gated activations are
-and cascade merges are compared with the XLA implementation evaluated in
-float64 (the table gives the largest error relative to the reference's largest
+interpreter runs the grid one program at a time). Gated activations and
+cascade merges are compared with the XLA implementation evaluated in
+float64, the SSD scan and step with it in float32 (its matmuls at full float32
+precision) (the table gives the largest error relative to the reference's largest
 magnitude, bound 2^-7 for bf16 results); write_slice with NumPy, bit for bit
 (the error is the fraction of elements whose bits differ; bound 0). Times are the
 median of a call.
@@ -122,22 +123,63 @@ def cascade_rows(backend, shape):
     return rows
 
 
+def ssd_rows(backend, shape):
+    """ssd_chunk_scan (bf16, with D, z and softplus) and 16 ssd_steps from its final
+    state, against the XLA backend on float32 copies of the same inputs."""
+    batch, seq_len, heads, head_dim, groups, state_dim, chunk = shape
+    k = jax.random.split(jax.random.key(0), 7)
+    x = jax.random.normal(k[0], (batch, seq_len, heads, head_dim), jnp.bfloat16)
+    dt = jax.random.normal(k[1], (batch, seq_len, heads), jnp.float32) - 3
+    A = -jax.random.uniform(k[2], (heads,), jnp.float32, 1.0, 16.0)
+    B, C = (jax.random.normal(key, (batch, seq_len, groups, state_dim), jnp.bfloat16)
+            for key in k[3:5])
+    z = jax.random.normal(k[5], x.shape, jnp.bfloat16)
+    D = jax.random.normal(k[6], (heads,), jnp.float32)
+    f32 = lambda *vs: [v.astype(jnp.float32) for v in vs]  # noqa: E731
+
+    def scan(x, dt, B, C, z, backend=backend):
+        return bjax.ssd_chunk_scan(x, dt, A, B, C, chunk_size=chunk, D=D, z=z, dt_softplus=True,
+                                   return_final_states=True, backend=backend)
+
+    def steps(state, x, dt, B, C, z, backend=backend):
+        for t in range(16):
+            y, state = bjax.ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D=D,
+                                     z=z[:, t], dt_softplus=True, backend=backend)
+        return y, state
+
+    fn = jax.jit(scan)
+    y, final = fn(x, dt, B, C, z)
+    ref_y, ref_final = scan(*f32(x, dt, B, C, z), backend="xla")
+    step_fn = jax.jit(steps)
+    step_args = (final, x, dt, B, C, z)
+    ref_steps = steps(ref_final, *f32(x, dt, B, C, z), backend="xla")
+    return [("ssd_chunk_scan fwd", shape[:4], "bfloat16", backend,
+             max(_relative_error(y, ref_y), _relative_error(final, ref_final)),
+             _time_ms(fn, x, dt, B, C, z), _GATED_BOUND),
+            ("ssd_step x16", shape[:4], "bfloat16", backend,
+             max(_relative_error(o, r) for o, r in zip(step_fn(*step_args), ref_steps)),
+             _time_ms(step_fn, *step_args), _GATED_BOUND)]
+
+
 def main() -> int:
     default = resolve_backend(None, "demo")
     on_gpu = default == "pallas"
     runs = [(default, (4096, 8192) if on_gpu else (256, 1024),
              (8, 4096, 8, 128) if on_gpu else (4, 256, 4, 64),
-             (4096, 4, 32, 128) if on_gpu else (256, 4, 8, 64))]
+             (4096, 4, 32, 128) if on_gpu else (256, 4, 8, 64),
+             (4, 4096, 64, 64, 1, 128, 256) if on_gpu else (1, 256, 4, 32, 1, 32, 64))]
     if not on_gpu:
-        runs.append(("interpret", (64, 256), (4, 64, 2, 32), (16, 3, 4, 32)))
+        runs.append(("interpret", (64, 256), (4, 64, 2, 32), (16, 3, 4, 32),
+                     (1, 70, 4, 16, 2, 16, 32)))
     print(f"bjax {bjax.__version__} on {jax.devices()[0].device_kind}; default backend: {default}")
     header = (f"{'op':<26} {'shape':<18} {'dtype':<9} {'backend':<10} {'error':>12} "
               f"{'bound':>9} {'ms':>9}")
     print(header + "\n" + "-" * len(header))
     failures = 0
-    for backend, gated_shape, cache_shape, cascade_shape in runs:
+    for backend, gated_shape, cache_shape, cascade_shape, ssd_shape in runs:
         rows = (gated_rows(backend, gated_shape, jnp.bfloat16)
-                + write_slice_rows(backend, cache_shape) + cascade_rows(backend, cascade_shape))
+                + write_slice_rows(backend, cache_shape) + cascade_rows(backend, cascade_shape)
+                + ssd_rows(backend, ssd_shape))
         for name, shp, dtype, be, err, ms, bound in rows:
             failures += err > bound
             print(f"{name:<26} {str(shp):<18} {dtype:<9} {be:<10} {err:>12.2e} {bound:>9.2e} "

@@ -241,13 +241,17 @@ def _scan_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
             (desc.batch, desc.heads, desc.head_dim, desc.state_dim), jnp.float32)
         return jnp.zeros(x.shape, x.dtype), final
     opts = desc.options
-    dt_p, a_cs, seg = xla_ssd.prologue(dt, a, bias, seq_idx, chunk_size=desc.chunk_size,
-                                       softplus=opts.dt_softplus, limit=opts.dt_limit)
+    seg = None if seq_idx is None else xla_ssd.segments(seq_idx, desc.chunks * desc.chunk_size)
+    time_args = {"chunk_size": desc.chunk_size, "softplus": opts.dt_softplus,
+                 "limit": opts.dt_limit}
     if backend == "xla":
+        dt_p, a_cs = xla_ssd.time_terms(dt, a, bias, **time_args)
         return xla_ssd.chunk_scan(x, B, C, dt_p, a_cs, seg, d, z, init,
                                   chunk_size=desc.chunk_size)
+    interpret = backend == "interpret"
+    dt_p, a_cs = pallas_ssd.time_terms(dt, a, bias, interpret=interpret, **time_args)
     kernel_args = {"chunk_size": desc.chunk_size, "config": desc.kernel_config,
-                   "interpret": backend == "interpret"}
+                   "interpret": interpret}
     states, final = pallas_ssd.chunk_states(x, B, dt_p, a_cs, seg, init, **kernel_args)
     y = pallas_ssd.chunk_scan(x, B, C, dt_p, a_cs, states, seg, d, z, **kernel_args)
     return y, final
@@ -402,7 +406,7 @@ def _plan_chunk_scan(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=
     return _op.Plan(
         op="ssd_chunk_scan", descriptor=desc, backend=backend,
         kernel="bjax.xla.ssd.chunk_scan" if on_xla
-        else "bjax_ssd_chunk_states + bjax_ssd_chunk_scan",
+        else "bjax_ssd_time_terms + bjax_ssd_chunk_states + bjax_ssd_chunk_scan",
         block_config=None if on_xla else desc.kernel_config, precision=_PRECISION)
 
 

@@ -217,7 +217,7 @@ def test_step_in_place_and_vmap(backend):
 def test_plan():
     x, dt, A, B, C = problem(0, 1, 8, 2, 64, 1, 128, jnp.bfloat16)
     p = bjax.plan(bjax.ssd_chunk_scan, x, dt, A, B, C, backend="interpret")
-    assert p.kernel == "bjax_ssd_chunk_states + bjax_ssd_chunk_scan"
+    assert p.kernel == "bjax_ssd_time_terms + bjax_ssd_chunk_states + bjax_ssd_chunk_scan"
     assert p.descriptor.chunk_size == 256 and p.precision.deterministic
     assert bjax.plan(bjax.ssd_chunk_scan, x, dt, A, B, C, backend="xla").block_config is None
 

@@ -1,5 +1,5 @@
-"""Mamba-2 SSD in plain ``jax.numpy`` (the ``"xla"`` backend), and the prologue
-every backend shares.
+"""Mamba-2 SSD in plain ``jax.numpy`` (the ``"xla"`` backend), and the segment
+numbers every backend derives from ``seq_idx``.
 
 The chunked algorithm of ``pallas_kernels.ssd`` written with einsums over whole
 arrays: intra-chunk ``(C B^T) * decay`` products, per-chunk states, a scan over
@@ -22,33 +22,23 @@ def _pad_time(x, length, axis=1, mode="constant"):
     return jnp.pad(x, pad, mode=mode)
 
 
-def prologue(dt, a, bias, seq_idx, *, chunk_size, softplus, limit):
-    """``(dt', a_cs, seg)`` for the chunked scan, each over ``chunks * chunk_size`` steps.
-
-    Args:
-      dt: ``[batch, seqlen, heads]`` raw step sizes.
-      a, bias: float32 ``[heads]`` (bias may be None).
-      seq_idx: ``[batch, seqlen]`` integers or None.
-
-    Returns:
-      ``dt'`` float32 ``[batch, heads, T]`` (processed, 0 past seqlen); ``a_cs``
-      float32 ``[batch, heads, T]``, the inclusive cumsum of ``dt' * a`` inside each
-      chunk; ``seg`` int32 ``[batch, T]`` segment numbers (0 first, +1 wherever
-      seq_idx changes; the last one repeated past seqlen), or None.
-    """
+def time_terms(dt, a, bias, *, chunk_size, softplus, limit):
+    """``(dt', a_cs)`` as ``pallas_kernels.ssd.time_terms``, in jnp."""
     batch, seq_len, heads = dt.shape
     chunks = max(1, -(-seq_len // chunk_size))
-    length = chunks * chunk_size
-    dt = _pad_time(process_dt(dt, bias, softplus, limit), length)
+    dt = _pad_time(process_dt(dt, bias, softplus, limit), chunks * chunk_size)
     dt = jnp.transpose(dt, (0, 2, 1))
     a_cs = jnp.cumsum((dt * a[None, :, None]).reshape(batch, heads, chunks, chunk_size), axis=-1)
-    seg = None
-    if seq_idx is not None:
-        changes = (seq_idx[:, 1:] != seq_idx[:, :-1]).astype(jnp.int32)
-        seg = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), jnp.cumsum(changes, axis=1)],
-                              axis=1)
-        seg = _pad_time(seg, length, mode="edge")
-    return dt, a_cs.reshape(batch, heads, length), seg
+    return dt, a_cs.reshape(dt.shape)
+
+
+def segments(seq_idx, length):
+    """int32 ``[batch, length]`` segment numbers from ``seq_idx`` ``[batch, seqlen]``: 0
+    first, +1 wherever seq_idx changes, the last one repeated past seqlen."""
+    changes = (seq_idx[:, 1:] != seq_idx[:, :-1]).astype(jnp.int32)
+    seg = jnp.concatenate([jnp.zeros((seq_idx.shape[0], 1), jnp.int32),
+                           jnp.cumsum(changes, axis=1)], axis=1)
+    return _pad_time(seg, length, mode="edge")
 
 
 def _einsum(spec, *operands):

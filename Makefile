@@ -22,7 +22,7 @@ test: $(SETUP)
 	$(PY) -m pytest tests -q
 
 bench: $(SETUP)
-	$(PY) -m benchmarks.gated
+	for b in gated write_slice cascade ssd; do $(PY) -m benchmarks.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

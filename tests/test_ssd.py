@@ -107,6 +107,13 @@ def test_awkward_dims_and_larger_chunk(shape, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_largest_dims(dtype, backend):
+    """head_dim = state_dim = 256 (the largest accepted), two heads per group."""
+    check(*problem(18, 1, 70, 2, 256, 1, 256, dtype), backend, chunk_size=64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_strongly_negative_A_stays_finite(backend):
     """Decays of exp(-1e4 * dt) on a partial last chunk: every exponent is masked
     before exp, so no inf * 0 reaches the output."""

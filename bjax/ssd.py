@@ -28,6 +28,7 @@ from bjax import _op
 from bjax.errors import UnsupportedError
 from bjax.xla import ssd as xla_ssd
 from pallas_kernels import ssd as pallas_ssd
+from pallas_kernels import ssd_backward as pallas_ssd_backward
 
 _FLOATS = ("float32", "float16", "bfloat16")
 _PARAM_FLOATS = ("float64", "float32", "float16", "bfloat16")
@@ -159,6 +160,11 @@ class SsdChunkScanDescriptor:
         return pallas_ssd.default_config(self.chunk_size, self.head_dim, self.state_dim,
                                          self.heads // self.groups)
 
+    @property
+    def backward_config(self) -> pallas_ssd_backward.SsdBackwardConfig:
+        return pallas_ssd_backward.default_config(self.chunk_size, self.head_dim,
+                                                  self.state_dim, self.heads // self.groups)
+
     @classmethod
     def from_args(cls, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
                   initial_states, seq_idx, return_final_states):
@@ -257,10 +263,69 @@ def _scan_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
     return y, final
 
 
-def _no_backward(op):
-    raise UnsupportedError(
-        f"{op}: gradients are not implemented yet (no backward pass for {op}); "
-        "use it outside jax.grad / jax.vjp, or wrap the call in jax.lax.stop_gradient")
+def _silu_and_grad(z):
+    sig = jax.nn.sigmoid(z)
+    return z * sig, sig * (1 + z * (1 - sig))
+
+
+def _scan_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, dfinal,
+                   desc: SsdChunkScanDescriptor, backend: str):
+    """Gradients of ``(y, final_states)`` with respect to ``x ... initial_states`` from the
+    Pallas backward kernels (``pallas_kernels.ssd_backward``)."""
+    a, bias, d = _params(A, D, dt_bias, desc.head_dim)
+    init = None if initial_states is None else initial_states.astype(jnp.float32)
+    opts = desc.options
+    interpret = backend == "interpret"
+    length = desc.chunks * desc.chunk_size
+    seg = None if seq_idx is None else xla_ssd.segments(seq_idx, length)
+    dt_p, a_cs = pallas_ssd.time_terms(dt, a, bias, chunk_size=desc.chunk_size,
+                                       softplus=opts.dt_softplus, limit=opts.dt_limit,
+                                       interpret=interpret)
+    forward_args = {"chunk_size": desc.chunk_size, "config": desc.kernel_config,
+                    "interpret": interpret}
+    states, _ = pallas_ssd.chunk_states(x, B, dt_p, a_cs, seg, init, states_dtype=jnp.float32,
+                                        **forward_args)
+    dy = dy.astype(jnp.float32)
+    dz = None
+    if z is not None:
+        y_pre = pallas_ssd.chunk_scan(x, B, C, dt_p, a_cs,
+                                      states.astype(pallas_ssd.snapshot_dtype(x.dtype)), seg, d,
+                                      **forward_args)
+        silu, silu_grad = _silu_and_grad(z.astype(jnp.float32))
+        dz = (dy * y_pre.astype(jnp.float32) * silu_grad).astype(z.dtype)
+        dy = dy * silu
+    dy_pre = dy.astype(x.dtype)
+    backward_args = {"chunk_size": desc.chunk_size, "config": desc.backward_config,
+                     "interpret": interpret}
+    ends, d_init, carry = pallas_ssd_backward.state_grads(
+        dy_pre, C, a_cs, states, seg, dfinal.astype(jnp.float32), **backward_args)
+    dc_parts, rows = pallas_ssd_backward.target_grads(x, dy_pre, B, C, dt_p, a_cs, states, seg,
+                                                      **backward_args)
+    dx, db_parts, cols, q, x_dot_y = pallas_ssd_backward.source_grads(
+        x, dy_pre, B, C, dt_p, a_cs, ends, seg, d, **backward_args)
+
+    # Gradient of the chunk-local cumsum a_cs, then of a = dt' A (reverse cumsum per chunk).
+    shape = (desc.batch, desc.heads, desc.chunks, desc.chunk_size)
+    d_acs = (rows - cols).reshape(shape)
+    d_acs = d_acs.at[..., -1].add(q.reshape(shape).sum(-1) + carry.sum(-1))
+    d_a = jnp.flip(jnp.cumsum(jnp.flip(d_acs, -1), -1), -1).reshape(dt_p.shape)
+    d_dtp = x_dot_y + a[None, :, None] * d_a
+    dA = jnp.sum(dt_p * d_a, axis=(0, 2)).astype(A.dtype)
+    d_dtp = jnp.transpose(d_dtp, (0, 2, 1))[:, :desc.seq_len]
+    _, dt_vjp = jax.vjp(lambda dt, bias: pallas_ssd.process_dt(dt, bias, opts.dt_softplus,
+                                                               opts.dt_limit), dt, dt_bias)
+    d_dt, d_bias = dt_vjp(d_dtp)
+
+    def per_group(parts, like):
+        parts = parts.reshape(desc.batch, desc.seq_len, desc.groups, -1, desc.state_dim)
+        return parts.sum(3).astype(like.dtype)
+
+    dD = None
+    if D is not None:
+        dD = jnp.einsum("blhp,blhp->hp", dy, x.astype(jnp.float32))
+        dD = (dD.sum(-1) if D.ndim == 1 else dD).astype(D.dtype)
+    return (dx, d_dt, dA, per_group(db_parts, B), per_group(dc_parts, C), dD, dz, d_bias,
+            None if initial_states is None else d_init.astype(initial_states.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11))
@@ -269,11 +334,17 @@ def _chunk_scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, desc, ba
 
 
 def _chunk_scan_fwd(*args):
-    return _scan_forward(*args), None
+    return _scan_forward(*args), args[:10]
 
 
 def _chunk_scan_bwd(desc, backend, residuals, cotangents):
-    _no_backward("ssd_chunk_scan")
+    *diff, seq_idx = residuals
+    dy, dfinal = cotangents
+    if backend == "xla" or desc.seq_len == 0 or desc.batch == 0:
+        # Autodiff of the jnp implementation (and of the empty problem's zeros).
+        _, vjp = jax.vjp(lambda *diff: _scan_forward(*diff, seq_idx, desc, backend), *diff)
+        return (*vjp((dy, dfinal)), None)
+    return (*_scan_backward(*diff, seq_idx, dy, dfinal, desc, backend), None)
 
 
 _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
@@ -297,11 +368,13 @@ def _step(state, x, dt, A, B, C, D, z, dt_bias, desc, backend):
 
 
 def _step_fwd(*args):
-    return _step_forward(*args), None
+    return _step_forward(*args), args[:9]
 
 
 def _step_bwd(desc, backend, residuals, cotangents):
-    _no_backward("ssd_step")
+    # One token is a few elementwise ops per state cell: autodiff of the jnp step.
+    _, vjp = jax.vjp(lambda *args: _step_forward(*args, desc, "xla"), *residuals)
+    return vjp(cotangents)
 
 
 _step.defvjp(_step_fwd, _step_bwd)

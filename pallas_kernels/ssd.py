@@ -304,9 +304,9 @@ def _scan_kernel(*refs, dims, config: SsdConfig, has_seg, has_d, has_z, dot_dtyp
 _STATIC = ("chunk_size", "config", "interpret")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=_STATIC + ("states_dtype",))
 def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: int,
-                 config: SsdConfig, interpret: bool = False):
+                 config: SsdConfig, interpret: bool = False, states_dtype=None):
     """States entering every chunk, and the final state.
 
     Args:
@@ -318,9 +318,11 @@ def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: i
       seg: optional int32 ``[batch, chunks * chunk_size]`` segment numbers.
       initial_states: optional float32 ``[batch, heads, head_dim, state_dim]``.
 
+      states_dtype: dtype of the stored states (default :func:`snapshot_dtype`).
+
     Returns:
-      ``(states [batch, chunks, heads, head_dim, state_dim]`` in
-      :func:`snapshot_dtype`, ``final [batch, heads, head_dim, state_dim]`` float32).
+      ``(states [batch, chunks, heads, head_dim, state_dim]``,
+      ``final [batch, heads, head_dim, state_dim]`` float32).
     """
     batch, seq_len, heads, head_dim = x.shape
     groups, state_dim = b.shape[2:]
@@ -333,7 +335,7 @@ def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: i
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_dim),
-                                        snapshot_dtype(x.dtype)),
+                                        states_dtype or snapshot_dtype(x.dtype)),
                    jax.ShapeDtypeStruct((batch, heads, head_dim, state_dim), jnp.float32)),
         grid=(pl.cdiv(head_dim, config.block_p), heads, batch),
         compiler_params=plgpu.CompilerParams(num_warps=config.state_warps,

@@ -153,3 +153,43 @@ def ssd_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
     if z is not None:
         y *= z * _sigmoid(z)
     return y, state
+
+
+def ssd_scan_jax(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
+                 dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None):
+    """:func:`ssd_scan` as a float64 ``lax.scan`` over time, for autodiff (needs x64 on).
+
+    ``dt_softplus`` uses ``log1p(exp(u))`` (``jax.nn.softplus``); the clamp is ``jnp.clip``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    f64 = lambda v: None if v is None else jnp.asarray(v, jnp.float64)  # noqa: E731
+    x, dt, A, B, C, D, z, dt_bias = map(f64, (x, dt, A, B, C, D, z, dt_bias))
+    batch, seq_len, heads, head_dim = x.shape
+    reps = heads // B.shape[2]
+    B, C = jnp.repeat(B, reps, axis=2), jnp.repeat(C, reps, axis=2)
+    u = dt + (0.0 if dt_bias is None else dt_bias)
+    if dt_softplus:
+        u = jax.nn.softplus(u)
+    u = jnp.clip(u, *dt_limit)
+    state = (jnp.zeros((batch, heads, head_dim, B.shape[-1])) if initial_states is None
+             else f64(initial_states))
+    ids = jnp.zeros((batch, seq_len), jnp.int32) if seq_idx is None else jnp.asarray(seq_idx)
+    reset = jnp.concatenate([jnp.zeros((batch, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+
+    def step(state, inputs):
+        u_t, x_t, b_t, c_t, reset_t = inputs
+        state = jnp.where(reset_t[:, None, None, None], 0.0, state)
+        state = (jnp.exp(u_t * A)[..., None, None] * state
+                 + (u_t[..., None] * x_t)[..., None] * b_t[:, :, None, :])
+        return state, jnp.einsum("bhpn,bhn->bhp", state, c_t)
+
+    moved = [jnp.moveaxis(v, 1, 0) for v in (u, x, B, C, reset)]
+    final, y = jax.lax.scan(step, state, moved)
+    y = jnp.moveaxis(y, 0, 1)
+    if D is not None:
+        y = y + (D[:, None] if D.ndim == 1 else D) * x
+    if z is not None:
+        y = y * jax.nn.silu(z)
+    return y, final

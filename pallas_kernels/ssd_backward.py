@@ -1,0 +1,354 @@
+"""Backward kernels of the Mamba-2 SSD chunk scan (``pallas_kernels.ssd`` has the forward).
+
+Notation as in ``pallas_kernels.ssd``; ``dy`` is the cotangent of ``y`` before the
+gate, ``S_c`` the state entering chunk ``c`` (recomputed by the forward's
+``chunk_states``), ``G_c`` the gradient with respect to ``S_{c+1}``, the state at
+the end of chunk ``c`` (``G_{last}`` is the cotangent of the final state). With
+``e_t = exp(a_cs_t)`` (0 where step ``t`` left the segment the chunk entered in),
+``w_s = dt_s exp(a_cs_end - a_cs_s)`` (0 for steps outside the chunk's last
+segment) and ``L_ts = exp(a_cs_t - a_cs_s)`` for ``s <= t`` in one segment:
+
+    grad S_c     = decay_c G_c + sum_t e_t dy_t C_t^T                (walked backwards)
+    dx_s         = dt_s y'_s + D dy_s,   y'_s = w_s / dt_s G_c B_s + sum_{t>=s} L_ts (C_t . B_s) dy_t
+    dB_s         = w_s G_c^T x_s + dt_s sum_{t>=s} L_ts (dy_t . x_s) C_t   (summed over a group's heads)
+    dC_t         = e_t S_c^T dy_t + sum_{s<=t} L_ts dt_s (dy_t . x_s) B_s  (likewise)
+    d dt_s       = x_s . y'_s  (+ A times the gradient of a_s, below)
+
+and the gradient of ``a_cs`` (the chunk-local cumulative sum of ``a = dt A``):
+row sums minus column sums of ``P_ts = (dy_t . x_s)(C_t . B_s) L_ts dt_s``, plus
+``dy_t . e_t C_t S_c^T``, minus ``q_s = w_s x_s . G_c B_s``, plus at the chunk's last
+step ``sum_s q_s + decay_c <G_c, S_c>``. A reverse cumulative sum inside each chunk
+turns it into the gradient of ``a``.
+
+Three kernels, each writing every cell of its outputs once (no atomics: the
+results are bit-identical from run to run):
+
+* :func:`state_grads`: one program per (batch row, head, block of ``p``) walks the
+  chunks backwards and stores every ``G_c``, the initial state's gradient and
+  ``decay_c <G_c, S_c>`` (per block of ``p``).
+* :func:`target_grads`: one program per (batch row, chunk, block of output steps,
+  block of heads of a group): ``dC`` summed over its heads, and the row terms.
+* :func:`source_grads`: one program per (batch row, chunk, block of source steps,
+  block of heads): ``dx``, ``dB`` summed over its heads, ``x . y'``, the column
+  terms and ``q``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.ssd import (_columns, _dot, _load, _padded, _rows_cols, snapshot_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class SsdBackwardConfig:
+    """Launch configuration of the backward kernels.
+
+    Attributes:
+      block_q: steps per piece of :func:`state_grads`' walk (divides the chunk size).
+      block: steps per block of :func:`target_grads` and :func:`source_grads`.
+      block_p: head_dim columns per :func:`state_grads` program.
+      block_h: heads per program of the two chunk kernels (divides heads per group);
+        their ``dB`` / ``dC`` come back summed over it, one slice per block of heads.
+      num_warps, num_stages: of every kernel.
+    """
+    block_q: int
+    block: int
+    block_p: int
+    block_h: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_config(chunk_size: int, head_dim: int, state_dim: int,
+                   heads_per_group: int) -> SsdBackwardConfig:
+    del state_dim
+    block_h = next(k for k in (8, 4, 2, 1) if heads_per_group % k == 0)
+    return SsdBackwardConfig(block_q=min(chunk_size, 64), block=min(chunk_size, 64),
+                             block_p=min(_padded(head_dim), 64), block_h=block_h)
+
+
+def _full(extent):
+    return _columns(extent, 0, _padded(extent))
+
+
+def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, dot_dtype):
+    dy_ref, c_ref, acs_ref, states_ref, *rest = refs
+    seg_ref = rest.pop(0) if has_seg else None
+    dfinal_ref = rest.pop(0) if has_dfinal else None
+    gends_ref, dinit_ref, carry_ref = rest
+    seq_len, chunk, heads_per_group, head_dim, state_dim = dims
+    bq, bp = config.block_q, config.block_p
+    n_slice, n_mask = _full(state_dim)
+    pb, head, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    group = head // heads_per_group
+    p_slice, p_mask = _columns(head_dim, pb * bp, bp)
+    tile_mask = _rows_cols(p_mask, n_mask)
+    chunks = gends_ref.shape[1]
+    if has_dfinal:
+        grad = _load(dfinal_ref.at[row, head, p_slice, n_slice], tile_mask).astype(jnp.float32)
+    else:
+        grad = jnp.zeros((bp, _padded(state_dim)), jnp.float32)
+
+    def chunk_body(i, grad):
+        c = chunks - 1 - i
+        plgpu.store(gends_ref.at[row, c, head, p_slice, n_slice], grad, mask=tile_mask)
+        a_end = acs_ref[row, head, c * chunk + chunk - 1]
+        seg_before = jnp.int32(0)
+        decay = jnp.exp(a_end)
+        if has_seg:
+            seg_before = jnp.where(c == 0, 0, seg_ref[row, jnp.maximum(c * chunk - 1, 0)])
+            decay = jnp.exp(jnp.where(seg_ref[row, c * chunk + chunk - 1] == seg_before,
+                                      a_end, -jnp.inf))
+        state = _load(states_ref.at[row, c, head, p_slice, n_slice], tile_mask)
+        carry_ref[row, head, c, pb] = decay * jnp.sum(grad * state.astype(jnp.float32))
+
+        def piece_body(j, local):
+            start = c * chunk + j * bq
+            steps = pl.ds(start, bq)
+            in_seq = (start + jnp.arange(bq, dtype=jnp.int32)) < seq_len if seq_len % chunk \
+                else None
+            a = acs_ref[row, head, steps]
+            if has_seg:
+                a = jnp.where(seg_ref[row, steps] == seg_before, a, -jnp.inf)
+            dy = _load(dy_ref.at[row, steps, head, p_slice], _rows_cols(in_seq, p_mask))
+            c_t = _load(c_ref.at[row, steps, group, n_slice], _rows_cols(in_seq, n_mask))
+            dy = (dy.astype(jnp.float32) * jnp.exp(a)[:, None]).astype(dot_dtype)
+            return local + _dot(dy, c_t.astype(dot_dtype), contract=(0, 0))
+
+        local = jax.lax.fori_loop(jnp.int32(0), jnp.int32(chunk // bq), piece_body,
+                                  jnp.zeros_like(grad))
+        return decay * grad + local
+
+    grad = jax.lax.fori_loop(jnp.int32(0), jnp.int32(chunks), chunk_body, grad)
+    plgpu.store(dinit_ref.at[row, head, p_slice, n_slice], grad, mask=tile_mask)
+
+
+def _block_rows(c, chunk, index, block, seq_len):
+    start = c * chunk + index * block
+    local = index * block + jnp.arange(block, dtype=jnp.int32)
+    in_seq = (start + jnp.arange(block, dtype=jnp.int32)) < seq_len if seq_len % chunk else None
+    return pl.ds(start, block), local, in_seq
+
+
+def _target_kernel(*refs, dims, config, has_seg, dot_dtype):
+    x_ref, dy_ref, b_ref, c_ref, dt_ref, acs_ref, states_ref, *rest = refs
+    seg_ref = rest.pop(0) if has_seg else None
+    dc_ref, r_ref = rest
+    seq_len, chunk, heads_per_group, head_dim, state_dim = dims
+    bk, bh = config.block, config.block_h
+    p_slice, p_mask = _full(head_dim)
+    n_slice, n_mask = _full(state_dim)
+    tb, hb, c, row = (pl.program_id(i) for i in range(4))
+    group = hb * bh // heads_per_group
+    t_steps, t_local, t_in = _block_rows(c, chunk, tb, bk, seq_len)
+    c_t = _load(c_ref.at[row, t_steps, group, n_slice], _rows_cols(t_in, n_mask))
+    c_dot = c_t.astype(dot_dtype)
+    state_dtype = snapshot_dtype(dot_dtype)
+    enters, seg_t = None, None
+    if has_seg:
+        seg_t = seg_ref[row, t_steps]
+        enters = seg_t == jnp.where(c == 0, 0, seg_ref[row, jnp.maximum(c * chunk - 1, 0)])
+
+    def head_body(k, dc_sum):
+        head = hb * bh + k
+        a_t = acs_ref[row, head, t_steps]
+        e_t = jnp.exp(a_t if enters is None else jnp.where(enters, a_t, -jnp.inf))
+        dy_t = _load(dy_ref.at[row, t_steps, head, p_slice], _rows_cols(t_in, p_mask))
+        state = _load(states_ref.at[row, c, head, p_slice, n_slice], _rows_cols(p_mask, n_mask))
+        dc = e_t[:, None] * _dot(dy_t.astype(state_dtype), state.astype(state_dtype))
+        inter = jnp.sum(c_t.astype(jnp.float32) * dc, axis=1)
+
+        def source_body(j, carry):
+            dc, rows = carry
+            s_steps, s_local, s_in = _block_rows(c, chunk, j, bk, seq_len)
+            b_s = _load(b_ref.at[row, s_steps, group, n_slice], _rows_cols(s_in, n_mask))
+            x_s = _load(x_ref.at[row, s_steps, head, p_slice], _rows_cols(s_in, p_mask))
+            pairs = t_local[:, None] >= s_local[None, :]
+            if has_seg:
+                pairs = pairs & (seg_t[:, None] == seg_ref[row, s_steps][None, :])
+            a_s = acs_ref[row, head, s_steps]
+            weights = jnp.exp(jnp.where(pairs, a_t[:, None] - a_s[None, :], -jnp.inf)) \
+                * dt_ref[row, head, s_steps][None, :]
+            scores = _dot(c_dot, b_s.astype(dot_dtype), contract=(1, 1))
+            gx = _dot(dy_t.astype(dot_dtype), x_s.astype(dot_dtype), contract=(1, 1)) * weights
+            rows = rows + jnp.sum(gx * scores, axis=1)
+            return dc + _dot(gx.astype(dot_dtype), b_s.astype(dot_dtype)), rows
+
+        dc, rows = jax.lax.fori_loop(jnp.int32(0), tb + 1, source_body,
+                                     (dc, jnp.zeros((bk,), jnp.float32)))
+        r_ref[row, head, t_steps] = rows + inter
+        return dc_sum + dc
+
+    dc = jax.lax.fori_loop(jnp.int32(0), jnp.int32(bh), head_body,
+                           jnp.zeros((bk, _padded(state_dim)), jnp.float32))
+    plgpu.store(dc_ref.at[row, t_steps, hb, n_slice], dc, mask=_rows_cols(t_in, n_mask))
+
+
+def _source_kernel(*refs, dims, config, has_seg, has_d, dot_dtype):
+    x_ref, dy_ref, b_ref, c_ref, dt_ref, acs_ref, gends_ref, *rest = refs
+    seg_ref = rest.pop(0) if has_seg else None
+    d_ref = rest.pop(0) if has_d else None
+    dx_ref, db_ref, colq_ref, q_ref, xy_ref = rest
+    seq_len, chunk, heads_per_group, head_dim, state_dim = dims
+    bk, bh = config.block, config.block_h
+    p_slice, p_mask = _full(head_dim)
+    n_slice, n_mask = _full(state_dim)
+    sb, hb, c, row = (pl.program_id(i) for i in range(4))
+    group = hb * bh // heads_per_group
+    s_steps, s_local, s_in = _block_rows(c, chunk, sb, bk, seq_len)
+    b_s = _load(b_ref.at[row, s_steps, group, n_slice], _rows_cols(s_in, n_mask))
+    b_dot = b_s.astype(dot_dtype)
+    state_dtype = snapshot_dtype(dot_dtype)
+    end = c * chunk + chunk - 1
+    in_last_segment, seg_s = None, None
+    if has_seg:
+        seg_s = seg_ref[row, s_steps]
+        in_last_segment = seg_s == seg_ref[row, end]
+
+    def head_body(k, db_sum):
+        head = hb * bh + k
+        x_s = _load(x_ref.at[row, s_steps, head, p_slice], _rows_cols(s_in, p_mask))
+        a_s = acs_ref[row, head, s_steps]
+        dt_s = dt_ref[row, head, s_steps]
+        to_end = acs_ref[row, head, end] - a_s
+        to_end = jnp.exp(to_end if in_last_segment is None
+                         else jnp.where(in_last_segment, to_end, -jnp.inf))
+        grad = _load(gends_ref.at[row, c, head, p_slice, n_slice], _rows_cols(p_mask, n_mask))
+        grad = grad.astype(state_dtype)
+        gb = _dot(b_s.astype(state_dtype), grad, contract=(1, 1))          # [bk, p]: G B_s
+        y_prime = to_end[:, None] * gb
+        db = (dt_s * to_end)[:, None] * _dot(x_s.astype(state_dtype), grad)  # [bk, n]
+
+        def target_body(i, carry):
+            y_prime, db, cols = carry
+            t_steps, t_local, t_in = _block_rows(c, chunk, i, bk, seq_len)
+            c_t = _load(c_ref.at[row, t_steps, group, n_slice], _rows_cols(t_in, n_mask))
+            dy_t = _load(dy_ref.at[row, t_steps, head, p_slice], _rows_cols(t_in, p_mask))
+            pairs = t_local[None, :] >= s_local[:, None]                   # [s, t]
+            if has_seg:
+                pairs = pairs & (seg_s[:, None] == seg_ref[row, t_steps][None, :])
+            decay = jnp.exp(jnp.where(pairs, acs_ref[row, head, t_steps][None, :]
+                                      - a_s[:, None], -jnp.inf))
+            scores = _dot(b_dot, c_t.astype(dot_dtype), contract=(1, 1))
+            gx = _dot(x_s.astype(dot_dtype), dy_t.astype(dot_dtype), contract=(1, 1)) * decay
+            y_prime = y_prime + _dot((scores * decay).astype(dot_dtype), dy_t.astype(dot_dtype))
+            db = db + dt_s[:, None] * _dot(gx.astype(dot_dtype), c_t.astype(dot_dtype))
+            cols = cols + jnp.sum(gx * scores, axis=1) * dt_s
+            return y_prime, db, cols
+
+        y_prime, db, cols = jax.lax.fori_loop(sb, jnp.int32(chunk // bk), target_body,
+                                              (y_prime, db, jnp.zeros((bk,), jnp.float32)))
+        xf = x_s.astype(jnp.float32)
+        q = dt_s * to_end * jnp.sum(xf * gb, axis=1)
+        dx = dt_s[:, None] * y_prime
+        if has_d:
+            dy_s = _load(dy_ref.at[row, s_steps, head, p_slice], _rows_cols(s_in, p_mask))
+            dx = dx + _load(d_ref.at[head, p_slice], p_mask)[None, :] * dy_s.astype(jnp.float32)
+        plgpu.store(dx_ref.at[row, s_steps, head, p_slice], dx.astype(dx_ref.dtype),
+                    mask=_rows_cols(s_in, p_mask))
+        colq_ref[row, head, s_steps] = cols + q
+        q_ref[row, head, s_steps] = q
+        xy_ref[row, head, s_steps] = jnp.sum(xf * y_prime, axis=1)
+        return db_sum + db
+
+    db = jax.lax.fori_loop(jnp.int32(0), jnp.int32(bh), head_body,
+                           jnp.zeros((bk, _padded(state_dim)), jnp.float32))
+    plgpu.store(db_ref.at[row, s_steps, hb, n_slice], db, mask=_rows_cols(s_in, n_mask))
+
+
+_STATIC = ("chunk_size", "config", "interpret")
+
+
+def _dims(x, b, chunk_size):
+    _, seq_len, heads, head_dim = x.shape
+    groups, state_dim = b.shape[2:]
+    return (seq_len, chunk_size, heads // groups, head_dim, state_dim)
+
+
+def _params(config, interpret):
+    return dict(compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                                     num_stages=config.num_stages),
+                interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def state_grads(dy, c, a_cs, states, seg=None, dfinal=None, *, chunk_size: int,
+                config: SsdBackwardConfig, interpret: bool = False):
+    """``(G [batch, chunks, heads, head_dim, state_dim]`` float32 (gradient of the state
+    at each chunk's end), ``d initial_states`` float32, ``decay_c <G_c, S_c>``
+    ``[batch, heads, chunks, p blocks]`` float32).
+
+    ``dy``: ``[batch, seqlen, heads, head_dim]`` (the cotangent before the gate);
+    ``states``: the forward's states entering each chunk; ``dfinal``: the final
+    state's cotangent or None.
+    """
+    batch, _, heads, head_dim = dy.shape
+    chunks = a_cs.shape[-1] // chunk_size
+    state_dim = c.shape[-1]
+    p_blocks = pl.cdiv(head_dim, config.block_p)
+    kernel = functools.partial(_state_grad_kernel, dims=_dims(dy, c, chunk_size), config=config,
+                               has_seg=seg is not None, has_dfinal=dfinal is not None,
+                               dot_dtype=dy.dtype)
+    state = (batch, heads, head_dim, state_dim)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_dim), jnp.float32),
+                   jax.ShapeDtypeStruct(state, jnp.float32),
+                   jax.ShapeDtypeStruct((batch, heads, chunks, p_blocks), jnp.float32)),
+        grid=(p_blocks, heads, batch),
+        name="bjax_ssd_state_grads",
+        **_params(config, interpret),
+    )(*[v for v in (dy, c, a_cs, states, seg, dfinal) if v is not None])
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def target_grads(x, dy, b, c, dt, a_cs, states, seg=None, *, chunk_size: int,
+                 config: SsdBackwardConfig, interpret: bool = False):
+    """``(dC`` float32 ``[batch, seqlen, heads / block_h, state_dim]`` (one slice per
+    block of heads: sum the slices of a group), ``row terms`` float32 ``[batch, heads, T])``."""
+    batch, seq_len, heads, _ = x.shape
+    state_dim = b.shape[-1]
+    length = a_cs.shape[-1]
+    kernel = functools.partial(_target_kernel, dims=_dims(x, b, chunk_size), config=config,
+                               has_seg=seg is not None, dot_dtype=x.dtype)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((batch, seq_len, heads // config.block_h, state_dim),
+                                        jnp.float32),
+                   jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)),
+        grid=(chunk_size // config.block, heads // config.block_h, length // chunk_size, batch),
+        name="bjax_ssd_target_grads",
+        **_params(config, interpret),
+    )(*[v for v in (x, dy, b, c, dt, a_cs, states, seg) if v is not None])
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def source_grads(x, dy, b, c, dt, a_cs, gends, seg=None, d=None, *, chunk_size: int,
+                 config: SsdBackwardConfig, interpret: bool = False):
+    """``(dx`` in x's dtype, ``dB`` float32 ``[batch, seqlen, heads / block_h, state_dim]``,
+    ``column terms + q``, ``q``, ``x . y'`` (each float32 ``[batch, heads, T]``)).
+
+    ``gends``: :func:`state_grads`' first output; ``d``: float32 ``[heads, head_dim]``.
+    """
+    batch, seq_len, heads, _ = x.shape
+    state_dim = b.shape[-1]
+    length = a_cs.shape[-1]
+    kernel = functools.partial(_source_kernel, dims=_dims(x, b, chunk_size), config=config,
+                               has_seg=seg is not None, has_d=d is not None, dot_dtype=x.dtype)
+    per_step = jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
+                   jax.ShapeDtypeStruct((batch, seq_len, heads // config.block_h, state_dim),
+                                        jnp.float32),
+                   per_step, per_step, per_step),
+        grid=(chunk_size // config.block, heads // config.block_h, length // chunk_size, batch),
+        name="bjax_ssd_source_grads",
+        **_params(config, interpret),
+    )(*[v for v in (x, dy, b, c, dt, a_cs, gends, seg, d) if v is not None])

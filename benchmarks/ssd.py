@@ -5,13 +5,16 @@
 * ``ssd_chunk_scan`` forward at three shapes (bf16 x / B / C, float32 dt and A):
   the reference shape b=4, l=4096, h=64, p=64, n=128, g=1, chunk 256; Mamba-2 2.7B
   (b=1, l=2048, h=80); and b=2, l=8192, h=128, g=8, chunk 128.
+* ``ssd_chunk_scan`` forward + backward (``jax.vjp``; mamba_ssm: ``.backward``) at
+  the same shapes, with the peak device memory of bjax's and XLA's compiled
+  programs (arguments + outputs + temporaries, from XLA's memory analysis).
 * ``ssd_step`` at b=64, h=64, p=64, n=128 (the state donated and fed back).
 * mamba_ssm column: ``mamba_chunk_scan_combined`` from the state-spaces/mamba
   source tree at ``--mamba-src`` (its ``mamba_ssm`` package is loaded without
   the package's compiled extensions); left blank where absent.
 
 Every column is device throughput: many calls enqueued, one wait at the end.
-``ratio`` is other / bjax (> 1: bjax faster). ``% floor`` is the larger of two
+``ratio`` is other / bjax (> 1: bjax faster). ``% floor`` (forward rows) gives two
 floors over bjax's time: bytes (x, B, C, dt read, y written) at the copy
 ceiling, and the chunked algorithm's matmul flops (C B^T per group, the causal
 halves) at the bf16 matmul rate, both measured in the same run.
@@ -125,6 +128,53 @@ def scan_rows(backend, mamba, copy_tbps, tflops):
     return rows
 
 
+def mamba_fwd_bwd_ms(mamba, args, dy, chunk):
+    import torch
+    tensors = [torch.from_dlpack(jax.block_until_ready(v)).clone().requires_grad_()
+               for v in args]
+    grad = torch.from_dlpack(jax.block_until_ready(dy))
+
+    def run():
+        for t in tensors:
+            t.grad = None
+        mamba(*tensors, chunk).backward(grad)
+    return torch_time_ms(run, calls=20)
+
+
+def _fwd_bwd(backend, chunk):
+    def loss_vjp(args, dy):
+        fn = lambda *a: bjax.ssd_chunk_scan(*a, chunk_size=chunk, backend=backend)  # noqa: E731
+        return jax.vjp(fn, *args)[1](dy)
+    return jax.jit(loss_vjp)
+
+
+def peak_mib(fn, *args) -> float:
+    """Compiled program's arguments + outputs + temporaries, in MiB (XLA's memory analysis)."""
+    stats = fn.lower(*args).compile().memory_analysis()
+    return (stats.argument_size_in_bytes + stats.output_size_in_bytes
+            + stats.temp_size_in_bytes) / 2**20
+
+
+def backward_rows(backend, mamba):
+    rows = []
+    for shape in SCAN_SHAPES:
+        chunk = shape[-1]
+        args = inputs(shape)
+        dy = jax.random.normal(jax.random.key(9), args[0].shape, jnp.bfloat16)
+        mine, xla = _fwd_bwd(backend, chunk), _fwd_bwd("xla", chunk)
+        t_mine = harness.device_time_ms(mine, args, dy, calls=20)
+        t_xla = harness.device_time_ms(xla, args, dy, calls=5, trials=3)
+        t_mamba = mamba_fwd_bwd_ms(mamba, args, dy, chunk) if mamba else None
+        row = ["ssd_chunk_scan fwd+bwd", "b{} l{} h{} p{} g{} n{} Q{}".format(*shape),
+               f"{t_mine:.3f}", f"{t_xla:.3f}", f"{t_xla / t_mine:.2f}",
+               f"{t_mamba:.3f}" if t_mamba else "-",
+               f"{t_mamba / t_mine:.2f}" if t_mamba else "-",
+               f"peak {peak_mib(mine, args, dy):.0f} MiB vs XLA {peak_mib(xla, args, dy):.0f}"]
+        print(" | ".join(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def step_row(backend, copy_tbps):
     batch, heads, head_dim, groups, state_dim = STEP_SHAPE
     k = jax.random.split(jax.random.key(1), 6)
@@ -152,7 +202,8 @@ def run(backend: str, mamba_src: str | None) -> str:
     copy_tbps, how = harness.copy_ceiling_tbps()
     tflops = matmul_tflops()
     mamba = load_mamba(mamba_src)
-    rows = scan_rows(backend, mamba, copy_tbps, tflops) + [step_row(backend, copy_tbps)]
+    rows = (scan_rows(backend, mamba, copy_tbps, tflops) + backward_rows(backend, mamba)
+            + [step_row(backend, copy_tbps)])
     return "\n".join([
         harness.environment(),
         f"copy ceiling {copy_tbps:.2f} TB/s ({how}); bf16 matmul {tflops:.0f} TFLOP/s (XLA); "

@@ -305,6 +305,7 @@ def _scan_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, d
         x, dy_pre, B, C, dt_p, a_cs, ends, seg, d, **backward_args)
 
     # Gradient of the chunk-local cumsum a_cs, then of a = dt' A (reverse cumsum per chunk).
+    rows, cols, q, x_dot_y = (v.sum(1) for v in (rows, cols, q, x_dot_y))  # over p blocks
     shape = (desc.batch, desc.heads, desc.chunks, desc.chunk_size)
     d_acs = (rows - cols).reshape(shape)
     d_acs = d_acs.at[..., -1].add(q.reshape(shape).sum(-1) + carry.sum(-1))
@@ -316,9 +317,12 @@ def _scan_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, d
                                                                opts.dt_limit), dt, dt_bias)
     d_dt, d_bias = dt_vjp(d_dtp)
 
-    def per_group(parts, like):
-        parts = parts.reshape(desc.batch, desc.seq_len, desc.groups, -1, desc.state_dim)
-        return parts.sum(3).astype(like.dtype)
+    p_blocks = -(-desc.head_dim // desc.backward_config.block_p)
+
+    def per_group(parts, like):  # slices [p block, group, block of heads] -> [group]
+        parts = parts.reshape(desc.batch, desc.seq_len, p_blocks, desc.groups, -1,
+                              desc.state_dim)
+        return parts.sum((2, 4)).astype(like.dtype)
 
     dD = None
     if D is not None:

@@ -52,7 +52,8 @@ class SsdBackwardConfig:
     Attributes:
       block_q: steps per piece of :func:`state_grads`' walk (divides the chunk size).
       block: steps per block of :func:`target_grads` and :func:`source_grads`.
-      block_p: head_dim columns per :func:`state_grads` program.
+      block_p: head_dim columns per program (the chunk kernels return partial sums
+        over head_dim, one per block).
       block_h: heads per program of the two chunk kernels (divides heads per group);
         their ``dB`` / ``dC`` come back summed over it, one slice per block of heads.
       num_warps, num_stages: of every kernel.
@@ -68,7 +69,7 @@ class SsdBackwardConfig:
 def default_config(chunk_size: int, head_dim: int, state_dim: int,
                    heads_per_group: int) -> SsdBackwardConfig:
     del state_dim
-    block_h = next(k for k in (8, 4, 2, 1) if heads_per_group % k == 0)
+    block_h = next(k for k in (2, 1) if heads_per_group % k == 0)
     return SsdBackwardConfig(block_q=min(chunk_size, 64), block=min(chunk_size, 64),
                              block_p=min(_padded(head_dim), 64), block_h=block_h)
 
@@ -141,10 +142,12 @@ def _target_kernel(*refs, dims, config, has_seg, dot_dtype):
     seg_ref = rest.pop(0) if has_seg else None
     dc_ref, r_ref = rest
     seq_len, chunk, heads_per_group, head_dim, state_dim = dims
-    bk, bh = config.block, config.block_h
-    p_slice, p_mask = _full(head_dim)
+    bk, bh, bp = config.block, config.block_h, config.block_p
     n_slice, n_mask = _full(state_dim)
-    tb, hb, c, row = (pl.program_id(i) for i in range(4))
+    tile, hb, c, row = (pl.program_id(i) for i in range(4))
+    p_blocks = pl.cdiv(head_dim, bp)
+    tb, pb = tile // p_blocks, tile % p_blocks
+    p_slice, p_mask = _columns(head_dim, pb * bp, bp)
     group = hb * bh // heads_per_group
     t_steps, t_local, t_in = _block_rows(c, chunk, tb, bk, seq_len)
     c_t = _load(c_ref.at[row, t_steps, group, n_slice], _rows_cols(t_in, n_mask))
@@ -182,12 +185,14 @@ def _target_kernel(*refs, dims, config, has_seg, dot_dtype):
 
         dc, rows = jax.lax.fori_loop(jnp.int32(0), tb + 1, source_body,
                                      (dc, jnp.zeros((bk,), jnp.float32)))
-        r_ref[row, head, t_steps] = rows + inter
+        r_ref[row, pb, head, t_steps] = rows + inter
         return dc_sum + dc
 
-    dc = jax.lax.fori_loop(jnp.int32(0), jnp.int32(bh), head_body,
-                           jnp.zeros((bk, _padded(state_dim)), jnp.float32))
-    plgpu.store(dc_ref.at[row, t_steps, hb, n_slice], dc, mask=_rows_cols(t_in, n_mask))
+    dc = jnp.zeros((bk, _padded(state_dim)), jnp.float32)
+    for k in range(bh):
+        dc = head_body(k, dc)
+    plgpu.store(dc_ref.at[row, t_steps, pb * (dc_ref.shape[2] // p_blocks) + hb, n_slice], dc,
+                mask=_rows_cols(t_in, n_mask))
 
 
 def _source_kernel(*refs, dims, config, has_seg, has_d, dot_dtype):
@@ -196,10 +201,12 @@ def _source_kernel(*refs, dims, config, has_seg, has_d, dot_dtype):
     d_ref = rest.pop(0) if has_d else None
     dx_ref, db_ref, colq_ref, q_ref, xy_ref = rest
     seq_len, chunk, heads_per_group, head_dim, state_dim = dims
-    bk, bh = config.block, config.block_h
-    p_slice, p_mask = _full(head_dim)
+    bk, bh, bp = config.block, config.block_h, config.block_p
     n_slice, n_mask = _full(state_dim)
-    sb, hb, c, row = (pl.program_id(i) for i in range(4))
+    tile, hb, c, row = (pl.program_id(i) for i in range(4))
+    p_blocks = pl.cdiv(head_dim, bp)
+    sb, pb = tile // p_blocks, tile % p_blocks
+    p_slice, p_mask = _columns(head_dim, pb * bp, bp)
     group = hb * bh // heads_per_group
     s_steps, s_local, s_in = _block_rows(c, chunk, sb, bk, seq_len)
     b_s = _load(b_ref.at[row, s_steps, group, n_slice], _rows_cols(s_in, n_mask))
@@ -252,14 +259,16 @@ def _source_kernel(*refs, dims, config, has_seg, has_d, dot_dtype):
             dx = dx + _load(d_ref.at[head, p_slice], p_mask)[None, :] * dy_s.astype(jnp.float32)
         plgpu.store(dx_ref.at[row, s_steps, head, p_slice], dx.astype(dx_ref.dtype),
                     mask=_rows_cols(s_in, p_mask))
-        colq_ref[row, head, s_steps] = cols + q
-        q_ref[row, head, s_steps] = q
-        xy_ref[row, head, s_steps] = jnp.sum(xf * y_prime, axis=1)
+        colq_ref[row, pb, head, s_steps] = cols + q
+        q_ref[row, pb, head, s_steps] = q
+        xy_ref[row, pb, head, s_steps] = jnp.sum(xf * y_prime, axis=1)
         return db_sum + db
 
-    db = jax.lax.fori_loop(jnp.int32(0), jnp.int32(bh), head_body,
-                           jnp.zeros((bk, _padded(state_dim)), jnp.float32))
-    plgpu.store(db_ref.at[row, s_steps, hb, n_slice], db, mask=_rows_cols(s_in, n_mask))
+    db = jnp.zeros((bk, _padded(state_dim)), jnp.float32)
+    for k in range(bh):
+        db = head_body(k, db)
+    plgpu.store(db_ref.at[row, s_steps, pb * (db_ref.shape[2] // p_blocks) + hb, n_slice], db,
+                mask=_rows_cols(s_in, n_mask))
 
 
 _STATIC = ("chunk_size", "config", "interpret")
@@ -310,19 +319,22 @@ def state_grads(dy, c, a_cs, states, seg=None, dfinal=None, *, chunk_size: int,
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def target_grads(x, dy, b, c, dt, a_cs, states, seg=None, *, chunk_size: int,
                  config: SsdBackwardConfig, interpret: bool = False):
-    """``(dC`` float32 ``[batch, seqlen, heads / block_h, state_dim]`` (one slice per
-    block of heads: sum the slices of a group), ``row terms`` float32 ``[batch, heads, T])``."""
-    batch, seq_len, heads, _ = x.shape
+    """``(dC`` float32 ``[batch, seqlen, p_blocks * heads / block_h, state_dim]`` (one
+    slice per block of ``p`` and block of heads: sum the slices of a group), ``row
+    terms`` float32 ``[batch, p_blocks, heads, T])`` (sum over the p blocks)."""
+    batch, seq_len, heads, head_dim = x.shape
     state_dim = b.shape[-1]
     length = a_cs.shape[-1]
+    p_blocks = pl.cdiv(head_dim, config.block_p)
     kernel = functools.partial(_target_kernel, dims=_dims(x, b, chunk_size), config=config,
                                has_seg=seg is not None, dot_dtype=x.dtype)
     return pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((batch, seq_len, heads // config.block_h, state_dim),
-                                        jnp.float32),
-                   jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)),
-        grid=(chunk_size // config.block, heads // config.block_h, length // chunk_size, batch),
+        out_shape=(jax.ShapeDtypeStruct(
+            (batch, seq_len, p_blocks * heads // config.block_h, state_dim), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, p_blocks, heads, length), jnp.float32)),
+        grid=(chunk_size // config.block * p_blocks, heads // config.block_h,
+              length // chunk_size, batch),
         name="bjax_ssd_target_grads",
         **_params(config, interpret),
     )(*[v for v in (x, dy, b, c, dt, a_cs, states, seg) if v is not None])
@@ -331,24 +343,28 @@ def target_grads(x, dy, b, c, dt, a_cs, states, seg=None, *, chunk_size: int,
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def source_grads(x, dy, b, c, dt, a_cs, gends, seg=None, d=None, *, chunk_size: int,
                  config: SsdBackwardConfig, interpret: bool = False):
-    """``(dx`` in x's dtype, ``dB`` float32 ``[batch, seqlen, heads / block_h, state_dim]``,
-    ``column terms + q``, ``q``, ``x . y'`` (each float32 ``[batch, heads, T]``)).
+    """``(dx`` in x's dtype, ``dB`` slices as :func:`target_grads`' ``dC``,
+    ``column terms + q``, ``q``, ``x . y'`` (each float32 ``[batch, p_blocks, heads, T]``,
+    to sum over the p blocks)).
 
     ``gends``: :func:`state_grads`' first output; ``d``: float32 ``[heads, head_dim]``.
     """
-    batch, seq_len, heads, _ = x.shape
+    batch, seq_len, heads, head_dim = x.shape
     state_dim = b.shape[-1]
     length = a_cs.shape[-1]
+    p_blocks = pl.cdiv(head_dim, config.block_p)
     kernel = functools.partial(_source_kernel, dims=_dims(x, b, chunk_size), config=config,
                                has_seg=seg is not None, has_d=d is not None, dot_dtype=x.dtype)
-    per_step = jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)
+    per_step = jax.ShapeDtypeStruct((batch, p_blocks, heads, length), jnp.float32)
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
-                   jax.ShapeDtypeStruct((batch, seq_len, heads // config.block_h, state_dim),
-                                        jnp.float32),
+                   jax.ShapeDtypeStruct(
+                       (batch, seq_len, p_blocks * heads // config.block_h, state_dim),
+                       jnp.float32),
                    per_step, per_step, per_step),
-        grid=(chunk_size // config.block, heads // config.block_h, length // chunk_size, batch),
+        grid=(chunk_size // config.block * p_blocks, heads // config.block_h,
+              length // chunk_size, batch),
         name="bjax_ssd_source_grads",
         **_params(config, interpret),
     )(*[v for v in (x, dy, b, c, dt, a_cs, gends, seg, d) if v is not None])

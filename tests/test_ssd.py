@@ -238,6 +238,14 @@ def test_gradients_shapes(shape, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_gradients_largest_dims(dtype, backend):
+    """head_dim = state_dim = 256: four blocks of head_dim, partial sums over them."""
+    x, dt, A, B, C = problem(31, 1, 40, 2, 256, 1, 256, dtype)
+    check_gradients(x, dt, A, B, C, backend, GRAD_BOUND[jnp.dtype(dtype)], chunk_size=32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_check_grads(backend):
     """Finite differences (float32, so loose tolerances) on a tiny problem with every feature."""
     x, dt, A, B, C = problem(24, 1, 20, 2, 4, 1, 4, jnp.float32)

@@ -56,23 +56,27 @@ class SsdBackwardConfig:
         over head_dim, one per block).
       block_h: heads per program of the two chunk kernels (divides heads per group);
         their ``dB`` / ``dC`` come back summed over it, one slice per block of heads.
-      num_warps, num_stages: of every kernel (``source_stages`` for :func:`source_grads`).
+      source_block_h: heads per :func:`source_grads` program.
+      num_warps, num_stages: of every kernel.
     """
     block_q: int
     block: int
     block_p: int
     block_h: int
+    source_block_h: int = 1
     num_warps: int = 4
     num_stages: int = 2
-    source_stages: int = 1
 
 
 def default_config(chunk_size: int, head_dim: int, state_dim: int,
                    heads_per_group: int) -> SsdBackwardConfig:
     """From an H200 sweep at b=4, l=4096, h=64, p=64, n=128, chunk 256: the state walk
     in 128-step pieces (0.19 ms; 0.21 in 64), 64-step blocks with two heads per
-    program (target 0.57 ms against 0.62 for one head and 0.82 for four), 4 warps,
-    and no pipelining of the source kernel's loop (0.85 ms against 1.10)."""
+    target program (0.57 ms against 0.62 for one head and 0.82 for four), one head
+    per source program (0.74 ms against 1.10 for two) and 4 warps. (Two heads per
+    source program without pipelining ran at 0.85 ms but gave a wrong dB on that
+    GPU at head_dim 80, state_dim 130 in float32, which every other configuration
+    got right: not used.)"""
     del state_dim
     block_h = 2 if heads_per_group % 2 == 0 else 1
     return SsdBackwardConfig(block_q=min(chunk_size, 128), block=min(chunk_size, 64),
@@ -201,6 +205,7 @@ def _target_kernel(*refs, dims, config, has_seg, dot_dtype):
 
 
 def _source_kernel(*refs, dims, config, has_seg, has_d, dot_dtype):
+    config = dataclasses.replace(config, block_h=config.source_block_h)
     x_ref, dy_ref, b_ref, c_ref, dt_ref, acs_ref, gends_ref, *rest = refs
     seg_ref = rest.pop(0) if has_seg else None
     d_ref = rest.pop(0) if has_d else None
@@ -285,10 +290,10 @@ def _dims(x, b, chunk_size):
     return (seq_len, chunk_size, heads // groups, head_dim, state_dim)
 
 
-def _params(config, interpret, num_stages=None):
-    return dict(compiler_params=plgpu.CompilerParams(
-        num_warps=config.num_warps, num_stages=num_stages or config.num_stages),
-        interpret=interpret)
+def _params(config, interpret):
+    return dict(compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                                     num_stages=config.num_stages),
+                interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -365,11 +370,11 @@ def source_grads(x, dy, b, c, dt, a_cs, gends, seg=None, d=None, *, chunk_size: 
         kernel,
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct(
-                       (batch, seq_len, p_blocks * heads // config.block_h, state_dim),
+                       (batch, seq_len, p_blocks * heads // config.source_block_h, state_dim),
                        jnp.float32),
                    per_step, per_step, per_step),
-        grid=(chunk_size // config.block * p_blocks, heads // config.block_h,
+        grid=(chunk_size // config.block * p_blocks, heads // config.source_block_h,
               length // chunk_size, batch),
         name="bjax_ssd_source_grads",
-        **_params(config, interpret, config.source_stages),
+        **_params(config, interpret),
     )(*[v for v in (x, dy, b, c, dt, a_cs, gends, seg, d) if v is not None])

@@ -12,7 +12,10 @@ segment only. ``dt'``, every cumulative sum and every state are float32; matmul
 operands stay in the input dtype (float32 inputs: full float32) with float32
 accumulation; ``y`` comes back in x's dtype.
 
-Gradients are not implemented yet: ``jax.grad`` raises :class:`UnsupportedError`.
+Gradients (``custom_vjp``): every input of ``ssd_chunk_scan`` and the cotangent of
+its final state, from Pallas backward kernels that recompute the chunk states
+(``pallas_kernels.ssd_backward``; the residuals are the inputs alone); ``ssd_step``
+through its jnp formula.
 """
 from __future__ import annotations
 
@@ -423,8 +426,7 @@ def ssd_chunk_scan(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=No
         not a power of two in range, groups not dividing heads, non-bool flags,
         a bad dt_limit, B / C / z of another dtype than x, non-integer seq_idx.
       UnsupportedError: x not float32 / float16 / bfloat16, head_dim or state_dim
-        over 256, ``backend="pallas"`` without a CUDA GPU; under ``jax.grad``
-        (no backward yet).
+        over 256, ``backend="pallas"`` without a CUDA GPU.
     """
     x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx = _asarrays(
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)

@@ -124,8 +124,9 @@ def cascade_rows(backend, shape):
 
 
 def ssd_rows(backend, shape):
-    """ssd_chunk_scan (bf16, with D, z and softplus) and 16 ssd_steps from its final
-    state, against the XLA backend on float32 copies of the same inputs."""
+    """ssd_chunk_scan (bf16, with D, z and softplus), its gradients for x, dt, B, C
+    and z, and 16 ssd_steps from its final state, against the XLA backend on float32
+    copies of the same inputs."""
     batch, seq_len, heads, head_dim, groups, state_dim, chunk = shape
     k = jax.random.split(jax.random.key(0), 7)
     x = jax.random.normal(k[0], (batch, seq_len, heads, head_dim), jnp.bfloat16)
@@ -147,15 +148,25 @@ def ssd_rows(backend, shape):
                                      z=z[:, t], dt_softplus=True, backend=backend)
         return y, state
 
+    def grads(x, dt, B, C, z, backend=backend):
+        _, vjp = jax.vjp(lambda *a: scan(*a, backend=backend), x, dt, B, C, z)
+        return vjp((x, final))
+
     fn = jax.jit(scan)
     y, final = fn(x, dt, B, C, z)
     ref_y, ref_final = scan(*f32(x, dt, B, C, z), backend="xla")
+    grad_fn = jax.jit(grads)
+    _, ref_vjp = jax.vjp(lambda *a: scan(*a, backend="xla"), *f32(x, dt, B, C, z))
+    ref_grads = ref_vjp((x.astype(jnp.float32), final))
     step_fn = jax.jit(steps)
     step_args = (final, x, dt, B, C, z)
     ref_steps = steps(ref_final, *f32(x, dt, B, C, z), backend="xla")
     return [("ssd_chunk_scan fwd", shape[:4], "bfloat16", backend,
              max(_relative_error(y, ref_y), _relative_error(final, ref_final)),
              _time_ms(fn, x, dt, B, C, z), _GATED_BOUND),
+            ("ssd_chunk_scan fwd+bwd", shape[:4], "bfloat16", backend,
+             max(_relative_error(o, r) for o, r in zip(grad_fn(x, dt, B, C, z), ref_grads)),
+             _time_ms(grad_fn, x, dt, B, C, z), _GATED_BOUND),
             ("ssd_step x16", shape[:4], "bfloat16", backend,
              max(_relative_error(o, r) for o, r in zip(step_fn(*step_args), ref_steps)),
              _time_ms(step_fn, *step_args), _GATED_BOUND)]

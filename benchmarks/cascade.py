@@ -122,11 +122,9 @@ def run(backend: str) -> str:
     for seq_len in (PREFILL, DECODE):
         rows += _many_rows(backend, seq_len, ceiling)
         rows += _pair_rows(backend, seq_len, ceiling)
-    return "\n".join([
-        harness.environment(), f"copy ceiling: {ceiling:.2f} TB/s ({ceiling_how}); "
-        f"backend={backend}", "",
-        harness.markdown_table(["op", "dir", "v shape", "bjax ms", "XLA ms", "ratio",
-                                "bjax TB/s", "% copy"], rows)])
+    return harness.report(
+        f"copy ceiling: {ceiling:.2f} TB/s ({ceiling_how}); backend={backend}",
+        ["op", "dir", "v shape", "bjax ms", "XLA ms", "ratio", "bjax TB/s", "% copy"], rows)
 
 
 def main():

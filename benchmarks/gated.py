@@ -67,10 +67,10 @@ def run(backend: str, sweep: bool) -> str:
                          f"{t_mine:.4f}", f"{t_xla:.4f}", f"{t_xla / t_mine:.2f}",
                          f"{tbps:.2f}", f"{100 * tbps / ceiling:.0f}%"])
             print(" | ".join(rows[-1]), flush=True)
-    text = [harness.environment(),
-            f"copy ceiling: {ceiling:.2f} TB/s ({ceiling_how}); backend={backend}", "",
-            harness.markdown_table(["kind", "dir", "shape", "dtype", "bjax ms", "XLA ms",
-                                    "ratio", "bjax TB/s", "% copy"], rows)]
+    text = [harness.report(
+        f"copy ceiling: {ceiling:.2f} TB/s ({ceiling_how}); backend={backend}",
+        ["kind", "dir", "shape", "dtype", "bjax ms", "XLA ms", "ratio", "bjax TB/s", "% copy"],
+        rows)]
     if sweep:
         text += ["", sweep_configs(ceiling)]
     return "\n".join(text)

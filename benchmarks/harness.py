@@ -138,6 +138,12 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def report(setting: str, header: list[str], rows: list[list]) -> str:
+    """A benchmark's report: the environment line, ``setting`` (ceilings, backend), then
+    the table."""
+    return "\n".join([environment(), setting, "", markdown_table(header, rows)])
+
+
 def write_report(name: str, report: str) -> None:
     """Prints ``report`` and, where ``$OUT`` is set, writes it to ``$OUT/{name}_bench.md``."""
     print("\n" + report)

@@ -105,6 +105,19 @@ def mamba_ms(mamba, args, chunk):
     return torch_time_ms(lambda: mamba(x, dt, A, B, C, chunk))
 
 
+def _row(op, shape_text, t_mine, t_xla, t_mamba, note):
+    """A table row (printed as it comes): times in ms, ratios other / bjax."""
+    row = [op, shape_text, f"{t_mine:.4f}", f"{t_xla:.4f}", f"{t_xla / t_mine:.2f}",
+           f"{t_mamba:.4f}" if t_mamba else "-", f"{t_mamba / t_mine:.2f}" if t_mamba else "-",
+           note]
+    print(" | ".join(row), flush=True)
+    return row
+
+
+def _shape_text(shape):
+    return "b{} l{} h{} p{} g{} n{} Q{}".format(*shape)
+
+
 def scan_rows(backend, mamba, copy_tbps, tflops):
     rows = []
     for shape in SCAN_SHAPES:
@@ -118,13 +131,9 @@ def scan_rows(backend, mamba, copy_tbps, tflops):
         t_xla = harness.device_time_ms(xla, *args, calls=10)
         t_mamba = mamba_ms(mamba, args, chunk) if mamba else None
         bytes_floor, flops_floor = floors_ms(shape, copy_tbps, tflops)
-        row = ["ssd_chunk_scan fwd", "b{} l{} h{} p{} g{} n{} Q{}".format(*shape),
-               f"{t_mine:.3f}", f"{t_xla:.3f}", f"{t_xla / t_mine:.2f}",
-               f"{t_mamba:.3f}" if t_mamba else "-",
-               f"{t_mamba / t_mine:.2f}" if t_mamba else "-",
-               f"{100 * bytes_floor / t_mine:.0f}% / {100 * flops_floor / t_mine:.0f}%"]
-        print(" | ".join(row), flush=True)
-        rows.append(row)
+        rows.append(_row("ssd_chunk_scan fwd", _shape_text(shape), t_mine, t_xla, t_mamba,
+                         f"{100 * bytes_floor / t_mine:.0f}% / "
+                         f"{100 * flops_floor / t_mine:.0f}%"))
     return rows
 
 
@@ -165,13 +174,9 @@ def backward_rows(backend, mamba):
         t_mine = harness.device_time_ms(mine, args, dy, calls=20)
         t_xla = harness.device_time_ms(xla, args, dy, calls=5, trials=3)
         t_mamba = mamba_fwd_bwd_ms(mamba, args, dy, chunk) if mamba else None
-        row = ["ssd_chunk_scan fwd+bwd", "b{} l{} h{} p{} g{} n{} Q{}".format(*shape),
-               f"{t_mine:.3f}", f"{t_xla:.3f}", f"{t_xla / t_mine:.2f}",
-               f"{t_mamba:.3f}" if t_mamba else "-",
-               f"{t_mamba / t_mine:.2f}" if t_mamba else "-",
-               f"peak {peak_mib(mine, args, dy):.0f} MiB vs XLA {peak_mib(xla, args, dy):.0f}"]
-        print(" | ".join(row), flush=True)
-        rows.append(row)
+        rows.append(_row("ssd_chunk_scan fwd+bwd", _shape_text(shape), t_mine, t_xla, t_mamba,
+                         f"peak {peak_mib(mine, args, dy):.0f} MiB vs XLA "
+                         f"{peak_mib(xla, args, dy):.0f}"))
     return rows
 
 
@@ -191,11 +196,8 @@ def step_row(backend, copy_tbps):
     times = harness.chained_times_ms(
         fns, {name: (x + 0, state + 0) for name in fns}, x, dt, A, B, C)
     tbps = 2 * state.nbytes / (times["bjax"] * 1e-3) / 1e12
-    row = ["ssd_step", "b{} h{} p{} g{} n{}".format(*STEP_SHAPE), f"{times['bjax']:.4f}",
-           f"{times['xla']:.4f}", f"{times['xla'] / times['bjax']:.2f}", "-", "-",
-           f"{100 * tbps / copy_tbps:.0f}% (state r+w)"]
-    print(" | ".join(row), flush=True)
-    return row
+    return _row("ssd_step", "b{} h{} p{} g{} n{}".format(*STEP_SHAPE), times["bjax"],
+                times["xla"], None, f"{100 * tbps / copy_tbps:.0f}% (state r+w)")
 
 
 def run(backend: str, mamba_src: str | None) -> str:
@@ -204,12 +206,11 @@ def run(backend: str, mamba_src: str | None) -> str:
     mamba = load_mamba(mamba_src)
     rows = (scan_rows(backend, mamba, copy_tbps, tflops) + backward_rows(backend, mamba)
             + [step_row(backend, copy_tbps)])
-    return "\n".join([
-        harness.environment(),
+    return harness.report(
         f"copy ceiling {copy_tbps:.2f} TB/s ({how}); bf16 matmul {tflops:.0f} TFLOP/s (XLA); "
-        f"backend={backend}; mamba_ssm {'loaded' if mamba else 'absent'}", "",
-        harness.markdown_table(["op", "shape", "bjax ms", "XLA ms", "XLA/bjax", "mamba_ssm ms",
-                                "mamba/bjax", "% floor (bytes / flops)"], rows)])
+        f"backend={backend}; mamba_ssm {'loaded' if mamba else 'absent'}",
+        ["op", "shape", "bjax ms", "XLA ms", "XLA/bjax", "mamba_ssm ms", "mamba/bjax",
+         "% floor (bytes / flops)"], rows)
 
 
 def main():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -230,6 +231,19 @@ class SsdStepDescriptor:
         return cls(batch, heads, head_dim, groups, state_dim, jnp.dtype(x.dtype), options)
 
 
+class _Inputs(NamedTuple):
+    """What the scan's forward and backward both derive from the arguments: float32
+    parameters (``d`` as ``[heads, head_dim]``), segment numbers, and the step sizes and
+    chunk cumsums (``dt_p``, ``a_cs``) from the backend's own time-terms code."""
+    a: Any
+    bias: Any
+    d: Any
+    init: Any
+    seg: Any
+    dt_p: Any
+    a_cs: Any
+
+
 def _params(A, D, dt_bias, head_dim):
     """A, dt_bias as float32 [heads]; D as float32 [heads, head_dim] (or None)."""
     a = A.astype(jnp.float32)
@@ -241,28 +255,39 @@ def _params(A, D, dt_bias, head_dim):
     return a, bias, d
 
 
-def _scan_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
-                  desc: SsdChunkScanDescriptor, backend: str):
+def _scan_inputs(dt, A, D, dt_bias, initial_states, seq_idx, desc: SsdChunkScanDescriptor,
+                 backend: str) -> _Inputs:
     a, bias, d = _params(A, D, dt_bias, desc.head_dim)
     init = None if initial_states is None else initial_states.astype(jnp.float32)
-    if desc.seq_len == 0 or desc.batch == 0:
-        final = init if init is not None else jnp.zeros(
-            (desc.batch, desc.heads, desc.head_dim, desc.state_dim), jnp.float32)
-        return jnp.zeros(x.shape, x.dtype), final
-    opts = desc.options
     seg = None if seq_idx is None else xla_ssd.segments(seq_idx, desc.chunks * desc.chunk_size)
-    time_args = {"chunk_size": desc.chunk_size, "softplus": opts.dt_softplus,
-                 "limit": opts.dt_limit}
+    time_args = {"chunk_size": desc.chunk_size, "softplus": desc.options.dt_softplus,
+                 "limit": desc.options.dt_limit}
     if backend == "xla":
         dt_p, a_cs = xla_ssd.time_terms(dt, a, bias, **time_args)
-        return xla_ssd.chunk_scan(x, B, C, dt_p, a_cs, seg, d, z, init,
+    else:
+        dt_p, a_cs = pallas_ssd.time_terms(dt, a, bias, interpret=backend == "interpret",
+                                           **time_args)
+    return _Inputs(a, bias, d, init, seg, dt_p, a_cs)
+
+
+def _kernel_args(desc: SsdChunkScanDescriptor, backend: str, backward=False) -> dict:
+    return {"chunk_size": desc.chunk_size, "interpret": backend == "interpret",
+            "config": desc.backward_config if backward else desc.kernel_config}
+
+
+def _scan_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
+                  desc: SsdChunkScanDescriptor, backend: str):
+    if desc.seq_len == 0 or desc.batch == 0:
+        final = (jnp.zeros((desc.batch, desc.heads, desc.head_dim, desc.state_dim))
+                 if initial_states is None else initial_states)
+        return jnp.zeros(x.shape, x.dtype), final.astype(jnp.float32)
+    i = _scan_inputs(dt, A, D, dt_bias, initial_states, seq_idx, desc, backend)
+    if backend == "xla":
+        return xla_ssd.chunk_scan(x, B, C, i.dt_p, i.a_cs, i.seg, i.d, z, i.init,
                                   chunk_size=desc.chunk_size)
-    interpret = backend == "interpret"
-    dt_p, a_cs = pallas_ssd.time_terms(dt, a, bias, interpret=interpret, **time_args)
-    kernel_args = {"chunk_size": desc.chunk_size, "config": desc.kernel_config,
-                   "interpret": interpret}
-    states, final = pallas_ssd.chunk_states(x, B, dt_p, a_cs, seg, init, **kernel_args)
-    y = pallas_ssd.chunk_scan(x, B, C, dt_p, a_cs, states, seg, d, z, **kernel_args)
+    kernel_args = _kernel_args(desc, backend)
+    states, final = pallas_ssd.chunk_states(x, B, i.dt_p, i.a_cs, i.seg, i.init, **kernel_args)
+    y = pallas_ssd.chunk_scan(x, B, C, i.dt_p, i.a_cs, states, i.seg, i.d, z, **kernel_args)
     return y, final
 
 
@@ -275,49 +300,39 @@ def _scan_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, d
                    desc: SsdChunkScanDescriptor, backend: str):
     """Gradients of ``(y, final_states)`` with respect to ``x ... initial_states`` from the
     Pallas backward kernels (``pallas_kernels.ssd_backward``)."""
-    a, bias, d = _params(A, D, dt_bias, desc.head_dim)
-    init = None if initial_states is None else initial_states.astype(jnp.float32)
-    opts = desc.options
-    interpret = backend == "interpret"
-    length = desc.chunks * desc.chunk_size
-    seg = None if seq_idx is None else xla_ssd.segments(seq_idx, length)
-    dt_p, a_cs = pallas_ssd.time_terms(dt, a, bias, chunk_size=desc.chunk_size,
-                                       softplus=opts.dt_softplus, limit=opts.dt_limit,
-                                       interpret=interpret)
-    forward_args = {"chunk_size": desc.chunk_size, "config": desc.kernel_config,
-                    "interpret": interpret}
-    states, _ = pallas_ssd.chunk_states(x, B, dt_p, a_cs, seg, init, states_dtype=jnp.float32,
-                                        **forward_args)
+    i = _scan_inputs(dt, A, D, dt_bias, initial_states, seq_idx, desc, backend)
+    forward_args = _kernel_args(desc, backend)
+    states, _ = pallas_ssd.chunk_states(x, B, i.dt_p, i.a_cs, i.seg, i.init,
+                                        states_dtype=jnp.float32, **forward_args)
     dy = dy.astype(jnp.float32)
     dz = None
     if z is not None:
-        y_pre = pallas_ssd.chunk_scan(x, B, C, dt_p, a_cs,
-                                      states.astype(pallas_ssd.snapshot_dtype(x.dtype)), seg, d,
-                                      **forward_args)
+        y_pre = pallas_ssd.chunk_scan(x, B, C, i.dt_p, i.a_cs,
+                                      states.astype(pallas_ssd.snapshot_dtype(x.dtype)), i.seg,
+                                      i.d, **forward_args)
         silu, silu_grad = _silu_and_grad(z.astype(jnp.float32))
         dz = (dy * y_pre.astype(jnp.float32) * silu_grad).astype(z.dtype)
         dy = dy * silu
     dy_pre = dy.astype(x.dtype)
-    backward_args = {"chunk_size": desc.chunk_size, "config": desc.backward_config,
-                     "interpret": interpret}
+    backward_args = _kernel_args(desc, backend, backward=True)
     ends, d_init, carry = pallas_ssd_backward.state_grads(
-        dy_pre, C, a_cs, states, seg, dfinal.astype(jnp.float32), **backward_args)
-    dc_parts, rows = pallas_ssd_backward.target_grads(x, dy_pre, B, C, dt_p, a_cs, states, seg,
-                                                      **backward_args)
+        dy_pre, C, i.a_cs, states, i.seg, dfinal.astype(jnp.float32), **backward_args)
+    dc_parts, rows = pallas_ssd_backward.target_grads(x, dy_pre, B, C, i.dt_p, i.a_cs, states,
+                                                      i.seg, **backward_args)
     dx, db_parts, cols, q, x_dot_y = pallas_ssd_backward.source_grads(
-        x, dy_pre, B, C, dt_p, a_cs, ends, seg, d, **backward_args)
+        x, dy_pre, B, C, i.dt_p, i.a_cs, ends, i.seg, i.d, **backward_args)
 
     # Gradient of the chunk-local cumsum a_cs, then of a = dt' A (reverse cumsum per chunk).
     rows, cols, q, x_dot_y = (v.sum(1) for v in (rows, cols, q, x_dot_y))  # over p blocks
     shape = (desc.batch, desc.heads, desc.chunks, desc.chunk_size)
     d_acs = (rows - cols).reshape(shape)
     d_acs = d_acs.at[..., -1].add(q.reshape(shape).sum(-1) + carry.sum(-1))
-    d_a = jnp.flip(jnp.cumsum(jnp.flip(d_acs, -1), -1), -1).reshape(dt_p.shape)
-    d_dtp = x_dot_y + a[None, :, None] * d_a
-    dA = jnp.sum(dt_p * d_a, axis=(0, 2)).astype(A.dtype)
+    d_a = jnp.flip(jnp.cumsum(jnp.flip(d_acs, -1), -1), -1).reshape(i.dt_p.shape)
+    d_dtp = x_dot_y + i.a[None, :, None] * d_a
+    dA = jnp.sum(i.dt_p * d_a, axis=(0, 2)).astype(A.dtype)
     d_dtp = jnp.transpose(d_dtp, (0, 2, 1))[:, :desc.seq_len]
-    _, dt_vjp = jax.vjp(lambda dt, bias: pallas_ssd.process_dt(dt, bias, opts.dt_softplus,
-                                                               opts.dt_limit), dt, dt_bias)
+    _, dt_vjp = jax.vjp(lambda dt, bias: pallas_ssd.process_dt(
+        dt, bias, desc.options.dt_softplus, desc.options.dt_limit), dt, dt_bias)
     d_dt, d_bias = dt_vjp(d_dtp)
 
     p_blocks = -(-desc.head_dim // desc.backward_config.block_p)

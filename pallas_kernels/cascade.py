@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.blocks import all_of, load
 from pallas_kernels.tiling import TileConfig, fit_tile
 
 BASES = (2, "e")
@@ -143,11 +144,6 @@ class _Tile(NamedTuple):
     v_mask: Any
 
 
-def _and(*conditions):
-    conditions = [c for c in conditions if c is not None]
-    return functools.reduce(jnp.logical_and, conditions) if conditions else None
-
-
 def _tile(seq_len, num_heads, head_dim, config: TileConfig) -> _Tile:
     block_rows, block_heads = config.block_rows, config.block_cols
     padded = pl.next_power_of_2(head_dim)
@@ -155,37 +151,32 @@ def _tile(seq_len, num_heads, head_dim, config: TileConfig) -> _Tile:
     rows_in = (r0 + jnp.arange(block_rows)) < seq_len if seq_len % block_rows else None
     heads_in = (h0 + jnp.arange(block_heads)) < num_heads if num_heads % block_heads else None
     dims_in = jnp.arange(padded) < head_dim if head_dim != padded else None
-    s_mask = _and(None if rows_in is None else rows_in[:, None],
+    s_mask = all_of(None if rows_in is None else rows_in[:, None],
                   None if heads_in is None else heads_in[None, :])
-    v_mask = _and(None if s_mask is None else s_mask[:, :, None],
+    v_mask = all_of(None if s_mask is None else s_mask[:, :, None],
                   None if dims_in is None else dims_in[None, None, :])
     return _Tile(pl.ds(r0, block_rows), pl.ds(h0, block_heads), pl.ds(jnp.int32(0), padded),
                  rows_in, s_mask, v_mask)
 
 
-def _load(view, mask, other):
-    """``view``'s tile; cells outside ``mask`` (None: none) read as ``other``."""
-    return plgpu.load(view, mask=mask, other=other if mask is not None else None)
-
-
 def _loaders(tile: _Tile, v_at, s_at, dtype, row_on=None):
     """``load_v(k)``, ``load_s(k)`` from views ``v_at(k)``, ``s_at(k)``; cut-off cells read
     as empty states (rows where ``row_on`` is False too: they are not read at all)."""
-    s_mask = _and(tile.s_mask, None if row_on is None else row_on[:, None])
-    v_mask = _and(tile.v_mask, None if row_on is None else row_on[:, None, None])
+    s_mask = all_of(tile.s_mask, None if row_on is None else row_on[:, None])
+    v_mask = all_of(tile.v_mask, None if row_on is None else row_on[:, None, None])
 
     def load_s(k):
-        return _load(s_at(k), s_mask, -jnp.inf).astype(dtype)
+        return load(s_at(k), s_mask, -jnp.inf).astype(dtype)
 
     def load_v(k):
-        return _load(v_at(k), v_mask, 0).astype(dtype)
+        return load(v_at(k), v_mask, 0).astype(dtype)
     return load_v, load_s, s_mask, v_mask
 
 
 def _cotangents(dv_ref, ds_ref, tile: _Tile, dtype):
     """This program's tiles of ``(dv, ds)``, 0 outside the arrays."""
-    return (_load(dv_ref.at[tile.rows, tile.heads, tile.dims], tile.v_mask, 0).astype(dtype),
-            _load(ds_ref.at[tile.rows, tile.heads], tile.s_mask, 0).astype(dtype))
+    return (load(dv_ref.at[tile.rows, tile.heads, tile.dims], tile.v_mask, 0).astype(dtype),
+            load(ds_ref.at[tile.rows, tile.heads], tile.s_mask, 0).astype(dtype))
 
 
 def _store(ref, value, mask):
@@ -193,7 +184,7 @@ def _store(ref, value, mask):
 
 
 def _row_flags(mask_ref, tile: _Tile):
-    return _load(mask_ref.at[tile.rows], tile.rows_in, 0) != 0
+    return load(mask_ref.at[tile.rows], tile.rows_in, 0) != 0
 
 
 def _pair_forward_kernel(*refs, shape, base, masked, in_place, config):
@@ -211,8 +202,8 @@ def _pair_forward_kernel(*refs, shape, base, masked, in_place, config):
     v, s = merge_math(load_s, load_v, 2, base)
     v, s = v.astype(v_out.dtype), s.astype(s_out.dtype)
     if masked and not in_place:
-        keep_v = _load(v_a.at[tile.rows, tile.heads, tile.dims], tile.v_mask, 0)
-        keep_s = _load(s_a.at[tile.rows, tile.heads], tile.s_mask, 0)
+        keep_v = load(v_a.at[tile.rows, tile.heads, tile.dims], tile.v_mask, 0)
+        keep_s = load(s_a.at[tile.rows, tile.heads], tile.s_mask, 0)
         v = jnp.where(row_on[:, None, None], v, keep_v)
         s = jnp.where(row_on[:, None], s, keep_s)
     _store(v_out.at[tile.rows, tile.heads, tile.dims], v, v_mask)

@@ -17,17 +17,16 @@ Packed sequences: ``seg`` numbers the segments (non-decreasing, 0 first); the
 state is dropped wherever the segment changes, so every sum above runs over
 pairs in one segment. The initial state belongs to segment 0.
 
-Three kernels:
+Three kernels for the scan (and :func:`step` for one token):
 
 * :func:`time_terms`: the processed ``dt`` and ``a_cs`` in float32,
   ``[b, h, chunks * Q]`` (``dt`` 0 past the sequence end).
-
 * :func:`chunk_states`: one program per (batch row, head, block of ``p``) walks
   the sequence in pieces of ``block_q`` steps, carrying the float32 state in
   registers, and writes the state entering every chunk (``[b, chunks, h, p, n]``)
   and the final state. x is read once.
-* :func:`chunk_scan`: one program per (batch row, chunk, head, block of ``block_t``
-  output steps, block of ``p``) adds the inter-chunk term from the stored state
+* :func:`chunk_scan`: one program per (batch row, chunk, ``block_h`` heads of a group,
+  block of ``block_t`` output steps, block of ``p``) adds the inter-chunk term from the stored state
   and the intra-chunk term by a loop over source blocks up to the diagonal.
 
 Every exponent is masked before ``exp`` (``-inf`` where a pair does not count),
@@ -43,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.blocks import all_of, columns, dot, load, padded, rows_cols
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,41 +105,9 @@ def process_dt(dt, bias, softplus: bool, limit: tuple[float, float]):
     return jnp.minimum(jnp.maximum(u, limit[0]), limit[1])
 
 
-def _precision(dtype):
-    # Triton's default for float32 operands is TF32; HIGHEST keeps them float32.
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
-def _dot(a, b, contract=(1, 0)):
-    """``a @ b`` over dims ``contract`` in float32, operands in their (shared) dtype."""
-    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                               precision=_precision(a.dtype),
-                               preferred_element_type=jnp.float32)
-
-
-def _load(view, mask, other=0):
-    return plgpu.load(view, mask=mask, other=other if mask is not None else None)
-
-
-def _padded(extent):
-    return max(16, pl.next_power_of_2(extent))
-
-
-def _columns(extent, start, block):
-    """``(pl.ds, mask or None)`` for ``block`` columns from ``start`` of ``extent``."""
-    start = jnp.int32(start)  # every index int32, with or without x64
-    ids = start + jnp.arange(block, dtype=jnp.int32)
-    return pl.ds(start, block), (ids < extent) if extent % block else None
-
-
-def _and(a, b):
-    if a is None:
-        return b
-    return a if b is None else a & b
-
-
-def _rows_cols(rows, cols):
-    return _and(None if rows is None else rows[:, None], None if cols is None else cols[None, :])
+def segment_before(seg_ref, row, start):
+    """Segment number of the step before ``start`` (0, the initial state's, for step 0)."""
+    return jnp.where(start == 0, 0, seg_ref[row, jnp.maximum(start - 1, 0)])
 
 
 def _time_kernel(*refs, seq_len, chunk, has_bias, softplus, limit):
@@ -148,7 +117,7 @@ def _time_kernel(*refs, seq_len, chunk, has_bias, softplus, limit):
     c, head, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     steps = pl.ds(c * chunk, chunk)
     in_seq = (c * chunk + jnp.arange(chunk, dtype=jnp.int32)) < seq_len
-    dt = _load(dt_ref.at[row, steps, head], in_seq)
+    dt = load(dt_ref.at[row, steps, head], in_seq)
     dt = process_dt(dt, bias_ref[head] if has_bias else None, softplus, limit)
     dt = jnp.where(in_seq, dt, 0.0)
     dt_out[row, head, steps] = dt
@@ -184,16 +153,16 @@ def _state_kernel(*refs, dims, config: SsdConfig, has_seg, has_init, dot_dtype):
     states_ref, final_ref = rest
     seq_len, chunk, heads_per_group, head_dim, state_dim = dims
     bq, bp = config.block_q, config.block_p
-    n_pad = _padded(state_dim)
+    n_pad = padded(state_dim)
     pb, head, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     group = head // heads_per_group
-    p_slice, p_mask = _columns(head_dim, pb * bp, bp)
-    n_slice, n_mask = _columns(state_dim, 0, n_pad)
+    p_slice, p_mask = columns(head_dim, pb * bp, bp)
+    n_slice, n_mask = columns(state_dim, 0, n_pad)
     pieces_per_chunk = chunk // bq
     num_pieces = states_ref.shape[1] * pieces_per_chunk
 
     if has_init:
-        state = _load(init_ref.at[row, head, p_slice, n_slice], _rows_cols(p_mask, n_mask))
+        state = load(init_ref.at[row, head, p_slice, n_slice], rows_cols(p_mask, n_mask))
         state = state.astype(jnp.float32)
     else:
         state = jnp.zeros((bp, n_pad), jnp.float32)
@@ -202,7 +171,7 @@ def _state_kernel(*refs, dims, config: SsdConfig, has_seg, has_init, dot_dtype):
         start = i * bq
         first = i % pieces_per_chunk == 0
         # The state entering the chunk (written once, by the chunk's first piece).
-        snapshot_mask = _and(_rows_cols(p_mask, n_mask),
+        snapshot_mask = all_of(rows_cols(p_mask, n_mask),
                              jnp.full((bp, n_pad), first))
         plgpu.store(states_ref.at[row, i // pieces_per_chunk, head, p_slice, n_slice],
                     state.astype(states_ref.dtype), mask=snapshot_mask)
@@ -216,20 +185,20 @@ def _state_kernel(*refs, dims, config: SsdConfig, has_seg, has_init, dot_dtype):
         if has_seg:
             seg = seg_ref[row, steps]
             seg_end = seg_ref[row, start + bq - 1]
-            seg_before = jnp.where(i == 0, 0, seg_ref[row, jnp.maximum(start - 1, 0)])
+            seg_before = segment_before(seg_ref, row, start)
             keep = seg == seg_end
             carry = seg_end == seg_before
         weight = dt * jnp.exp(jnp.where(keep, a_end - a, -jnp.inf))
         decay = jnp.exp(jnp.where(carry, a_end - a_before, -jnp.inf))
         in_seq = (start + jnp.arange(bq, dtype=jnp.int32)) < seq_len if seq_len % chunk else None
-        x = _load(x_ref.at[row, steps, head, p_slice], _rows_cols(in_seq, p_mask))
-        b = _load(b_ref.at[row, steps, group, n_slice], _rows_cols(in_seq, n_mask))
+        x = load(x_ref.at[row, steps, head, p_slice], rows_cols(in_seq, p_mask))
+        b = load(b_ref.at[row, steps, group, n_slice], rows_cols(in_seq, n_mask))
         bw = (b.astype(jnp.float32) * weight[:, None]).astype(dot_dtype)
-        return decay * state + _dot(x.astype(dot_dtype), bw, contract=(0, 0))
+        return decay * state + dot(x.astype(dot_dtype), bw, contract=(0, 0))
 
     state = jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_pieces), body, state)
     plgpu.store(final_ref.at[row, head, p_slice, n_slice], state,
-                mask=_rows_cols(p_mask, n_mask))
+                mask=rows_cols(p_mask, n_mask))
 
 
 def _scan_kernel(*refs, dims, config: SsdConfig, has_seg, has_d, has_z, dot_dtype):
@@ -240,31 +209,30 @@ def _scan_kernel(*refs, dims, config: SsdConfig, has_seg, has_d, has_z, dot_dtyp
     (y_ref,) = rest
     seq_len, chunk, heads_per_group, head_dim, state_dim = dims
     bt, bs, bp, bh = config.block_t, config.block_s, config.block_p, config.block_h
-    n_pad = _padded(state_dim)
+    n_pad = padded(state_dim)
     p_blocks = pl.cdiv(head_dim, bp)
     tile, head_block, c, row = (pl.program_id(i) for i in range(4))
     tb, pb = tile // p_blocks, tile % p_blocks
     heads = [head_block * bh + k for k in range(bh)]   # all in one group
     group = heads[0] // heads_per_group
-    p_slice, p_mask = _columns(head_dim, pb * bp, bp)
-    n_slice, n_mask = _columns(state_dim, 0, n_pad)
+    p_slice, p_mask = columns(head_dim, pb * bp, bp)
+    n_slice, n_mask = columns(state_dim, 0, n_pad)
     t_start = c * chunk + tb * bt
     t_steps = pl.ds(t_start, bt)
     t_local = tb * bt + jnp.arange(bt, dtype=jnp.int32)
     t_in = (t_start + jnp.arange(bt, dtype=jnp.int32)) < seq_len if seq_len % chunk else None
     a_t = [acs_ref[row, h, t_steps] for h in heads]
-    c_t = _load(c_ref.at[row, t_steps, group, n_slice], _rows_cols(t_in, n_mask))
+    c_t = load(c_ref.at[row, t_steps, group, n_slice], rows_cols(t_in, n_mask))
 
     # Inter-chunk: exp(a_cs_t) C_t S_c^T, for steps still in the segment the chunk entered in.
     enters = jnp.full((bt,), True)
     if has_seg:
         seg_t = seg_ref[row, t_steps]
-        seg_before = jnp.where(c == 0, 0, seg_ref[row, jnp.maximum(c * chunk - 1, 0)])
-        enters = seg_t == seg_before
+        enters = seg_t == segment_before(seg_ref, row, c * chunk)
     accs = []
     for h, a in zip(heads, a_t):
-        state = _load(states_ref.at[row, c, h, p_slice, n_slice], _rows_cols(p_mask, n_mask))
-        acc = _dot(c_t.astype(states_ref.dtype), state, contract=(1, 1))
+        state = load(states_ref.at[row, c, h, p_slice, n_slice], rows_cols(p_mask, n_mask))
+        acc = dot(c_t.astype(states_ref.dtype), state, contract=(1, 1))
         accs.append(acc * jnp.exp(jnp.where(enters, a, -jnp.inf))[:, None])
 
     # Intra-chunk: source blocks up to the diagonal; C_t . B_s once for the block of heads.
@@ -272,31 +240,31 @@ def _scan_kernel(*refs, dims, config: SsdConfig, has_seg, has_d, has_z, dot_dtyp
         s_start = c * chunk + j * bs
         s_steps = pl.ds(s_start, bs)
         s_in = (s_start + jnp.arange(bs, dtype=jnp.int32)) < seq_len if seq_len % chunk else None
-        b_s = _load(b_ref.at[row, s_steps, group, n_slice], _rows_cols(s_in, n_mask))
+        b_s = load(b_ref.at[row, s_steps, group, n_slice], rows_cols(s_in, n_mask))
         pairs = t_local[:, None] >= (j * bs + jnp.arange(bs, dtype=jnp.int32))[None, :]
         if has_seg:
             pairs = pairs & (seg_t[:, None] == seg_ref[row, s_steps][None, :])
-        scores = _dot(c_t.astype(dot_dtype), b_s.astype(dot_dtype), contract=(1, 1))
+        scores = dot(c_t.astype(dot_dtype), b_s.astype(dot_dtype), contract=(1, 1))
         new = []
         for h, a, acc in zip(heads, a_t, accs):
-            x_s = _load(x_ref.at[row, s_steps, h, p_slice], _rows_cols(s_in, p_mask))
+            x_s = load(x_ref.at[row, s_steps, h, p_slice], rows_cols(s_in, p_mask))
             a_s = acs_ref[row, h, s_steps]
             dt_s = dt_ref[row, h, s_steps]
             decay = jnp.exp(jnp.where(pairs, a[:, None] - a_s[None, :], -jnp.inf))
             weights = (scores * decay * dt_s[None, :]).astype(dot_dtype)
-            new.append(acc + _dot(weights, x_s.astype(dot_dtype)))
+            new.append(acc + dot(weights, x_s.astype(dot_dtype)))
         return tuple(new)
 
     accs = jax.lax.fori_loop(jnp.int32(0), (tb + 1) * (bt // bs), body, tuple(accs))
 
-    tile_mask = _rows_cols(t_in, p_mask)
+    tile_mask = rows_cols(t_in, p_mask)
     for h, acc in zip(heads, accs):
         if has_d:
-            x_t = _load(x_ref.at[row, t_steps, h, p_slice], tile_mask)
-            d = _load(d_ref.at[h, p_slice], p_mask)
+            x_t = load(x_ref.at[row, t_steps, h, p_slice], tile_mask)
+            d = load(d_ref.at[h, p_slice], p_mask)
             acc = acc + x_t.astype(jnp.float32) * d.astype(jnp.float32)[None, :]
         if has_z:
-            z = _load(z_ref.at[row, t_steps, h, p_slice], tile_mask).astype(jnp.float32)
+            z = load(z_ref.at[row, t_steps, h, p_slice], tile_mask).astype(jnp.float32)
             acc = acc * z * jax.nn.sigmoid(z)
         plgpu.store(y_ref.at[row, t_steps, h, p_slice], acc.astype(y_ref.dtype), mask=tile_mask)
 
@@ -386,20 +354,20 @@ def _step_kernel(*refs, dims, has_bias, has_d, has_z, softplus, limit, block_p):
     heads_per_group, head_dim, state_dim = dims
     pb, head, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     group = head // heads_per_group
-    p_slice, p_mask = _columns(head_dim, pb * block_p, block_p)
-    n_slice, n_mask = _columns(state_dim, 0, pl.next_power_of_2(state_dim))
-    tile_mask = _rows_cols(p_mask, n_mask)
+    p_slice, p_mask = columns(head_dim, pb * block_p, block_p)
+    n_slice, n_mask = columns(state_dim, 0, pl.next_power_of_2(state_dim))
+    tile_mask = rows_cols(p_mask, n_mask)
     dt = process_dt(dt_ref[row, head], bias_ref[head] if has_bias else None, softplus, limit)
-    x = _load(x_ref.at[row, head, p_slice], p_mask).astype(jnp.float32)
-    b = _load(b_ref.at[row, group, n_slice], n_mask).astype(jnp.float32)
-    c = _load(c_ref.at[row, group, n_slice], n_mask).astype(jnp.float32)
-    state = _load(state_ref.at[row, head, p_slice, n_slice], tile_mask)
+    x = load(x_ref.at[row, head, p_slice], p_mask).astype(jnp.float32)
+    b = load(b_ref.at[row, group, n_slice], n_mask).astype(jnp.float32)
+    c = load(c_ref.at[row, group, n_slice], n_mask).astype(jnp.float32)
+    state = load(state_ref.at[row, head, p_slice, n_slice], tile_mask)
     state = jnp.exp(dt * a_ref[head]) * state + (dt * x)[:, None] * b[None, :]
     y = jnp.sum(state * c[None, :], axis=1)
     if has_d:
-        y = y + _load(d_ref.at[head, p_slice], p_mask) * x
+        y = y + load(d_ref.at[head, p_slice], p_mask) * x
     if has_z:
-        z = _load(z_ref.at[row, head, p_slice], p_mask).astype(jnp.float32)
+        z = load(z_ref.at[row, head, p_slice], p_mask).astype(jnp.float32)
         y = y * z * jax.nn.sigmoid(z)
     plgpu.store(new_state_ref.at[row, head, p_slice, n_slice], state, mask=tile_mask)
     plgpu.store(y_ref.at[row, head, p_slice], y.astype(y_ref.dtype), mask=p_mask)

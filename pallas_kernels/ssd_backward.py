@@ -36,13 +36,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.ssd import (_columns, _dot, _load, _padded, _rows_cols, snapshot_dtype)
+from pallas_kernels.blocks import columns, dot, load, padded, rows_cols
+from pallas_kernels.ssd import segment_before, snapshot_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +82,7 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
     del state_dim
     block_h = 2 if heads_per_group % 2 == 0 else 1
     return SsdBackwardConfig(block_q=min(chunk_size, 128), block=min(chunk_size, 64),
-                             block_p=min(_padded(head_dim), 64), block_h=block_h)
-
-
-def _full(extent):
-    return _columns(extent, 0, _padded(extent))
+                             block_p=min(padded(head_dim), 64), block_h=block_h)
 
 
 def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, dot_dtype):
@@ -94,28 +92,27 @@ def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, dot_dtype):
     gends_ref, dinit_ref, carry_ref = rest
     seq_len, chunk, heads_per_group, head_dim, state_dim = dims
     bq, bp = config.block_q, config.block_p
-    n_slice, n_mask = _full(state_dim)
+    n_slice, n_mask = columns(state_dim, 0, padded(state_dim))
     pb, head, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     group = head // heads_per_group
-    p_slice, p_mask = _columns(head_dim, pb * bp, bp)
-    tile_mask = _rows_cols(p_mask, n_mask)
+    p_slice, p_mask = columns(head_dim, pb * bp, bp)
+    tile_mask = rows_cols(p_mask, n_mask)
     chunks = gends_ref.shape[1]
     if has_dfinal:
-        grad = _load(dfinal_ref.at[row, head, p_slice, n_slice], tile_mask).astype(jnp.float32)
+        grad = load(dfinal_ref.at[row, head, p_slice, n_slice], tile_mask).astype(jnp.float32)
     else:
-        grad = jnp.zeros((bp, _padded(state_dim)), jnp.float32)
+        grad = jnp.zeros((bp, padded(state_dim)), jnp.float32)
 
     def chunk_body(i, grad):
         c = chunks - 1 - i
         plgpu.store(gends_ref.at[row, c, head, p_slice, n_slice], grad, mask=tile_mask)
         a_end = acs_ref[row, head, c * chunk + chunk - 1]
-        seg_before = jnp.int32(0)
         decay = jnp.exp(a_end)
         if has_seg:
-            seg_before = jnp.where(c == 0, 0, seg_ref[row, jnp.maximum(c * chunk - 1, 0)])
+            seg_before = segment_before(seg_ref, row, c * chunk)
             decay = jnp.exp(jnp.where(seg_ref[row, c * chunk + chunk - 1] == seg_before,
                                       a_end, -jnp.inf))
-        state = _load(states_ref.at[row, c, head, p_slice, n_slice], tile_mask)
+        state = load(states_ref.at[row, c, head, p_slice, n_slice], tile_mask)
         carry_ref[row, head, c, pb] = decay * jnp.sum(grad * state.astype(jnp.float32))
 
         def piece_body(j, local):
@@ -126,10 +123,10 @@ def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, dot_dtype):
             a = acs_ref[row, head, steps]
             if has_seg:
                 a = jnp.where(seg_ref[row, steps] == seg_before, a, -jnp.inf)
-            dy = _load(dy_ref.at[row, steps, head, p_slice], _rows_cols(in_seq, p_mask))
-            c_t = _load(c_ref.at[row, steps, group, n_slice], _rows_cols(in_seq, n_mask))
+            dy = load(dy_ref.at[row, steps, head, p_slice], rows_cols(in_seq, p_mask))
+            c_t = load(c_ref.at[row, steps, group, n_slice], rows_cols(in_seq, n_mask))
             dy = (dy.astype(jnp.float32) * jnp.exp(a)[:, None]).astype(dot_dtype)
-            return local + _dot(dy, c_t.astype(dot_dtype), contract=(0, 0))
+            return local + dot(dy, c_t.astype(dot_dtype), contract=(0, 0))
 
         local = jax.lax.fori_loop(jnp.int32(0), jnp.int32(chunk // bq), piece_body,
                                   jnp.zeros_like(grad))
@@ -137,6 +134,33 @@ def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, dot_dtype):
 
     grad = jax.lax.fori_loop(jnp.int32(0), jnp.int32(chunks), chunk_body, grad)
     plgpu.store(dinit_ref.at[row, head, p_slice, n_slice], grad, mask=tile_mask)
+
+
+class _Place(NamedTuple):
+    """Where a :func:`target_grads` / :func:`source_grads` program works."""
+    row: Any          # batch row
+    chunk: Any        # chunk index
+    block: Any        # block of steps inside the chunk
+    p_block: Any      # block of head_dim
+    first_head: Any   # the program's heads: first_head .. first_head + block_h - 1
+    group: Any
+    p: Any            # (pl.ds, mask) of its block of head_dim
+    n: Any            # (pl.ds, mask) of the whole (padded) state_dim
+    out_slice: Any    # its slice of the partial dB / dC sums
+
+
+def _place(dims, block_p, block_h, slices) -> _Place:
+    """The program's place in the grid ``(steps x p blocks, head blocks, chunks, batch)``;
+    ``slices``: the partial-sum output's extent along its slice axis."""
+    _, _, heads_per_group, head_dim, state_dim = dims
+    tile, head_block, c, row = (pl.program_id(i) for i in range(4))
+    p_blocks = pl.cdiv(head_dim, block_p)
+    block, pb = tile // p_blocks, tile % p_blocks
+    first_head = head_block * block_h
+    p_columns = columns(head_dim, pb * block_p, block_p)
+    n_columns = columns(state_dim, 0, padded(state_dim))
+    return _Place(row, c, block, pb, first_head, first_head // heads_per_group, p_columns,
+                  n_columns, pb * (slices // p_blocks) + head_block)
 
 
 def _block_rows(c, chunk, index, block, seq_len):
@@ -150,76 +174,69 @@ def _target_kernel(*refs, dims, config, has_seg, dot_dtype):
     x_ref, dy_ref, b_ref, c_ref, dt_ref, acs_ref, states_ref, *rest = refs
     seg_ref = rest.pop(0) if has_seg else None
     dc_ref, r_ref = rest
-    seq_len, chunk, heads_per_group, head_dim, state_dim = dims
-    bk, bh, bp = config.block, config.block_h, config.block_p
-    n_slice, n_mask = _full(state_dim)
-    tile, hb, c, row = (pl.program_id(i) for i in range(4))
-    p_blocks = pl.cdiv(head_dim, bp)
-    tb, pb = tile // p_blocks, tile % p_blocks
-    p_slice, p_mask = _columns(head_dim, pb * bp, bp)
-    group = hb * bh // heads_per_group
+    seq_len, chunk, _, _, state_dim = dims
+    bk, bh = config.block, config.block_h
+    place = _place(dims, config.block_p, bh, dc_ref.shape[2])
+    row, c, tb, pb, group = place.row, place.chunk, place.block, place.p_block, place.group
+    (p_slice, p_mask), (n_slice, n_mask) = place.p, place.n
     t_steps, t_local, t_in = _block_rows(c, chunk, tb, bk, seq_len)
-    c_t = _load(c_ref.at[row, t_steps, group, n_slice], _rows_cols(t_in, n_mask))
+    c_t = load(c_ref.at[row, t_steps, group, n_slice], rows_cols(t_in, n_mask))
     c_dot = c_t.astype(dot_dtype)
     state_dtype = snapshot_dtype(dot_dtype)
     enters, seg_t = None, None
     if has_seg:
         seg_t = seg_ref[row, t_steps]
-        enters = seg_t == jnp.where(c == 0, 0, seg_ref[row, jnp.maximum(c * chunk - 1, 0)])
+        enters = seg_t == segment_before(seg_ref, row, c * chunk)
 
     def head_body(k, dc_sum):
-        head = hb * bh + k
+        head = place.first_head + k
         a_t = acs_ref[row, head, t_steps]
         e_t = jnp.exp(a_t if enters is None else jnp.where(enters, a_t, -jnp.inf))
-        dy_t = _load(dy_ref.at[row, t_steps, head, p_slice], _rows_cols(t_in, p_mask))
-        state = _load(states_ref.at[row, c, head, p_slice, n_slice], _rows_cols(p_mask, n_mask))
-        dc = e_t[:, None] * _dot(dy_t.astype(state_dtype), state.astype(state_dtype))
+        dy_t = load(dy_ref.at[row, t_steps, head, p_slice], rows_cols(t_in, p_mask))
+        state = load(states_ref.at[row, c, head, p_slice, n_slice], rows_cols(p_mask, n_mask))
+        dc = e_t[:, None] * dot(dy_t.astype(state_dtype), state.astype(state_dtype))
         inter = jnp.sum(c_t.astype(jnp.float32) * dc, axis=1)
 
         def source_body(j, carry):
             dc, rows = carry
             s_steps, s_local, s_in = _block_rows(c, chunk, j, bk, seq_len)
-            b_s = _load(b_ref.at[row, s_steps, group, n_slice], _rows_cols(s_in, n_mask))
-            x_s = _load(x_ref.at[row, s_steps, head, p_slice], _rows_cols(s_in, p_mask))
+            b_s = load(b_ref.at[row, s_steps, group, n_slice], rows_cols(s_in, n_mask))
+            x_s = load(x_ref.at[row, s_steps, head, p_slice], rows_cols(s_in, p_mask))
             pairs = t_local[:, None] >= s_local[None, :]
             if has_seg:
                 pairs = pairs & (seg_t[:, None] == seg_ref[row, s_steps][None, :])
             a_s = acs_ref[row, head, s_steps]
             weights = jnp.exp(jnp.where(pairs, a_t[:, None] - a_s[None, :], -jnp.inf)) \
                 * dt_ref[row, head, s_steps][None, :]
-            scores = _dot(c_dot, b_s.astype(dot_dtype), contract=(1, 1))
-            gx = _dot(dy_t.astype(dot_dtype), x_s.astype(dot_dtype), contract=(1, 1)) * weights
+            scores = dot(c_dot, b_s.astype(dot_dtype), contract=(1, 1))
+            gx = dot(dy_t.astype(dot_dtype), x_s.astype(dot_dtype), contract=(1, 1)) * weights
             rows = rows + jnp.sum(gx * scores, axis=1)
-            return dc + _dot(gx.astype(dot_dtype), b_s.astype(dot_dtype)), rows
+            return dc + dot(gx.astype(dot_dtype), b_s.astype(dot_dtype)), rows
 
         dc, rows = jax.lax.fori_loop(jnp.int32(0), tb + 1, source_body,
                                      (dc, jnp.zeros((bk,), jnp.float32)))
         r_ref[row, pb, head, t_steps] = rows + inter
         return dc_sum + dc
 
-    dc = jnp.zeros((bk, _padded(state_dim)), jnp.float32)
+    dc = jnp.zeros((bk, padded(state_dim)), jnp.float32)
     for k in range(bh):
         dc = head_body(k, dc)
-    plgpu.store(dc_ref.at[row, t_steps, pb * (dc_ref.shape[2] // p_blocks) + hb, n_slice], dc,
-                mask=_rows_cols(t_in, n_mask))
+    plgpu.store(dc_ref.at[row, t_steps, place.out_slice, n_slice], dc,
+                mask=rows_cols(t_in, n_mask))
 
 
 def _source_kernel(*refs, dims, config, has_seg, has_d, dot_dtype):
-    config = dataclasses.replace(config, block_h=config.source_block_h)
     x_ref, dy_ref, b_ref, c_ref, dt_ref, acs_ref, gends_ref, *rest = refs
     seg_ref = rest.pop(0) if has_seg else None
     d_ref = rest.pop(0) if has_d else None
     dx_ref, db_ref, colq_ref, q_ref, xy_ref = rest
-    seq_len, chunk, heads_per_group, head_dim, state_dim = dims
-    bk, bh, bp = config.block, config.block_h, config.block_p
-    n_slice, n_mask = _full(state_dim)
-    tile, hb, c, row = (pl.program_id(i) for i in range(4))
-    p_blocks = pl.cdiv(head_dim, bp)
-    sb, pb = tile // p_blocks, tile % p_blocks
-    p_slice, p_mask = _columns(head_dim, pb * bp, bp)
-    group = hb * bh // heads_per_group
+    seq_len, chunk, _, _, state_dim = dims
+    bk, bh = config.block, config.source_block_h
+    place = _place(dims, config.block_p, bh, db_ref.shape[2])
+    row, c, sb, pb, group = place.row, place.chunk, place.block, place.p_block, place.group
+    (p_slice, p_mask), (n_slice, n_mask) = place.p, place.n
     s_steps, s_local, s_in = _block_rows(c, chunk, sb, bk, seq_len)
-    b_s = _load(b_ref.at[row, s_steps, group, n_slice], _rows_cols(s_in, n_mask))
+    b_s = load(b_ref.at[row, s_steps, group, n_slice], rows_cols(s_in, n_mask))
     b_dot = b_s.astype(dot_dtype)
     state_dtype = snapshot_dtype(dot_dtype)
     end = c * chunk + chunk - 1
@@ -229,33 +246,33 @@ def _source_kernel(*refs, dims, config, has_seg, has_d, dot_dtype):
         in_last_segment = seg_s == seg_ref[row, end]
 
     def head_body(k, db_sum):
-        head = hb * bh + k
-        x_s = _load(x_ref.at[row, s_steps, head, p_slice], _rows_cols(s_in, p_mask))
+        head = place.first_head + k
+        x_s = load(x_ref.at[row, s_steps, head, p_slice], rows_cols(s_in, p_mask))
         a_s = acs_ref[row, head, s_steps]
         dt_s = dt_ref[row, head, s_steps]
         to_end = acs_ref[row, head, end] - a_s
         to_end = jnp.exp(to_end if in_last_segment is None
                          else jnp.where(in_last_segment, to_end, -jnp.inf))
-        grad = _load(gends_ref.at[row, c, head, p_slice, n_slice], _rows_cols(p_mask, n_mask))
+        grad = load(gends_ref.at[row, c, head, p_slice, n_slice], rows_cols(p_mask, n_mask))
         grad = grad.astype(state_dtype)
-        gb = _dot(b_s.astype(state_dtype), grad, contract=(1, 1))          # [bk, p]: G B_s
+        gb = dot(b_s.astype(state_dtype), grad, contract=(1, 1))          # [bk, p]: G B_s
         y_prime = to_end[:, None] * gb
-        db = (dt_s * to_end)[:, None] * _dot(x_s.astype(state_dtype), grad)  # [bk, n]
+        db = (dt_s * to_end)[:, None] * dot(x_s.astype(state_dtype), grad)  # [bk, n]
 
         def target_body(i, carry):
             y_prime, db, cols = carry
             t_steps, t_local, t_in = _block_rows(c, chunk, i, bk, seq_len)
-            c_t = _load(c_ref.at[row, t_steps, group, n_slice], _rows_cols(t_in, n_mask))
-            dy_t = _load(dy_ref.at[row, t_steps, head, p_slice], _rows_cols(t_in, p_mask))
+            c_t = load(c_ref.at[row, t_steps, group, n_slice], rows_cols(t_in, n_mask))
+            dy_t = load(dy_ref.at[row, t_steps, head, p_slice], rows_cols(t_in, p_mask))
             pairs = t_local[None, :] >= s_local[:, None]                   # [s, t]
             if has_seg:
                 pairs = pairs & (seg_s[:, None] == seg_ref[row, t_steps][None, :])
             decay = jnp.exp(jnp.where(pairs, acs_ref[row, head, t_steps][None, :]
                                       - a_s[:, None], -jnp.inf))
-            scores = _dot(b_dot, c_t.astype(dot_dtype), contract=(1, 1))
-            gx = _dot(x_s.astype(dot_dtype), dy_t.astype(dot_dtype), contract=(1, 1)) * decay
-            y_prime = y_prime + _dot((scores * decay).astype(dot_dtype), dy_t.astype(dot_dtype))
-            db = db + dt_s[:, None] * _dot(gx.astype(dot_dtype), c_t.astype(dot_dtype))
+            scores = dot(b_dot, c_t.astype(dot_dtype), contract=(1, 1))
+            gx = dot(x_s.astype(dot_dtype), dy_t.astype(dot_dtype), contract=(1, 1)) * decay
+            y_prime = y_prime + dot((scores * decay).astype(dot_dtype), dy_t.astype(dot_dtype))
+            db = db + dt_s[:, None] * dot(gx.astype(dot_dtype), c_t.astype(dot_dtype))
             cols = cols + jnp.sum(gx * scores, axis=1) * dt_s
             return y_prime, db, cols
 
@@ -265,20 +282,20 @@ def _source_kernel(*refs, dims, config, has_seg, has_d, dot_dtype):
         q = dt_s * to_end * jnp.sum(xf * gb, axis=1)
         dx = dt_s[:, None] * y_prime
         if has_d:
-            dy_s = _load(dy_ref.at[row, s_steps, head, p_slice], _rows_cols(s_in, p_mask))
-            dx = dx + _load(d_ref.at[head, p_slice], p_mask)[None, :] * dy_s.astype(jnp.float32)
+            dy_s = load(dy_ref.at[row, s_steps, head, p_slice], rows_cols(s_in, p_mask))
+            dx = dx + load(d_ref.at[head, p_slice], p_mask)[None, :] * dy_s.astype(jnp.float32)
         plgpu.store(dx_ref.at[row, s_steps, head, p_slice], dx.astype(dx_ref.dtype),
-                    mask=_rows_cols(s_in, p_mask))
+                    mask=rows_cols(s_in, p_mask))
         colq_ref[row, pb, head, s_steps] = cols + q
         q_ref[row, pb, head, s_steps] = q
         xy_ref[row, pb, head, s_steps] = jnp.sum(xf * y_prime, axis=1)
         return db_sum + db
 
-    db = jnp.zeros((bk, _padded(state_dim)), jnp.float32)
+    db = jnp.zeros((bk, padded(state_dim)), jnp.float32)
     for k in range(bh):
         db = head_body(k, db)
-    plgpu.store(db_ref.at[row, s_steps, pb * (db_ref.shape[2] // p_blocks) + hb, n_slice], db,
-                mask=_rows_cols(s_in, n_mask))
+    plgpu.store(db_ref.at[row, s_steps, place.out_slice, n_slice], db,
+                mask=rows_cols(s_in, n_mask))
 
 
 _STATIC = ("chunk_size", "config", "interpret")

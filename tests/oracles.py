@@ -1,4 +1,5 @@
-"""Float64 NumPy oracles written from the formulas (independent of bjax)."""
+"""Float64 oracles written from the formulas (independent of bjax): NumPy, and a
+float64 ``lax.scan`` for the SSD recurrence."""
 import math
 
 import numpy as np
@@ -124,42 +125,12 @@ def cascade_merge_grad(v, s, dv, ds, base=2):
 
 def ssd_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
              dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None):
-    """Mamba-2's recurrence step by step in float64: ``(y [b, l, h, p], final [b, h, p, n])``.
+    """Mamba-2's recurrence step by step, a float64 ``lax.scan`` over time (x64 on; JAX
+    only for its autodiff): ``(y [b, l, h, p], final [b, h, p, n])``.
 
     ``dt' = clip(softplus?(dt + dt_bias), dt_limit)``; ``h_t = exp(dt'_t A) h_{t-1} +
     dt'_t x_t B_t^T`` (h restarts at 0 where seq_idx changes); ``y_t = h_t C_t + D x_t``,
     times ``silu(z_t)``. Head i reads group ``i // (h // g)`` of B and C.
-    """
-    f64 = lambda v: None if v is None else np.asarray(v, np.float64)  # noqa: E731
-    x, dt, A, B, C, D, z, dt_bias = map(f64, (x, dt, A, B, C, D, z, dt_bias))
-    batch, seq_len, heads, head_dim = x.shape
-    reps = heads // B.shape[2]
-    B, C = np.repeat(B, reps, axis=2), np.repeat(C, reps, axis=2)
-    u = dt + (0.0 if dt_bias is None else dt_bias)
-    if dt_softplus:
-        u = np.logaddexp(0.0, u)
-    u = np.clip(u, *dt_limit)
-    state = (np.zeros((batch, heads, head_dim, B.shape[-1])) if initial_states is None
-             else np.array(initial_states, np.float64))
-    y = np.zeros_like(x)
-    for t in range(seq_len):
-        if seq_idx is not None and t > 0:
-            state[np.asarray(seq_idx)[:, t] != np.asarray(seq_idx)[:, t - 1]] = 0.0
-        decay = np.exp(u[:, t] * A)[..., None, None]
-        state = decay * state + (u[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
-        y[:, t] = np.einsum("bhpn,bhn->bhp", state, C[:, t])
-    if D is not None:
-        y += (D[:, None] if D.ndim == 1 else D) * x
-    if z is not None:
-        y *= z * _sigmoid(z)
-    return y, state
-
-
-def ssd_scan_jax(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
-                 dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None):
-    """:func:`ssd_scan` as a float64 ``lax.scan`` over time, for autodiff (needs x64 on).
-
-    ``dt_softplus`` uses ``log1p(exp(u))`` (``jax.nn.softplus``); the clamp is ``jnp.clip``.
     """
     import jax
     import jax.numpy as jnp

@@ -189,7 +189,7 @@ def check_gradients(x, dt, A, B, C, backend, dtype_bound, chunk_size=CHUNK, **kw
     static = {k: v for k, v in kwargs.items() if k not in DIFFERENTIABLE}
     mine = gradients(lambda **a: bjax.ssd_chunk_scan(
         **a, chunk_size=chunk_size, return_final_states=True, backend=backend, **static), args, 1)
-    ref = gradients(lambda **a: oracles.ssd_scan_jax(**a, **static),
+    ref = gradients(lambda **a: oracles.ssd_scan(**a, **static),
                     {k: jnp.asarray(v, jnp.float64) for k, v in args.items()}, 1)
     for name in args:
         assert mine[name].dtype == args[name].dtype, name
@@ -295,7 +295,7 @@ def test_checkpoint_and_compiles_once(backend):
     first = grad(x, B, C)
     second = grad(x * 2, B, C)
     assert grad._cache_size() == 1
-    ref = jax.grad(lambda x, B, C: 2 * oracles.ssd_scan_jax(x, dt, A, B, C)[0].sum(),
+    ref = jax.grad(lambda x, B, C: 2 * oracles.ssd_scan(x, dt, A, B, C)[0].sum(),
                    argnums=(0, 1, 2))(*(jnp.asarray(v, jnp.float64) for v in (x, B, C)))
     for g, r in zip(first, ref):
         assert np.linalg.norm(np.asarray(g) - r) <= 2e-5 * np.linalg.norm(r)
@@ -309,20 +309,23 @@ def test_step_gradients(backend):
     state, z = kwargs.pop("initial_states"), kwargs.pop("z")[:, 0]
     args = (state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
 
-    def loss(fn, state, x, dt, A, B, C):
-        y, new_state = fn(state, x, dt, A, B, C)
+    def loss(fn, *args):
+        y, new_state = fn(*args)
         return jnp.sum(y.astype(jnp.float64) ** 2) + jnp.sum(new_state.astype(jnp.float64) ** 2)
-    mine = jax.grad(lambda *a: loss(lambda *b: bjax.ssd_step(*b, z=z, backend=backend,
-                                                             **kwargs), *a),
-                    argnums=tuple(range(6)))(*args)
-    oracle_step = lambda s, x, dt, A, B, C: tuple(v[:, 0] if v.ndim == 4 and i == 0 else v  # noqa: E731
-                                                  for i, v in enumerate(oracles.ssd_scan_jax(
-                                                      x[:, None], dt[:, None], A, B[:, None],
-                                                      C[:, None], z=z[:, None],
-                                                      initial_states=s, **kwargs)))
-    ref = jax.grad(lambda *a: loss(oracle_step, *a), argnums=tuple(range(6)))(
+
+    def step(*args):
+        return bjax.ssd_step(*args, z=z, backend=backend, **kwargs)
+
+    def oracle_step(state, x, dt, A, B, C):  # one step of the oracle's scan
+        y, final = oracles.ssd_scan(x[:, None], dt[:, None], A, B[:, None], C[:, None],
+                                    z=z[:, None], initial_states=state, **kwargs)
+        return y[:, 0], final
+
+    argnums = tuple(range(6))
+    grads = jax.grad(lambda *a: loss(step, *a), argnums=argnums)(*args)
+    ref = jax.grad(lambda *a: loss(oracle_step, *a), argnums=argnums)(
         *(jnp.asarray(v, jnp.float64) for v in args))
-    for g, r in zip(mine, ref):
+    for g, r in zip(grads, ref):
         assert np.linalg.norm(np.asarray(g, np.float64) - r) <= 1e-5 * np.linalg.norm(r)
 
 
@@ -390,6 +393,11 @@ SCAN_ERRORS = [
     (dict(dt=jnp.ones((2, 8, 3), jnp.float32)), bjax.InvalidProblemError, r"dt.shape must be \(2, 8, 4\)"),
     (dict(dt=jnp.ones((2, 8, 4), jnp.int32)), bjax.UnsupportedError, "dt.dtype must be"),
     (dict(A=jnp.ones((3,), jnp.float32)), bjax.InvalidProblemError, r"A.shape must be \(4,\)"),
+    (dict(A=jnp.ones((4,), jnp.int32)), bjax.UnsupportedError, "A.dtype must be float64"),
+    (dict(x=jnp.ones((2, 8, 0, 8), jnp.float32)), bjax.InvalidProblemError, r"x.shape\[-2\] \(heads\) must be >= 1"),
+    (dict(x=jnp.ones((2, 8, 4, 0), jnp.float32)), bjax.InvalidProblemError, r"x.shape\[-1\] \(head_dim\) must be >= 1"),
+    (dict(B=jnp.ones((2, 8, 2, 0), jnp.float32), C=jnp.ones((2, 8, 2, 0), jnp.float32)), bjax.InvalidProblemError, r"B.shape\[-1\] \(state_dim\) must be >= 1"),
+    (dict(C=jnp.ones((2, 8, 2, 16), jnp.bfloat16)), bjax.InvalidProblemError, "C.dtype must be float32"),
     (dict(B=jnp.ones((2, 8, 3, 16), jnp.float32), C=jnp.ones((2, 8, 3, 16), jnp.float32)), bjax.InvalidProblemError, r"B.shape\[-2\] \(groups\) must be a divisor of heads = 4"),
     (dict(B=jnp.ones((2, 9, 2, 16), jnp.float32)), bjax.InvalidProblemError, "B.shape must be"),
     (dict(B=jnp.ones((2, 8, 16), jnp.float32)), bjax.InvalidProblemError, "B must be an array of rank 4"),
@@ -404,12 +412,14 @@ SCAN_ERRORS = [
     (dict(z=jnp.ones((2, 8, 4, 7), jnp.float32)), bjax.InvalidProblemError, "z.shape must be"),
     (dict(z=jnp.ones((2, 8, 4, 8), jnp.bfloat16)), bjax.InvalidProblemError, "z.dtype must be float32"),
     (dict(dt_bias=jnp.ones((2,), jnp.float32)), bjax.InvalidProblemError, r"dt_bias.shape must be \(4,\)"),
+    (dict(dt_bias=jnp.ones((4,), jnp.int32)), bjax.UnsupportedError, "dt_bias.dtype must be"),
     (dict(dt_softplus=1), bjax.InvalidProblemError, "dt_softplus must be a bool"),
     (dict(dt_limit=(0.5, 0.1)), bjax.InvalidProblemError, "dt_limit must be a pair"),
     (dict(dt_limit=(-1.0, 1.0)), bjax.InvalidProblemError, "dt_limit must be a pair"),
     (dict(dt_limit=(0.0, math.nan)), bjax.InvalidProblemError, "dt_limit must be a pair"),
     (dict(dt_limit=0.1), bjax.InvalidProblemError, "dt_limit must be a pair"),
     (dict(initial_states=jnp.ones((2, 4, 8, 15), jnp.float32)), bjax.InvalidProblemError, "initial_states.shape must be"),
+    (dict(initial_states=jnp.ones((2, 4, 8, 16), jnp.int32)), bjax.UnsupportedError, "initial_states.dtype must be"),
     (dict(seq_idx=jnp.ones((2, 7), jnp.int32)), bjax.InvalidProblemError, r"seq_idx.shape must be \(2, 8\)"),
     (dict(seq_idx=jnp.ones((2, 8), jnp.float32)), bjax.InvalidProblemError, "seq_idx.dtype must be an integer dtype"),
     (dict(return_final_states="yes"), bjax.InvalidProblemError, "return_final_states must be a bool"),
@@ -428,24 +438,30 @@ def test_chunk_scan_errors(change, error, message):
 
 
 STEP_ERRORS = [
-    (dict(state=jnp.ones((2, 4, 8, 16), jnp.bfloat16)), "state.dtype must be float32"),
-    (dict(state=jnp.ones((2, 4, 8, 15), jnp.float32)), "state.shape must be"),
-    (dict(x=jnp.ones((2, 4, 8, 1), jnp.float32)), "x must be an array of rank 3"),
-    (dict(dt=jnp.ones((2, 3), jnp.float32)), r"dt.shape must be \(2, 4\)"),
-    (dict(B=jnp.ones((2, 3, 16), jnp.float32), C=jnp.ones((2, 3, 16), jnp.float32)), r"B.shape\[-2\] \(groups\) must be a divisor of heads"),
-    (dict(z=jnp.ones((2, 4, 7), jnp.float32)), "z.shape must be"),
+    (dict(state=jnp.ones((2, 4, 8, 16), jnp.bfloat16)), bjax.InvalidProblemError, "state.dtype must be float32"),
+    (dict(state=jnp.ones((2, 4, 8, 15), jnp.float32)), bjax.InvalidProblemError, "state.shape must be"),
+    (dict(x=jnp.ones((2, 4, 8, 1), jnp.float32)), bjax.InvalidProblemError, "x must be an array of rank 3"),
+    (dict(x=jnp.ones((2, 4, 8), jnp.int8)), bjax.UnsupportedError, "x.dtype must be float32"),
+    (dict(dt=jnp.ones((2, 3), jnp.float32)), bjax.InvalidProblemError, r"dt.shape must be \(2, 4\)"),
+    (dict(dt=jnp.ones((2, 4), jnp.int32)), bjax.UnsupportedError, "dt.dtype must be"),
+    (dict(A=jnp.ones((2,), jnp.float32)), bjax.InvalidProblemError, r"A.shape must be \(4,\)"),
+    (dict(B=jnp.ones((2, 3, 16), jnp.float32), C=jnp.ones((2, 3, 16), jnp.float32)), bjax.InvalidProblemError, r"B.shape\[-2\] \(groups\) must be a divisor of heads"),
+    (dict(z=jnp.ones((2, 4, 7), jnp.float32)), bjax.InvalidProblemError, "z.shape must be"),
+    (dict(dt_limit=(1.0, 0.0)), bjax.InvalidProblemError, "dt_limit must be a pair"),
 ]
 
 
-@pytest.mark.parametrize("change,message", STEP_ERRORS, ids=[str(i) for i in range(len(STEP_ERRORS))])
-def test_step_errors(change, message):
+@pytest.mark.parametrize("change,error,message", STEP_ERRORS,
+                         ids=[str(i) for i in range(len(STEP_ERRORS))])
+def test_step_errors(change, error, message):
     good = _good()
     args = dict(state=jnp.zeros((2, 4, 8, 16), jnp.float32), x=good["x"][:, 0],
                 dt=good["dt"][:, 0], A=good["A"], B=good["B"][:, 0], C=good["C"][:, 0])
     args.update(change)
     positional = [args.pop(k) for k in ("state", "x", "dt", "A", "B", "C")]
-    with pytest.raises(bjax.InvalidProblemError, match="ssd_step: " + message):
+    with pytest.raises(error, match="ssd_step: " + message) as info:
         jax.jit(lambda *a: bjax.ssd_step(*a, **args))(*positional)
+    assert "got" in str(info.value)
 
 
 @pytest.mark.skipif(KERNEL_BACKEND != "pallas", reason="needs a GPU: 6 GiB inputs")

@@ -1,0 +1,64 @@
+"""GPU regression sweep of the SSD kernels: awkward head_dim and state_dim, every dtype and
+every launch configuration ``default_config`` can select, forward and every gradient.
+
+Compiled kernels only: on the CPU the interpreter runs the very same kernel code, which
+tests/test_ssd.py covers at small sizes; what this sweep guards is what the GPU compiler
+makes of it (it once computed a few wrong rows of dB at head_dim 80, state_dim 130 in
+float32, with no trace in the interpreter).
+"""
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import ssd as pallas_ssd
+from pallas_kernels import ssd_backward as pallas_ssd_backward
+from tests.conftest import KERNEL_BACKEND
+from tests.test_ssd import DTYPES, GRAD_BOUND, check, check_gradients, problem
+
+pytestmark = pytest.mark.skipif(KERNEL_BACKEND != "pallas", reason="compiled kernels need a "
+                                 "CUDA GPU")
+
+SIZES = (80, 96, 100, 130, 200, 256)
+# Each size once as head_dim and once as state_dim, never paired with itself.
+DIMS = list(zip(SIZES, SIZES[3:] + SIZES[:3]))
+# (heads, groups): heads per group odd (one head per program, block_h 1) or even (two).
+LAYOUTS = {"odd_group": (3, 1), "even_group": (4, 2)}
+# chunk 32: one block per chunk, 32-step pieces; chunk 128: two 64-step blocks per
+# chunk, 128-step pieces (the settings every larger chunk shares).
+CHUNKS = (32, 128)
+CASES = [(p, n, layout, chunk) for p, n in DIMS for layout in LAYOUTS for chunk in CHUNKS]
+
+
+def _ids(case):
+    p, n, layout, chunk = case
+    return f"p{p}-n{n}-{layout}-chunk{chunk}"
+
+
+def _problem(case, dtype, seed):
+    p, n, layout, chunk = case
+    heads, groups = LAYOUTS[layout]
+    return problem(seed, 1, 2 * chunk + 5, heads, p, groups, n, dtype), chunk
+
+
+def test_sweep_covers_every_configuration():
+    forward = {pallas_ssd.default_config(c, p, n, h // g)
+               for p, n, layout, c in CASES for h, g in [LAYOUTS[layout]]}
+    backward = {pallas_ssd_backward.default_config(c, p, n, h // g)
+                for p, n, layout, c in CASES for h, g in [LAYOUTS[layout]]}
+    assert {cfg.block_h for cfg in forward} == {1, 2}
+    assert {(cfg.block_h, cfg.block, cfg.block_q) for cfg in backward} == {
+        (h, b, q) for h in (1, 2) for b, q in ((32, 32), (64, 128))}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_forward(case, dtype):
+    (x, dt, A, B, C), chunk = _problem(case, dtype, 70)
+    check(x, dt, A, B, C, "pallas", chunk_size=chunk, D=jnp.ones((x.shape[2],), jnp.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_gradients(case, dtype):
+    (x, dt, A, B, C), chunk = _problem(case, dtype, 71)
+    check_gradients(x, dt, A, B, C, "pallas", GRAD_BOUND[jnp.dtype(dtype)], chunk_size=chunk,
+                    D=jnp.ones((x.shape[2],), jnp.float32))

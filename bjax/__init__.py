@@ -10,7 +10,8 @@ from bjax import errors
 from bjax._op import BACKENDS, Plan, PrecisionGuarantee, plan
 from bjax.cascade import CascadeMergeDescriptor, merge_state, merge_states
 from bjax.errors import BjaxError, InvalidProblemError, UnsupportedError
-from bjax.hyper_connection import (HyperConnectionDescriptor, MhcPostDescriptor,
+from bjax.hyper_connection import (DEEPSEEK_MHC_POST, DEEPSEEK_MHC_PRE,
+                                    HyperConnectionDescriptor, MhcPostDescriptor,
                                     MhcPreDescriptor, SinkhornDescriptor, hyper_connection,
                                     mhc_post, mhc_pre, sinkhorn_knopp)
 from bjax.gated import GatedActivationDescriptor, gated_activation, geglu, glu, reglu, swiglu
@@ -28,7 +29,8 @@ def __getattr__(name):
 
 
 __all__ = [
-    "BACKENDS", "BjaxError", "CascadeMergeDescriptor", "GatedActivationDescriptor",
+    "BACKENDS", "BjaxError", "CascadeMergeDescriptor", "DEEPSEEK_MHC_POST", "DEEPSEEK_MHC_PRE",
+    "GatedActivationDescriptor",
     "HyperConnectionDescriptor", "MhcPostDescriptor", "MhcPreDescriptor", "SinkhornDescriptor",
     "hyper_connection", "mhc_post", "mhc_pre", "sinkhorn_knopp",
     "InvalidProblemError", "Plan", "PrecisionGuarantee", "UnsupportedError",

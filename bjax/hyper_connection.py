@@ -4,16 +4,19 @@ A layer keeps ``n`` residual streams ``x [..., n, C]`` and replaces
 ``x + F(x)`` by ``x_next = H_res x + H_post^T F(H_pre x)``:
 
 * :func:`sinkhorn_knopp` projects ``n x n`` logits towards the doubly stochastic
-  matrices: ``P = exp(L)`` (or ``softmax_rows(L) + eps``), then ``iters`` times
-  ``P /= (column sums + eps)`` and ``P /= (row sums + eps)`` (or rows first).
-  Its gradient is exact for the finite number of iterations: the backward walks
-  the iterations in reverse (no fixed-point assumption).
+  matrices: ``P = exp(L - max L)`` (or ``softmax_rows(L) + eps``), then ``iters`` times
+  ``P /= (column sums + eps)`` and ``P /= (row sums + eps)`` (or rows first, or
+  DeepSeek's schedule), in the log domain: finite at any logit scale. Its gradient
+  is exact for the finite number of iterations: the backward walks the iterations in
+  reverse (no fixed-point assumption).
 * :func:`mhc_pre` computes the coefficients and the sublayer's input
   ``layer_input = sum_i h_pre_i x_i``. Static: ``H~ = bias``. Dynamic:
   ``H~ = alpha * (RMSNorm(vec x) phi) + bias`` per token. Then
   ``h_pre = sigmoid(H~_pre) + pre_eps``, ``h_post = post_scale sigmoid(H~_post)``,
   ``h_res = SK(H~_res)``; ``H~`` is laid out ``[pre (n) | post (n) | res (n^2, row-major)]``.
 * :func:`mhc_post` computes ``x_next_i = sum_j h_res_ij x_j + h_post_i f_out``.
+* :data:`DEEPSEEK_MHC_PRE` / :data:`DEEPSEEK_MHC_POST` are the options that reproduce
+  DeepSeek's released mHC kernels (README: mHC).
 * :func:`hyper_connection` is the seed's fused static op with ``F = RMSNorm``:
   ``M = SK(h_res)``, ``agg = sum_i sigmoid(h_pre_i) x_i``,
   ``y = agg / sqrt(mean_c agg^2 + eps) * rmsnorm_weight``,
@@ -28,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +44,17 @@ from pallas_kernels import hyper_connection as pallas_hc
 from pallas_kernels import sinkhorn as pallas_sinkhorn
 
 SINKHORN_INITS = pallas_sinkhorn.INITS
-SINKHORN_ORDERS = tuple(pallas_sinkhorn.ORDERS)
+SINKHORN_ORDERS = tuple(pallas_sinkhorn.SCHEDULES)
 MAX_SINKHORN_ITERS = 1000
 # The Pallas kernels unroll the n^2 stream mixes; Sinkhorn holds an n x n block.
 MAX_KERNEL_STREAMS = 32
+# The options of DeepSeek's released mHC kernels (deepseek-ai/TileKernels): 10 Sinkhorn
+# iterations from softmax + eps, one column normalisation then rows-then-columns,
+# eps 1e-6 everywhere, h_pre = sigmoid + 1e-6, h_post = sigmoid, mixing by h_res^T.
+DEEPSEEK_MHC_PRE = types.MappingProxyType(dict(
+    rmsnorm_eps=1e-6, sinkhorn_iters=10, sinkhorn_eps=1e-6, sinkhorn_init="softmax",
+    sinkhorn_order="deepseek", pre_eps=1e-6, post_scale=1.0))
+DEEPSEEK_MHC_POST = types.MappingProxyType(dict(transpose_res=True))
 MAX_KERNEL_SINKHORN_N = 128
 _X_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -155,7 +166,7 @@ def _sinkhorn_fwd(logits, options, backend):
         return out, (vjp,)
     out, scales = pallas_sinkhorn.sinkhorn(logits, **options.as_kwargs(), with_scales=True,
                                            interpret=backend == "interpret")
-    return out, (logits, out, scales)
+    return out, (logits, scales)
 
 
 def _sinkhorn_bwd(options, backend, residuals, grad):
@@ -185,17 +196,22 @@ def sinkhorn_knopp(logits, *, iters=20, eps=1e-5, init="exp", order="columns_fir
       logits: ``[..., n, n]``, any float dtype (math in float32).
       iters: iterations, 1 to 1000; each normalises columns then rows
         (``order="columns_first"``, the paper's) or rows then columns
-        (``"rows_first"``, the order of mHC.cu's kernel).
+        (``"rows_first"``, the order of mHC.cu's kernel); ``"deepseek"`` normalises
+        columns once, then ``iters - 1`` times rows then columns (DeepSeek's kernels).
       eps: guard added to every sum, a finite float in (0, 1).
-      init: ``"exp"`` starts from ``exp(logits)`` (paper, seed); ``"softmax"``
-        from ``softmax(logits, rows) + eps`` (DeepSeek's code; stable for large logits).
+      init: ``"exp"`` starts from ``exp(logits - max)``, the max over each matrix
+        (paper, seed); ``"softmax"`` from ``softmax(logits, rows) + eps`` (DeepSeek's).
       backend: ``None`` (``$BJAX_BACKEND``, else Pallas on CUDA GPUs and XLA
         elsewhere), ``"pallas"``, ``"interpret"`` or ``"xla"``.
 
     Returns:
       ``M [..., n, n]`` in logits' dtype. Its gradient is exact for the given
-      number of iterations. ``exp`` of logits above about 88 overflows float32:
-      use ``init="softmax"`` for such logits.
+      number of iterations. Finite at any finite logit scale: the ``exp`` start is
+      shifted by each matrix's maximum, so its largest entry is 1 and ``eps`` guards
+      sums relative to it (with ``eps`` -> 0 the shift would not matter at all). A row
+      or column far below the largest entry grows by about ``1/eps`` per normalisation
+      until its sum reaches 1. The steps run on ``log P``, so such entries are never
+      flushed to 0.
 
     Raises:
       InvalidProblemError: a non-square or rank < 2 ``logits``, ``iters`` outside
@@ -421,8 +437,9 @@ def mhc_pre(x, *, bias, phi=None, alpha=None, rmsnorm_eps=1e-6, sinkhorn_iters=2
       alpha: ``[3]`` scales of the pre, post and res columns; given exactly when phi is.
       rmsnorm_eps: the guard of the RMS over ``n C`` values, in (0, 1).
       sinkhorn_iters, sinkhorn_eps, sinkhorn_init, sinkhorn_order: as in
-        :func:`sinkhorn_knopp`. DeepSeek's code uses ``sinkhorn_init="softmax"``.
-      pre_eps: added to ``sigmoid(H~_pre)`` (DeepSeek's code adds one); >= 0.
+        :func:`sinkhorn_knopp`. ``**DEEPSEEK_MHC_PRE`` sets every option as
+        DeepSeek's kernels have it.
+      pre_eps: added to ``sigmoid(H~_pre)``; >= 0.
       post_scale: ``h_post = post_scale * sigmoid(H~_post)`` (2 in the paper).
       backend: as in :func:`sinkhorn_knopp`.
 

@@ -168,14 +168,22 @@ def ssd_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
 
 def sinkhorn(logits, iters, eps, init="exp", order="columns_first"):
     """Sinkhorn-Knopp in float64 ``jax.numpy`` (differentiable, for gradient oracles):
-    P = exp(L) or softmax_rows(L) + eps, then per iteration P / (column sums + eps) and
-    P / (row sums + eps), in ``order``."""
+    P = exp(L - max L) (the max over each matrix) or softmax_rows(L) + eps; then each
+    normalisation P / (column sums + eps) or P / (row sums + eps): per iteration columns
+    then rows ("columns_first") or rows then columns ("rows_first"); "deepseek": one
+    column normalisation, then iters - 1 iterations of rows then columns."""
     import jax.numpy as jnp
     p = jnp.asarray(logits, jnp.float64)
-    p = jnp.exp(p) if init == "exp" else jnp.exp(p) / jnp.exp(p).sum(-1, keepdims=True) + eps
-    for _ in range(iters):
-        for axis in ((-2, -1) if order == "columns_first" else (-1, -2)):
-            p = p / (p.sum(axis, keepdims=True) + eps)
+    if init == "exp":
+        p = jnp.exp(p - jnp.max(p, axis=(-2, -1), keepdims=True))
+    else:
+        e = jnp.exp(p - jnp.max(p, axis=-1, keepdims=True))
+        p = e / e.sum(-1, keepdims=True) + eps
+    columns, rows = -2, -1
+    steps = {"columns_first": [columns, rows] * iters, "rows_first": [rows, columns] * iters,
+             "deepseek": [columns] + [rows, columns] * (iters - 1)}[order]
+    for axis in steps:
+        p = p / (p.sum(axis, keepdims=True) + eps)
     return p
 
 
@@ -225,3 +233,32 @@ def mhc_layer(x, sublayer, bias, phi=None, alpha=None, *, rmsnorm_eps, iters, si
     x_next = ((res[:, :, :, None] * x_post[:, None, :, :]).sum(2)
               + h_post[:, :, None] * sublayer(layer_input)[:, None, :])
     return x_next, layer_input, h_post, h_res
+
+
+def deepseek_mhc_layer(residual, fn, scale, base, norm_weight, sublayer):
+    """DeepSeek's released mHC (deepseek-ai/TileKernels) in float64, in its own terms:
+    residual [T, n, C], fn [n(n+2), n C], scale [3], base [n(n+2)], norm_weight [n C].
+    mixes = RMSNorm(vec residual) * norm_weight @ fn^T (eps 1e-6); pre = sigmoid + 1e-6,
+    post = sigmoid, comb = softmax(rows) + 1e-6, one column normalisation, then 9 rounds
+    of rows then columns, each p / (sum + 1e-6); out_i = sum_j comb_ji x_j + post_i f.
+    Returns (out, layer_input, post, comb)."""
+    import jax.numpy as jnp
+    x = jnp.asarray(residual, jnp.float64)
+    tokens, n, hidden = x.shape
+    fn, scale, base, w = (jnp.asarray(a, jnp.float64) for a in (fn, scale, base, norm_weight))
+    flat = x.reshape(tokens, n * hidden)
+    normed = flat / jnp.sqrt((flat * flat).mean(-1, keepdims=True) + 1e-6) * w
+    mixes = normed @ fn.T
+    pre = _sigmoid64(mixes[:, :n] * scale[0] + base[:n]) + 1e-6
+    post = _sigmoid64(mixes[:, n:2 * n] * scale[1] + base[n:2 * n])
+    comb = (mixes[:, 2 * n:] * scale[2] + base[2 * n:]).reshape(tokens, n, n)
+    comb = jnp.exp(comb - comb.max(-1, keepdims=True))
+    comb = comb / comb.sum(-1, keepdims=True) + 1e-6
+    comb = comb / (comb.sum(-2, keepdims=True) + 1e-6)
+    for _ in range(10 - 1):
+        comb = comb / (comb.sum(-1, keepdims=True) + 1e-6)
+        comb = comb / (comb.sum(-2, keepdims=True) + 1e-6)
+    layer_input = (pre[:, :, None] * x).sum(1)
+    out = (jnp.swapaxes(comb, 1, 2)[:, :, :, None] * x[:, None, :, :]).sum(2) \
+        + post[:, :, None] * sublayer(layer_input)[:, None, :]
+    return out, layer_input, post, comb

@@ -1,5 +1,6 @@
 """mHC against float64 oracles: Sinkhorn (values, exact gradient vs finite differences),
 the seed's fused op, mhc_pre / mhc_post as the paper's layer, transforms, errors."""
+import math
 import re
 
 import jax
@@ -108,6 +109,75 @@ def test_sinkhorn_many_iterations_and_softmax_for_large_logits():
         out = bjax.sinkhorn_knopp(logits, iters=1000, init="softmax", backend=backend)
         ref = oracles.sinkhorn(np.asarray(logits, np.float64), 1000, 1e-5, "softmax")
         assert_close(out, ref, jnp.float32, 8.0)
+
+
+def sinkhorn_case(logits, init, order, backend, iters=20, eps=1e-5):
+    """Values and the gradient of a random cotangent against the float64 oracle of the
+    shifted formula, on the very logits given (rounded to their dtype)."""
+    cotangent = normal(40, logits.shape)
+    out, vjp = jax.vjp(lambda l: bjax.sinkhorn_knopp(l, iters=iters, eps=eps, init=init,
+                                                     order=order, backend=backend), logits)
+    logits64 = jnp.asarray(logits, jnp.float64)
+    ref, ref_vjp = jax.vjp(lambda l: oracles.sinkhorn(l, iters, eps, init, order), logits64)
+    assert_close(out, ref, logits.dtype, 8.0)
+    (grad,), (ref_grad,) = vjp(cotangent.astype(out.dtype)), ref_vjp(
+        jnp.asarray(cotangent, jnp.float64))
+    assert_grad_close(grad, ref_grad, 2e-5 if logits.dtype == jnp.float32 else 2 ** -7,
+                      "dlogits")
+    return out
+
+
+# Whole matrices far from 0: exp(L) alone overflows float32 from 89 up and underflows to
+# a zero matrix from about -104 down; the shift by each matrix's maximum makes them the
+# same problem as the logits near 0.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("init", SINKHORN_INITS)
+@pytest.mark.parametrize("offset", [100.0, -100.0, 1e4, -1e4])
+def test_sinkhorn_any_logit_scale(offset, init, backend):
+    logits = normal(41, (3, 4, 4)) + offset
+    out = sinkhorn_case(logits, init, "columns_first", backend)
+    near_zero = sinkhorn_case(logits - offset, init, "columns_first", backend)
+    # Doubly stochastic up to eps, and the same matrices as the logits without the offset
+    # (those differ from logits - offset only by the rounding of the offset logits).
+    np.testing.assert_allclose(np.asarray(out).sum(-1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out).sum(-2), 1.0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(near_zero), atol=5e-3 if abs(
+        offset) > 1e3 else 1e-4)  # logits around 1e4 hold float32 steps of 2^-10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("order", SINKHORN_ORDERS)
+def test_sinkhorn_mixed_scales(order, backend):
+    """Rows (and, in a second matrix, columns) of one matrix 30 apart, down to 90 below the
+    largest entry (exp of that is under float32's normal range), and matrices at +-1e4 in
+    the same call. Such rows grow by about 1/eps per normalisation, as in the oracle."""
+    noise = normal(42, (4, 4, 4))
+    steps = jnp.array([0.0, 30.0, 60.0, 90.0], jnp.float32)
+    logits = jnp.stack([noise[0] + steps[:, None], noise[1] + steps[None, :],
+                        noise[2] + 1e4, noise[3] - 1e4])
+    out = sinkhorn_case(logits, "exp", order, backend)
+    assert np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("init", SINKHORN_INITS)
+def test_sinkhorn_bfloat16_large_logits(init, backend):
+    """bfloat16 logits at +-100 and +-1e4 (where bfloat16 steps by 64, so many cells tie
+    for the maximum and share its gradient term)."""
+    noise = normal(43, (4, 4, 4), std=40.0)
+    logits = (noise + jnp.array([100.0, -100.0, 1e4, -1e4])[:, None, None]).astype(
+        jnp.bfloat16)
+    sinkhorn_case(logits, init, "columns_first", backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hyper_connection_large_h_res(backend):
+    x, weight, h_pre, h_post, _ = hc_problem(44, 3, 4, 40, jnp.float32)
+    for value in (95.0, -200.0):
+        h_res = jnp.full((4, 4), value) + jnp.eye(4)
+        out = bjax.hyper_connection(x, weight, h_pre, h_post, h_res, backend=backend)
+        ref = oracles.hyper_connection(x, weight, h_pre, h_post, h_res, 20, 1e-5)
+        assert_close(out, ref, jnp.float32, SCALE[jnp.dtype(jnp.float32)])
 
 
 # ---------------------------------------------------------------- the seed's fused op
@@ -303,6 +373,49 @@ def test_mhc_layer_gradients(dtype, dynamic, options, backend):
     mine, ref = layer_gradients(x, bias, phi, alpha, backend, **options)
     names = ("x", "bias", "phi", "alpha", "x_post") if dynamic else ("x", "bias", "x_post")
     for name, g, r in zip(names, mine, ref):
+        assert_grad_close(g, r, GRAD_RTOL[jnp.dtype(dtype)], name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=_ids)
+def test_deepseek_presets_match_deepseek_formula(dtype, backend):
+    """The presets with DeepSeek's weights (fn, scale, base, norm weight) against a float64
+    oracle written in DeepSeek's own terms: values and the gradients of every weight."""
+    tokens, n, hidden = 6, 4, 64
+    x = normal(60, (tokens, n, hidden), dtype)
+    fn = normal(61, (n * (n + 2), n * hidden), std=1 / math.sqrt(n * hidden))
+    scale, base, w = normal(62, (3,)), normal(63, (n * (n + 2),)), 1 + normal(64, (n * hidden,))
+    f_weight = normal(65, (hidden,))
+
+    def sublayer(u):
+        return jnp.tanh(u * f_weight)
+
+    def mine(x, fn, scale, base):
+        layer_input, h_post, h_res = bjax.mhc_pre(x, phi=(fn * w[None, :]).T, alpha=scale,
+                                                  bias=base, backend=backend,
+                                                  **bjax.DEEPSEEK_MHC_PRE)
+        f_out = sublayer(layer_input.astype(jnp.float32)).astype(x.dtype)
+        out = bjax.mhc_post(x, f_out, h_post, h_res, backend=backend, **bjax.DEEPSEEK_MHC_POST)
+        return out, layer_input, h_post, h_res
+
+    def theirs(x, fn, scale, base):
+        rounded = lambda u: sublayer(u.astype(dtype).astype(jnp.float64)).astype(  # noqa: E731
+            dtype).astype(jnp.float64)
+        return oracles.deepseek_mhc_layer(x, fn, scale, base, w, rounded)
+
+    args = (x, fn, scale, base)
+    outs = jax.jit(mine)(*args)
+    refs = theirs(*(a.astype(jnp.float64) for a in args))
+    for name, out, ref in zip(("x_next", "layer_input", "h_post", "h_res"), outs, refs):
+        out_dtype = dtype if name in ("x_next", "layer_input") else jnp.float32
+        assert_close(out, ref, out_dtype, SCALE[jnp.dtype(out_dtype)]
+                     * (2 if name == "x_next" else 1))
+    cotangent = normal(66, x.shape)
+    loss = lambda f: lambda *a: jnp.sum(f(*a)[0].astype(cotangent.dtype) * cotangent)  # noqa: E731
+    grads = jax.grad(loss(mine), argnums=(0, 1, 2, 3))(*args)
+    ref_grads = jax.grad(lambda *a: jnp.sum(theirs(*a)[0] * cotangent),
+                         argnums=(0, 1, 2, 3))(*(a.astype(jnp.float64) for a in args))
+    for name, g, r in zip(("x", "fn", "scale", "base"), grads, ref_grads):
         assert_grad_close(g, r, GRAD_RTOL[jnp.dtype(dtype)], name)
 
 

@@ -11,24 +11,27 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import sinkhorn as sk
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 _F32 = jnp.float32
 
-# Axis summed by each normalisation of a [..., n, n] matrix: columns sum over rows.
-ORDERS = {"columns_first": (-2, -1), "rows_first": (-1, -2)}
-
 
 def sinkhorn(logits, *, iters: int, eps: float, init: str, order: str):
-    """Sinkhorn-Knopp of ``logits [..., n, n]``, float32 out."""
+    """Sinkhorn-Knopp of ``logits [..., n, n]``, float32 out: ``pallas_kernels.sinkhorn``'s
+    formula and log-domain steps, differentiated by autodiff."""
     logits = logits.astype(_F32)
-    p = jnp.exp(logits) if init == "exp" else jax.nn.softmax(logits, axis=-1) + eps
+    u = sk.log_start(logits, sk.matrix_shift(logits), init, eps)
+    lead, pair, rounds = sk.schedule(order, iters)
+    for axis in lead:
+        u = sk.log_normalize(u, axis, eps)[0]
 
-    def iteration(_, p):
-        for axis in ORDERS[order]:
-            p = p / (jnp.sum(p, axis=axis, keepdims=True) + eps)
-        return p
+    def round_(_, u):
+        for axis in pair:
+            u = sk.log_normalize(u, axis, eps)[0]
+        return u
 
-    return jax.lax.fori_loop(0, iters, iteration, p)
+    return jnp.exp(jax.lax.fori_loop(0, rounds, round_, u))
 
 
 def rms_normalize(v, eps: float):

@@ -137,12 +137,12 @@ class WriteSliceDescriptor:
         return self.dest_shape[d] - self.source_shape[d]
 
     def route(self, backend: str) -> str:
-        """``"noop"``, ``"whole"``, ``"dus"`` (lax.dynamic_update_slice), ``"scatter"``
-        (lax.scatter) or ``"kernel"`` (Pallas).
+        """``"noop"``, ``"whole"``, ``"dus"`` (one guarded lax.dynamic_update_slice),
+        ``"rows"`` (a loop of them, a row each) or ``"kernel"`` (Pallas).
 
-        The XLA backend, and dtypes the kernel cannot view as bits: a
-        FILL_OR_DROP scatter. Pallas, one position for a window of at most
-        ``_DUS_MAX_WINDOW_BYTES``: XLA's in-place dynamic_update_slice, guarded,
+        The XLA backend, and dtypes the kernel cannot view as bits: ``"dus"``, or
+        ``"rows"`` for per-row positions (in place on every backend). Pallas, one
+        position for a window of at most ``_DUS_MAX_WINDOW_BYTES``: ``"dus"`` too,
         since there a launch costs more than the copy and XLA fuses the position
         arithmetic into the update (BENCHMARKS.md). Everything else: the kernel,
         which the ``"interpret"`` backend always runs.
@@ -152,7 +152,7 @@ class WriteSliceDescriptor:
         if self.whole:
             return "whole"
         if backend == "xla" or self.kernel_view() is None:
-            return "scatter"
+            return "rows" if self.per_row else "dus"
         small = math.prod(self.source_shape) * self.dtype.itemsize <= _DUS_MAX_WINDOW_BYTES
         return "dus" if backend == "pallas" and small and not self.per_row else "kernel"
 
@@ -161,17 +161,17 @@ class WriteSliceDescriptor:
         return self.starts[d] == 0 and self.source_shape[d] == self.dest_shape[d]
 
     def kernel_view(self) -> KernelView | None:
-        """How the Pallas kernel runs this call; None where it does not (then lax.scatter)."""
+        """How the Pallas kernel runs this call; None where it does not (then the lax updates)."""
         dtype = self.dtype
         packed = dtype in [jnp.dtype(d) for d in _NIBBLE_DTYPES]
-        if not packed and _uint_of_width(dtype) is None:
+        if not packed and xla_write_slice.uint_of_width(dtype) is None:
             return None  # bool, complex: no bit-cast view in JAX
         dest, window = list(self.dest_shape), list(self.source_shape)
         if packed:
             last = self.starts[-1]
             if not (isinstance(last, int) and last % 2 == 0 and window[-1] % 2 == 0
                     and dest[-1] % 2 == 0):
-                return None  # odd nibble windows: lax.scatter handles them
+                return None  # odd nibble windows: the lax updates handle them
             dest[-1], window[-1] = dest[-1] // 2, window[-1] // 2
         if max(dest) > _MAX_KERNEL_EXTENT:
             return None
@@ -200,7 +200,7 @@ class WriteSliceDescriptor:
             dest_c, window_c = [1, *dest_c], [1, *window_c]
             axes.insert(0, pallas_write_slice.AxisStart(static=0))
         config = pallas_write_slice.default_config(tuple(window_c), self.per_row)
-        bits = jnp.dtype(jnp.uint8) if packed else _uint_of_width(dtype)
+        bits = jnp.dtype(jnp.uint8) if packed else xla_write_slice.uint_of_width(dtype)
         return KernelView(bits, packed, tuple(dest_c), tuple(window_c), tuple(axes), config)
 
 
@@ -278,15 +278,6 @@ def _with_range_reports(desc: WriteSliceDescriptor, traced, reports):
         for values_in, (d, values, ok) in zip(traced, reports))
 
 
-def _uint_of_width(dtype):
-    """The unsigned integer dtype ``lax.bitcast_convert_type`` can view ``dtype`` as, or None
-    (bool, complex and 4-bit types have none of their own width)."""
-    if dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.complexfloating) \
-            or dtype in [jnp.dtype(d) for d in _NIBBLE_DTYPES]:
-        return None
-    return jnp.dtype(f"uint{8 * dtype.itemsize}")
-
-
 def _to_bits(x, view: KernelView):
     if view.packed:
         x = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
@@ -320,16 +311,9 @@ def _write_impl(dest, source, table, traced, desc: WriteSliceDescriptor, backend
     route = desc.route(backend)
     if route == "whole":
         return source
-    if route in ("dus", "scatter"):
+    if route in ("dus", "rows"):
         write = xla_write_slice.write_window if route == "dus" else xla_write_slice.write_rows
-        # Move the bits: XLA may compute narrow floats in a wider type and
-        # canonicalize NaN payloads on the way.
-        bits = _uint_of_width(desc.dtype)
-        if bits is None:
-            return write(dest, source, table)
-        out = write(lax.bitcast_convert_type(dest, bits), lax.bitcast_convert_type(source, bits),
-                    table)
-        return lax.bitcast_convert_type(out, desc.dtype)
+        return write(dest, source, table)
     view = desc.kernel_view()
     out = pallas_write_slice.write_window(
         _to_bits(dest, view).reshape(view.dest_shape),
@@ -403,7 +387,8 @@ def _plan_write_slice(dest, source, start, *, backend=None):
     backend = _op.resolve_backend(backend, _OP)
     route = desc.route(backend)
     kernel = {"noop": "none (empty window)", "whole": "none (source replaces dest)",
-              "dus": "lax.dynamic_update_slice (guarded)", "scatter": "lax.scatter (FILL_OR_DROP)",
+              "dus": "lax.dynamic_update_slice (guarded)",
+              "rows": "lax.dynamic_update_slice per row (guarded, in a loop)",
               "kernel": "bjax_write_slice"}[route]
     return _op.Plan(
         op=_OP, descriptor=desc, backend=backend, kernel=kernel,

@@ -168,7 +168,7 @@ def test_nibble_even_windows_use_the_kernel_and_odd_ones_xla():
                      backend="interpret")
     odd = bjax.plan(bjax.write_slice, dest, jax.ShapeDtypeStruct((2, 3), jnp.int4), (1, 2),
                     backend="interpret")
-    assert even.kernel == "bjax_write_slice" and odd.kernel.startswith("lax.scatter")
+    assert even.kernel == "bjax_write_slice" and odd.kernel == "lax.dynamic_update_slice (guarded)"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -237,23 +237,29 @@ def test_decode_loop_with_the_cache_as_carry(backend):
 
 @pytest.mark.parametrize("backend", ["xla", KERNEL_BACKEND])
 @pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per_row"])
-def test_donated_dest_is_updated_in_place(backend, per_row):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int4, jnp.float8_e4m3fn],
+                         ids=lambda d: jnp.dtype(d).name)
+def test_donated_dest_is_updated_in_place(dtype, backend, per_row):
+    """The compiled program aliases dest to the output and holds no temporary anywhere near
+    dest's size (memory_analysis, which sees copies that the HLO text may not name)."""
     if backend == "interpret":
         pytest.skip("in place is a property of compiled programs; the interpreter emulates")
     shape = (8, 256, 4, 64)
-    dest = jnp.zeros(shape, jnp.bfloat16) + 1
-    token = jnp.ones((8, 1, 4, 64), jnp.bfloat16)
-    position = jnp.full((8,), 5) if per_row else jnp.int32(5)
+    dest = jnp.ones(shape, dtype)
+    token = jnp.zeros((8, 1, 4, 64), dtype)
+    position = jnp.arange(8) % 3 + 5 if per_row else jnp.int32(5)
     append = jax.jit(lambda c, t, p: bjax.write_slice(c, t, (0, p, 0, 0), backend=backend),
                      donate_argnums=0)
     compiled = append.lower(dest, token, position).compile()
     text = compiled.as_text()
     assert re.search(r"input_output_alias=\{ \{\}: \(0, \{\}, (may|must)-alias\) \}", text), \
         text[:2000]
-    assert not copies_of(text, shape, jnp.bfloat16), copies_of(text, shape, jnp.bfloat16)
+    dest_bytes = dest.size * jnp.dtype(dtype).itemsize // (2 if dtype == jnp.int4 else 1)
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < dest_bytes // 16, (temp, dest_bytes)
     out = append(dest, token, position)
     assert dest.is_deleted()
-    assert float(out[0, 5, 0, 0]) == 1 and out.shape == shape
+    assert float(out[0, 5, 0, 0]) == 0 and float(out[0, 4, 0, 0]) == 1 and out.shape == shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -364,10 +370,10 @@ def test_plan_names_the_path():
     assert bjax.plan(bjax.write_slice, c64, c64, (0, 0), backend="interpret").kernel.startswith(
         "none")
     assert bjax.plan(bjax.write_slice, c64, jax.ShapeDtypeStruct((2, 4), jnp.complex64), (1, 0),
-                     backend="interpret").kernel.startswith("lax.scatter")
+                     backend="interpret").kernel == "lax.dynamic_update_slice (guarded)"
     per_row = (0, jax.ShapeDtypeStruct((4,), jnp.int32))
     assert bjax.plan(bjax.write_slice, c64, jax.ShapeDtypeStruct((4, 2), jnp.complex64), per_row,
-                     backend="xla").kernel.startswith("lax.scatter")
+                     backend="xla").kernel.startswith("lax.dynamic_update_slice per row")
 
 
 @pytest.mark.parametrize("start", [(1, 250, 0), (1, 301, 0), (3, 250, 0)],

@@ -1,5 +1,10 @@
 """Shared fixtures: the backends this machine can run, tolerances, random data."""
+import os
 import re
+
+# Several pytest-xdist workers share one GPU: each allocates what it uses, rather than
+# JAX's default of most of the device up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp

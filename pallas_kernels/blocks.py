@@ -43,20 +43,11 @@ def rows_cols(rows, cols):
 
 
 def dot(a, b, contract=(1, 0)):
-    """``a @ b`` over dims ``contract`` on tensor cores with float32 accumulation, operands
-    in their (shared) dtype. float32 operands go as three exact bfloat16 pieces each, all
-    nine products (:func:`split_dot`): every product is exact in float32, as in a float32
-    FMA dot, without Triton's float32 (``Precision.HIGHEST``) dot lowering, which computed
-    wrong rows of a chained product on the H200 (BENCHMARKS.md, SSD notes)."""
-    if jnp.dtype(a.dtype) == jnp.float32:
-        return split_dot(split_bf16(a, 3), split_bf16(b, 3), contract)
-    return _mma(a, b, contract)
-
-
-def _mma(a, b, contract):
-    """One tensor-core product of 16-bit operands, float32 accumulation."""
+    """``a @ b`` over dims ``contract`` with float32 accumulation, operands in their (shared)
+    dtype; float32 operands at full precision (Triton's default for them is TF32)."""
+    precision = jax.lax.Precision.HIGHEST if jnp.dtype(a.dtype) == jnp.float32 else None
     return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                               preferred_element_type=jnp.float32)
+                               precision=precision, preferred_element_type=jnp.float32)
 
 
 def split_bf16(v, pieces: int):
@@ -79,7 +70,7 @@ def split_dot(a_parts, b_parts, contract=(1, 0), order: int | None = None):
     accumulation (every bfloat16 product is exact in float32). ``order`` (default: all
     pairs) drops the products of the smallest pieces."""
     order = len(a_parts) + len(b_parts) - 1 if order is None else order
-    terms = [_mma(a, b, contract) for i, a in enumerate(a_parts) for j, b in enumerate(b_parts)
+    terms = [dot(a, b, contract) for i, a in enumerate(a_parts) for j, b in enumerate(b_parts)
              if i + j < order]
     return functools.reduce(jnp.add, terms)
 

@@ -3,8 +3,8 @@ every launch configuration ``default_config`` can select, forward and every grad
 
 Compiled kernels only: on the CPU the interpreter runs the very same kernel code, which
 tests/test_ssd.py covers at small sizes; what this sweep guards is what the GPU compiler
-makes of it (it once computed a few wrong rows of dB at head_dim 80, state_dim 130 in
-float32, with no trace in the interpreter).
+makes of it (it computed wrong rows of dB at head_dim 80, state_dim 130 in float32, with
+no trace in the interpreter; BENCHMARKS.md, SSD notes).
 """
 import jax.numpy as jnp
 import pytest
@@ -12,7 +12,7 @@ import pytest
 from pallas_kernels import ssd as pallas_ssd
 from pallas_kernels import ssd_backward as pallas_ssd_backward
 from tests.conftest import KERNEL_BACKEND
-from tests.test_ssd import DTYPES, GRAD_BOUND, check, check_gradients, problem
+from tests.test_ssd import DTYPES, GRAD_BOUND, check, gradient_errors, problem
 
 pytestmark = pytest.mark.skipif(KERNEL_BACKEND != "pallas", reason="compiled kernels need a "
                                  "CUDA GPU")
@@ -60,5 +60,15 @@ def test_forward(case, dtype):
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_gradients(case, dtype):
     (x, dt, A, B, C), chunk = _problem(case, dtype, 71)
-    check_gradients(x, dt, A, B, C, "pallas", GRAD_BOUND[jnp.dtype(dtype)], chunk_size=chunk,
-                    D=jnp.ones((x.shape[2],), jnp.float32))
+    args = (x, dt, A, B, C)
+    kwargs = {"chunk_size": chunk, "D": jnp.ones((x.shape[2],), jnp.float32)}
+    bounds = dict.fromkeys(("x", "dt", "A", "B", "C", "D"), GRAD_BOUND[jnp.dtype(dtype)])
+    if jnp.dtype(dtype) != jnp.float32:
+        # dA sums dt' * (gradient of a) over every step of a head, terms that largely cancel,
+        # so its 16-bit rounding error grows with the cancellation: 2.5e-2 for the XLA
+        # backend itself at head_dim 100, state_dim 256 in bfloat16 (every other gradient:
+        # under 4e-3). dA is held to twice the XLA backend's error on the same inputs.
+        xla_error = gradient_errors(*args, "xla", **kwargs)["A"]
+        bounds["A"] = max(bounds["A"], 2 * xla_error)
+    for name, error in gradient_errors(*args, "pallas", **kwargs).items():
+        assert error <= bounds[name], (name, error, bounds[name])

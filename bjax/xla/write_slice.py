@@ -3,16 +3,15 @@
 Both take the row table of ``bjax.write_slice``: ``positions`` int32
 ``[W_0, N + 1]``, where row ``i`` holds the window position of index ``i``
 along axis 0 on every axis (column 0 is ``p_0 + i``) and, in column N, whether
-that row is written.
+that row is written (rows not written hold in-range positions).
 
-Writes are ``dynamic_update_slice`` only, under a ``cond`` on the written flag,
-which XLA performs in place on a donated ``dest`` whatever its dtype: the whole
-window when every row shares one position (:func:`write_window`), else one row
-at a time in a loop (:func:`write_rows`). Floats are updated through an
-unsigned-integer view of the same width: XLA may carry narrow floats in float32,
-which would canonicalise NaN payloads. A view of the same width is free; XLA makes
-no copy of ``dest``. The backward's :func:`read_rows` gathers with
-``FILL_OR_DROP``, sending unwritten rows off the end (read as 0).
+Writes are guarded ``dynamic_update_slice`` only, which XLA performs in place on a
+donated ``dest`` whatever its dtype: the whole window when every row shares one
+position (:func:`write_window`), else one row at a time in a loop
+(:func:`write_rows`). Floats under 32 bits are moved as unsigned bits, since XLA
+may carry them in float32 and canonicalise NaN payloads (a same-width view, which
+makes no copy). The backward's :func:`read_rows` gathers with ``FILL_OR_DROP``,
+sending unwritten rows off the end (read as 0).
 """
 import jax.numpy as jnp
 from jax import lax
@@ -29,12 +28,26 @@ def uint_of_width(dtype):
     return jnp.dtype(f"uint{8 * dtype.itemsize}")
 
 
+def _narrow(dtype) -> bool:
+    """Types XLA may not move as they are: floats under 32 bits (which it may widen to
+    float32, canonicalising NaN payloads) and 4-bit integers (which it may unpack)."""
+    dtype = jnp.dtype(dtype)
+    return dtype in _NIBBLE_DTYPES or (jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4)
+
+
 def _guarded_update(dest, update, position):
-    """``dest`` with ``update`` at ``position[:-1]`` if ``position[-1]``, else unchanged
-    (a ``cond``: reading the current window to select against it would make XLA copy
-    ``dest`` first)."""
+    """``dest`` with ``update`` at ``position[:-1]`` if ``position[-1]``, else unchanged.
+
+    Types XLA moves as they are select between the update and the current window, an
+    in-place update as fast as a bare ``dynamic_update_slice``. For narrow types that
+    read would make XLA copy ``dest`` first, so they update under a ``cond``, floats
+    through a same-width unsigned view."""
+    written = position[-1] != 0
     start = tuple(position[d] for d in range(dest.ndim))
-    bits = uint_of_width(dest.dtype) if jnp.issubdtype(dest.dtype, jnp.floating) else None
+    if not _narrow(dest.dtype):
+        current = lax.dynamic_slice(dest, start, update.shape)
+        return lax.dynamic_update_slice(dest, jnp.where(written, update, current), start)
+    bits = uint_of_width(dest.dtype)
 
     def write(dest):
         if bits is None:
@@ -43,7 +56,7 @@ def _guarded_update(dest, update, position):
                                        lax.bitcast_convert_type(update, bits), start)
         return lax.bitcast_convert_type(out, dest.dtype)
 
-    return lax.cond(position[-1] != 0, write, lambda dest: dest, dest)
+    return lax.cond(written, write, lambda dest: dest, dest)
 
 
 def write_window(dest, source, positions):

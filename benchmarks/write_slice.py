@@ -1,15 +1,17 @@
-"""write_slice: bjax vs lax.dynamic_update_slice and lax.scatter, in place.
+"""write_slice: bjax vs lax.dynamic_update_slice, in place.
 
     python -m benchmarks.write_slice [--backend pallas]
 
-* Decode loop: 256 KV-cache appends of one token ([8, 1, 8, 128] bf16, 16 KiB)
-  inside one jitted ``fori_loop``, cache [8, S, 8, 128] bf16 donated, for caches
-  of 32 MiB to 2 GiB; time per append. Columns: bjax (scalar position), bjax
-  with per-row positions (ragged lengths), ``lax.dynamic_update_slice`` (which
-  clamps out-of-range positions) and bjax's XLA backend (a FILL_OR_DROP scatter).
-* A generic 3-d window (bf16) and an int4 window, dest donated: GPU kernel time
-  per call from a profiler trace (a window of a few MiB is shorter than JAX's
-  host dispatch of a call), TB/s counting the window's bytes read and written,
+* Decode loop: KV-cache appends of one token ([8, 1, 8, 128]) inside one jitted
+  ``fori_loop``, cache [8, S, 8, 128] donated; time per append. On a GPU: 256
+  appends, bf16, caches of 32 MiB to 2 GiB. On a CPU: float32 (256 appends) and
+  bfloat16 (16 appends: XLA's CPU update of a bf16 array takes milliseconds), caches
+  of 32 to 512 MiB. Columns: bjax (scalar position), bjax with per-row positions
+  (ragged lengths), ``lax.dynamic_update_slice`` (which clamps out-of-range
+  positions) and, on a GPU, bjax's XLA backend (on a CPU it is the default).
+* On a GPU, a generic 3-d window (bf16) and an int4 window, dest donated: GPU
+  kernel time per call from a profiler trace (a window of a few MiB is shorter than
+  JAX's host dispatch of a call), TB/s counting the window's bytes read and written,
   against the device-copy ceiling of the same run.
 
 In each part every column is timed the same way, calls chained on the donated
@@ -26,41 +28,54 @@ from jax import lax
 import bjax
 from benchmarks import harness
 
-STEPS = 256
-CACHE_MIB = (32, 128, 512, 2048)
+def _decode_cases() -> list[tuple]:
+    """(dtype, appends per call, cache sizes in MiB) of the decode loop on this device."""
+    if jax.default_backend() == "gpu":
+        return [(jnp.bfloat16, 256, (32, 128, 512, 2048))]
+    return [(jnp.float32, 256, (32, 128, 512)), (jnp.bfloat16, 16, (32, 128, 512))]
 
 
-def _decode(append):
-    """jit(cache, tokens) -> cache after STEPS appends, cache donated."""
+def _decode(append, steps: int):
+    """jit(cache, tokens, offset) -> cache after ``steps`` appends, cache donated."""
     def run(cache, tokens, offset):
         def step(i, cache):
             return append(cache, tokens[i % tokens.shape[0]], offset + i)
-        return lax.fori_loop(0, STEPS, step, cache)
+        return lax.fori_loop(0, steps, step, cache)
     return jax.jit(run, donate_argnums=0)
 
 
-def decode_rows(backend: str) -> list[list]:
+def decode_appends(backend: str) -> dict:
     appends = {
         "bjax": lambda c, t, p: bjax.write_slice(c, t, (0, p, 0, 0), backend=backend),
         "bjax per-row": lambda c, t, p: bjax.write_slice(
             c, t, (0, p + jnp.arange(8) % 3, 0, 0), backend=backend),
         "dynamic_update_slice": lambda c, t, p: lax.dynamic_update_slice(c, t, (0, p, 0, 0)),
-        "bjax xla (scatter)": lambda c, t, p: bjax.write_slice(c, t, (0, p, 0, 0),
-                                                               backend="xla"),
     }
-    tokens = jax.random.normal(jax.random.key(1), (16, 8, 1, 8, 128), jnp.bfloat16)
+    if backend != "xla":
+        appends["bjax xla"] = lambda c, t, p: bjax.write_slice(c, t, (0, p, 0, 0),
+                                                               backend="xla")
+    return appends
+
+
+def decode_rows(backend: str) -> list[list]:
+    appends = decode_appends(backend)
     rows = []
-    for mib in CACHE_MIB:
-        seq = mib * 2**20 // (8 * 8 * 128 * 2)
-        caches = {name: jax.random.normal(jax.random.key(0), (8, seq, 8, 128), jnp.bfloat16)
-                  for name in appends}
-        ms = harness.chained_times_ms({name: _decode(a) for name, a in appends.items()}, caches,
-                                      tokens, jnp.int32(seq // 2))
-        del caches
-        us = {name: t * 1e3 / STEPS for name, t in ms.items()}
-        rows.append([f"8x{seq}x8x128", f"{mib} MiB"] + [f"{t:.2f}" for t in us.values()]
-                    + [f"{us['dynamic_update_slice'] / us['bjax']:.2f}"])
-        print(rows[-1], flush=True)
+    for dtype, steps, sizes in _decode_cases():
+        tokens = jax.random.normal(jax.random.key(1), (16, 8, 1, 8, 128)).astype(dtype)
+        itemsize = jnp.dtype(dtype).itemsize
+        for mib in sizes:
+            seq = mib * 2**20 // (8 * 8 * 128 * itemsize)
+            caches = {name: jax.random.normal(jax.random.key(0), (8, seq, 8, 128)).astype(dtype)
+                      for name in appends}
+            ms = harness.chained_times_ms(
+                {name: _decode(a, steps) for name, a in appends.items()}, caches, tokens,
+                jnp.int32(seq // 2), calls=10 if steps > 16 else 2, rounds=7 if steps > 16 else 3)
+            del caches
+            us = {name: t * 1e3 / steps for name, t in ms.items()}
+            rows.append([f"8x{seq}x8x128", jnp.dtype(dtype).name, f"{mib} MiB"]
+                        + [f"{t:.2f}" for t in us.values()]
+                        + [f"{us['dynamic_update_slice'] / us['bjax']:.2f}"])
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -76,7 +91,7 @@ def window_rows(backend: str, ceiling: float) -> list[list]:
         updates = {
             "bjax": lambda d, s: bjax.write_slice(d, s, start, backend=backend),
             "dynamic_update_slice": lambda d, s: lax.dynamic_update_slice(d, s, start),
-            "bjax xla (scatter)": lambda d, s: bjax.write_slice(d, s, start, backend="xla"),
+            "bjax xla": lambda d, s: bjax.write_slice(d, s, start, backend="xla"),
         }
         times = {}
         for label, update in updates.items():
@@ -95,20 +110,22 @@ def window_rows(backend: str, ceiling: float) -> list[list]:
 
 
 def run(backend: str) -> str:
-    ceiling, ceiling_how = harness.copy_ceiling_tbps()
     decode = decode_rows(backend)
-    windows = window_rows(backend, ceiling)
-    return "\n".join([
-        harness.environment(), f"copy ceiling: {ceiling:.2f} TB/s ({ceiling_how}); "
-        f"backend={backend}", "",
-        f"Decode loop: us per append ({STEPS} appends of [8, 1, 8, 128] bf16 in one fori_loop, "
-        "cache donated)", "",
-        harness.markdown_table(["cache", "size", "bjax", "bjax per-row", "dynamic_update_slice",
-                                "bjax xla (scatter)", "DUS / bjax"], decode), "",
-        "Windows: kernel us per call (TB/s: window bytes read + written)", "",
-        harness.markdown_table(["case", "dest", "window", "dtype", "bjax", "dynamic_update_slice",
-                                "bjax xla (scatter)", "DUS / bjax", "bjax TB/s", "% copy"],
-                               windows)])
+    parts = [
+        harness.environment(), f"backend={backend}", "",
+        "Decode loop: us per append (appends of [8, 1, 8, 128] in one fori_loop, cache "
+        "donated)", "",
+        harness.markdown_table(["cache", "dtype", "size", *decode_appends(backend),
+                                "DUS / bjax"], decode)]
+    if jax.default_backend() == "gpu":
+        ceiling, ceiling_how = harness.copy_ceiling_tbps()
+        windows = window_rows(backend, ceiling)
+        parts += ["", f"Windows: kernel us per call (TB/s: window bytes read + written; copy "
+                  f"ceiling {ceiling:.2f} TB/s, {ceiling_how})", "",
+                  harness.markdown_table(["case", "dest", "window", "dtype", "bjax",
+                                          "dynamic_update_slice", "bjax xla", "DUS / bjax",
+                                          "bjax TB/s", "% copy"], windows)]
+    return "\n".join(parts)
 
 
 def main():

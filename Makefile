@@ -19,7 +19,7 @@ demo: $(SETUP)
 	$(PY) -m bjax.demo
 
 test: $(SETUP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n auto --durations=15
 
 bench: $(SETUP)
 	for b in gated write_slice cascade ssd hyper_connection; do $(PY) -m benchmarks.$$b || exit 1; done

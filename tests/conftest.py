@@ -1,10 +1,26 @@
 """Shared fixtures: the backends this machine can run, tolerances, random data."""
 import os
 import re
+import shutil
+import tempfile
+import uuid
 
 # Several pytest-xdist workers share one GPU: each allocates what it uses, rather than
 # JAX's default of most of the device up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def _run_cache(run_id: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"bjax-test-cache-{run_id}")
+
+
+# The workers of one pytest-xdist run also share their compiled programs (many tests
+# compile the same kernels) through a cache that lives as long as the run.
+if "PYTEST_XDIST_TESTRUNUID" in os.environ:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                          _run_cache(os.environ["PYTEST_XDIST_TESTRUNUID"]))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
 import jax.numpy as jnp
@@ -69,3 +85,14 @@ def copies_of(hlo_text, shape, dtype):
     shape_text = f"{name}[{','.join(map(str, shape))}]"
     return [line for line in hlo_text.splitlines()
             if re.search(r"= " + re.escape(shape_text) + r"\S* copy\(", line)]
+
+
+def pytest_configure(config):
+    # The controller of an xdist run names the run, so that it can remove the run's cache.
+    if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
+        config.option.testrunuid = config.option.testrunuid or uuid.uuid4().hex
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput") and getattr(config.option, "testrunuid", None):
+        shutil.rmtree(_run_cache(config.option.testrunuid), ignore_errors=True)

@@ -69,9 +69,17 @@ def check(x, dt, A, B, C, backend, chunk_size=CHUNK, **kwargs):
     assert_close(final, ref_final, x.dtype, SCALE[jnp.dtype(x.dtype)])
 
 
+# Every length in float32; the 16-bit dtypes at one step and at a partial last chunk.
+# Lengths exercise masking and chunk edges, the same code for every dtype; dtypes
+# exercise rounding, the same at every length.
+LENGTH_CASES = ([(seq_len, jnp.float32) for seq_len in (1, 7, CHUNK, CHUNK + 1, 3 * CHUNK - 5)]
+                + [(seq_len, dtype) for dtype in (jnp.float16, jnp.bfloat16)
+                   for seq_len in (1, 3 * CHUNK - 5)])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("seq_len", [1, 7, CHUNK, CHUNK + 1, 3 * CHUNK - 5])
+@pytest.mark.parametrize("seq_len, dtype", LENGTH_CASES,
+                         ids=[f"{n}-{jnp.dtype(d).name}" for n, d in LENGTH_CASES])
 def test_lengths_and_dtypes(seq_len, dtype, backend):
     check(*problem(seq_len, 2, seq_len, 4, 8, 2, 16, dtype), backend)
 
@@ -217,8 +225,13 @@ GRAD_BOUND = {jnp.dtype(jnp.float32): 2e-5, jnp.dtype(jnp.bfloat16): 4 * 2**-8,
               jnp.dtype(jnp.float16): 4 * 2**-11}
 
 
+# No feature, D alone (the [heads] form) and every other feature at once: each feature's
+# own gradient code runs in the last set (test_features checks each one's forward alone).
+GRADIENT_FEATURE_SETS = [(), ("D",), FEATURE_SETS[-1]]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("names", [()] + FEATURE_SETS, ids=lambda n: "+".join(n) or "plain")
+@pytest.mark.parametrize("names", GRADIENT_FEATURE_SETS, ids=lambda n: "+".join(n) or "plain")
 def test_gradients(names, backend):
     x, dt, A, B, C = problem(19, 2, 3 * CHUNK - 5, 4, 8, 2, 16, jnp.float32)
     check_gradients(x, dt, A, B, C, backend, GRAD_BOUND[jnp.dtype(jnp.float32)],

@@ -246,11 +246,13 @@ def test_gradients_16bit(dtype, backend):
                     **features(22, x, 16, FEATURE_SETS[-1]))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# Kernel backend only here and in test_gradients_largest_dims: these shapes exercise the
+# kernels' blocks of head_dim, state_dim and heads; the XLA backend (autodiff of whole-array
+# einsums) has none, and its gradients run in the tests above.
 @pytest.mark.parametrize("shape", [(1, 40, 3, 7, 1, 5, 16), (1, 70, 4, 80, 2, 130, 32),
                                    (2, 33, 6, 8, 6, 16, 16), (1, 50, 8, 16, 1, 16, 16)],
                          ids=str)
-def test_gradients_shapes(shape, backend):
+def test_gradients_shapes(shape, backend=KERNEL_BACKEND):
     """Awkward head_dim / state_dim, chunk 32, groups = heads and 8 heads per group."""
     *dims, chunk = shape
     x, dt, A, B, C = problem(23, *dims, jnp.float32)
@@ -258,9 +260,8 @@ def test_gradients_shapes(shape, backend):
                     chunk_size=chunk, D=jnp.ones((dims[2],), jnp.float32))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
-def test_gradients_largest_dims(dtype, backend):
+def test_gradients_largest_dims(dtype, backend=KERNEL_BACKEND):
     """head_dim = state_dim = 256: four blocks of head_dim, partial sums over them."""
     x, dt, A, B, C = problem(31, 1, 40, 2, 256, 1, 256, dtype)
     check_gradients(x, dt, A, B, C, backend, GRAD_BOUND[jnp.dtype(dtype)], chunk_size=32)

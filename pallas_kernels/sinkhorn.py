@@ -85,9 +85,32 @@ def log_normalize(u, axis: int, eps: float):
     return u - jnp.expand_dims(d, axis), d
 
 
+@jax.custom_jvp
 def matrix_shift(logits):
-    """Each matrix's maximum (keepdims): the ``exp`` start's shift."""
+    """Each matrix's maximum (keepdims, floored at -1e30): the ``exp`` start's shift.
+
+    Its derivative is JAX's rule for a maximum, shared equally by the cells that hold
+    it, with one guard: a compiler may recompute the logits inside the fusion that
+    compares them with the maximum, with multiply-adds contracted differently, so that
+    no cell compares equal (JAX's own rule then divides by a tie count of 0). The first
+    cell holding the maximum (an index from the reduction itself) always takes part.
+    """
     return jnp.maximum(jnp.max(logits, axis=(-2, -1), keepdims=True), _FLOOR)
+
+
+@matrix_shift.defjvp
+def _matrix_shift_jvp(primals, tangents):
+    (logits,), (tangent,) = primals, tangents
+    shift = matrix_shift(logits)
+    n = logits.shape[-1]
+    flat = logits.reshape(*logits.shape[:-2], n * n)
+    first = jnp.argmax(flat, axis=-1)[..., None]
+    ties = (flat == shift.reshape(*shift.shape[:-2], 1)) | (
+        jnp.arange(n * n, dtype=first.dtype) == first)
+    ties = ties.astype(logits.dtype)
+    share = ties / jnp.sum(ties, axis=-1, keepdims=True)
+    share = jnp.where(shift.reshape(share.shape[:-1] + (1,)) > _FLOOR, share, 0.0)
+    return shift, jnp.sum(tangent.reshape(flat.shape) * share, axis=-1)[..., None, None]
 
 
 def log_start(logits, shift, init: str, eps: float):

@@ -10,6 +10,7 @@ import pytest
 
 import bjax
 from bjax.hyper_connection import SINKHORN_INITS, SINKHORN_ORDERS
+from pallas_kernels import sinkhorn as sinkhorn_math
 from tests import oracles
 from tests.conftest import BACKENDS, KERNEL_BACKEND, assert_close
 
@@ -397,6 +398,36 @@ def test_mhc_layer_gradients(dtype, dynamic, options, backend):
     names = ("x", "bias", "phi", "alpha", "x_post") if dynamic else ("x", "bias", "x_post")
     for name, g, r in zip(names, mine, ref):
         assert_grad_close(g, r, GRAD_RTOL[jnp.dtype(dtype)], name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixing_matrix_gradient_through_dynamic_h(backend):
+    """d sum(h_res) / dx with H computed from x. The derivative of the Sinkhorn's shift
+    (the matrix maximum) compares the logits with it; XLA's CPU compiler recomputed the
+    logits inside that comparison's fusion with differently contracted multiply-adds, and
+    for two of these tokens no cell compared equal (JAX's rule for a maximum then divides
+    by a tie count of 0: a NaN gradient)."""
+    x, bias, phi, alpha = layer_problem(6, (3, 5), 4, 48, jnp.float32, True)
+    # Not all ones: the sum of a doubly stochastic matrix hardly depends on the logits.
+    cotangent = normal(7, (3, 5, 4, 4))
+    mine = jax.jit(jax.grad(lambda x: jnp.sum(cotangent * bjax.mhc_pre(
+        x, bias=bias, phi=phi, alpha=alpha, backend=backend)[2])))(x)
+    ref = jax.grad(lambda x64: jnp.sum(cotangent * oracle_layer(x64, bias, phi, alpha)[3]))(
+        x.astype(jnp.float64))
+    assert_grad_close(mine, ref, GRAD_RTOL[jnp.dtype(jnp.float32)], "x")
+
+
+def test_matrix_shift_derivative_is_jax_rule_for_a_maximum():
+    """Ties share the derivative equally, as for jnp.max; a matrix of -inf (shift at the
+    floor) has none."""
+    logits = jnp.array([[[1.0, 3.0, 3.0], [0.0, 3.0, 2.0], [-1.0, 0.0, 1.0]],
+                        [[0.5, -2.0, 0.0], [1.0, 0.0, -1.0], [0.0, 0.0, 0.0]]])
+    mine = jax.jacobian(lambda v: sinkhorn_math.matrix_shift(v).ravel())(logits)
+    jax_rule = jax.jacobian(lambda v: jnp.max(v, axis=(-2, -1)))(logits)
+    np.testing.assert_array_equal(np.asarray(mine), np.asarray(jax_rule))
+    floor = jax.grad(lambda v: jnp.sum(sinkhorn_math.matrix_shift(v)))(
+        jnp.full((1, 2, 2), -jnp.inf))
+    np.testing.assert_array_equal(np.asarray(floor), 0.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

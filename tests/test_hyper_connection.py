@@ -402,7 +402,7 @@ def test_mhc_layer_gradients(dtype, dynamic, options, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixing_matrix_gradient_through_dynamic_h(backend):
-    """d sum(h_res) / dx with H computed from x. The derivative of the Sinkhorn's shift
+    """d <c, h_res> / dx (a random cotangent c) with H computed from x. The derivative of the Sinkhorn's shift
     (the matrix maximum) compares the logits with it; XLA's CPU compiler recomputed the
     logits inside that comparison's fusion with differently contracted multiply-adds, and
     for two of these tokens no cell compared equal (JAX's rule for a maximum then divides

@@ -162,12 +162,13 @@ class SsdChunkScanDescriptor:
     @property
     def kernel_config(self) -> pallas_ssd.SsdConfig:
         return pallas_ssd.default_config(self.chunk_size, self.head_dim, self.state_dim,
-                                         self.heads // self.groups)
+                                         self.heads // self.groups, self.dtype)
 
     @property
     def backward_config(self) -> pallas_ssd_backward.SsdBackwardConfig:
         return pallas_ssd_backward.default_config(self.chunk_size, self.head_dim,
-                                                  self.state_dim, self.heads // self.groups)
+                                                  self.state_dim, self.heads // self.groups,
+                                                  self.dtype)
 
     @classmethod
     def from_args(cls, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,

@@ -42,6 +42,21 @@ def rows_cols(rows, cols):
     return all_of(None if rows is None else rows[:, None], None if cols is None else cols[None, :])
 
 
+def block_loop(first, stop, count: int, body, init, *, constant_trip_count: bool):
+    """``fori_loop`` of ``body`` over blocks ``first .. stop - 1``, or, with
+    ``constant_trip_count``, over all ``count`` blocks: then the body must leave the
+    blocks outside ``first .. stop - 1`` without effect, as a causal mask does.
+
+    Float32 kernels take the constant count. On an H200 (JAX 0.11.2), a software-
+    pipelined loop whose bounds depend on the program, with float32 dots (Triton's
+    IEEE dot, on FMA units), computed wrong rows; the same loop with constant bounds,
+    or unpipelined, computed them right, as did tensor-core dots (BENCHMARKS.md, SSD).
+    """
+    if constant_trip_count:
+        first, stop = jnp.int32(0), jnp.int32(count)
+    return jax.lax.fori_loop(first, stop, body, init)
+
+
 def dot(a, b, contract=(1, 0)):
     """``a @ b`` over dims ``contract`` with float32 accumulation, operands in their (shared)
     dtype; float32 operands at full precision (Triton's default for them is TF32)."""

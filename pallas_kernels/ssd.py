@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import all_of, columns, dot, load, padded, rows_cols
+from pallas_kernels.blocks import all_of, block_loop, columns, dot, load, padded, rows_cols
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,8 @@ class SsdConfig:
         each ``C_t . B_s`` block).
       state_warps, scan_warps: warps of each kernel's programs.
       num_stages: software-pipelining depth of the kernels' loops.
+      constant_trip_count: :func:`chunk_scan`'s loop runs over every source block of
+        the chunk, those past the diagonal masked (``blocks.block_loop``).
     """
     block_q: int
     block_t: int
@@ -68,20 +70,31 @@ class SsdConfig:
     state_warps: int = 4
     scan_warps: int = 4
     num_stages: int = 2
+    constant_trip_count: bool = False
+
+
+def state_piece(chunk_size: int, state_dim: int, dtype) -> int:
+    """Steps per piece of a walk over the chunks: 128, or 64 for float32 operands with a
+    state padded to 256 (128 x 256 float32 tiles in two stages overflow an H200's
+    shared memory, 232,448 bytes)."""
+    wide = jnp.dtype(dtype).itemsize >= 4 and padded(state_dim) >= 256
+    return min(chunk_size, 64 if wide else 128)
 
 
 def default_config(chunk_size: int, head_dim: int, state_dim: int,
-                   heads_per_group: int) -> SsdConfig:
-    """Pieces of 128 steps for the state walk, 64-step output blocks, as much of
-    head_dim as fits, and two heads of a group per scan program where they divide
-    the group (an H200 sweep: 0.31 ms against 0.40 for one head and 0.45 for four,
-    at b=4, l=4096, h=64, p=64, n=128, chunk 256)."""
+                   heads_per_group: int, dtype) -> SsdConfig:
+    """Pieces of 128 steps for the state walk (:func:`state_piece`), 64-step output
+    blocks, as much of head_dim as fits, and two heads of a group per scan program
+    where they divide the group (an H200 sweep: 0.31 ms against 0.40 for one head and
+    0.45 for four, at b=4, l=4096, h=64, p=64, n=128, chunk 256). Float32 inputs
+    (``dtype``: x's) loop over a constant count of blocks (``blocks.block_loop``)."""
     block = min(chunk_size, 64)
     padded_p = max(16, pl.next_power_of_2(head_dim))
     block_h = 2 if heads_per_group % 2 == 0 else 1
-    return SsdConfig(block_q=min(chunk_size, 128), block_t=block, block_s=block,
-                     block_p=min(padded_p, 64), block_h=block_h, state_warps=4,
-                     scan_warps=4 if padded_p <= 64 else 8, num_stages=2)
+    return SsdConfig(block_q=state_piece(chunk_size, state_dim, dtype), block_t=block,
+                     block_s=block, block_p=min(padded_p, 64), block_h=block_h,
+                     state_warps=4, scan_warps=4 if padded_p <= 64 else 8, num_stages=2,
+                     constant_trip_count=jnp.dtype(dtype) == jnp.float32)
 
 
 def snapshot_dtype(x_dtype) -> jnp.dtype:
@@ -255,7 +268,8 @@ def _scan_kernel(*refs, dims, config: SsdConfig, has_seg, has_d, has_z, dot_dtyp
             new.append(acc + dot(weights, x_s.astype(dot_dtype)))
         return tuple(new)
 
-    accs = jax.lax.fori_loop(jnp.int32(0), (tb + 1) * (bt // bs), body, tuple(accs))
+    accs = block_loop(jnp.int32(0), (tb + 1) * (bt // bs), chunk // bs, body, tuple(accs),
+                      constant_trip_count=config.constant_trip_count)
 
     tile_mask = rows_cols(t_in, p_mask)
     for h, acc in zip(heads, accs):

@@ -43,8 +43,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import columns, dot, load, padded, rows_cols
-from pallas_kernels.ssd import segment_before, snapshot_dtype
+from pallas_kernels.blocks import block_loop, columns, dot, load, padded, rows_cols
+from pallas_kernels.ssd import segment_before, snapshot_dtype, state_piece
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,8 @@ class SsdBackwardConfig:
         their ``dB`` / ``dC`` come back summed over it, one slice per block of heads.
       source_block_h: heads per :func:`source_grads` program.
       num_warps, num_stages: of every kernel.
+      constant_trip_count: the two chunk kernels' loops run over every block of the
+        chunk, those on the far side of the diagonal masked (``blocks.block_loop``).
     """
     block_q: int
     block: int
@@ -68,21 +70,24 @@ class SsdBackwardConfig:
     source_block_h: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    constant_trip_count: bool = False
 
 
 def default_config(chunk_size: int, head_dim: int, state_dim: int,
-                   heads_per_group: int) -> SsdBackwardConfig:
+                   heads_per_group: int, dtype) -> SsdBackwardConfig:
     """From an H200 sweep at b=4, l=4096, h=64, p=64, n=128, chunk 256: the state walk
     in 128-step pieces (0.19 ms; 0.21 in 64), 64-step blocks with two heads per
     target program (0.57 ms against 0.62 for one head and 0.82 for four), one head
     per source program (0.74 ms against 1.10 for two) and 4 warps. (Two heads per
     source program without pipelining ran at 0.85 ms but gave a wrong dB on that
     GPU at head_dim 80, state_dim 130 in float32, which every other configuration
-    got right: not used.)"""
-    del state_dim
+    got right: not used.) Float32 inputs (``dtype``: x's) loop over a constant count of
+    blocks and walk the state in :func:`pallas_kernels.ssd.state_piece` steps."""
     block_h = 2 if heads_per_group % 2 == 0 else 1
-    return SsdBackwardConfig(block_q=min(chunk_size, 128), block=min(chunk_size, 64),
-                             block_p=min(padded(head_dim), 64), block_h=block_h)
+    return SsdBackwardConfig(block_q=state_piece(chunk_size, state_dim, dtype),
+                             block=min(chunk_size, 64), block_p=min(padded(head_dim), 64),
+                             block_h=block_h,
+                             constant_trip_count=jnp.dtype(dtype) == jnp.float32)
 
 
 def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, dot_dtype):
@@ -213,8 +218,9 @@ def _target_kernel(*refs, dims, config, has_seg, dot_dtype):
             rows = rows + jnp.sum(gx * scores, axis=1)
             return dc + dot(gx.astype(dot_dtype), b_s.astype(dot_dtype)), rows
 
-        dc, rows = jax.lax.fori_loop(jnp.int32(0), tb + 1, source_body,
-                                     (dc, jnp.zeros((bk,), jnp.float32)))
+        dc, rows = block_loop(jnp.int32(0), tb + 1, chunk // bk, source_body,
+                              (dc, jnp.zeros((bk,), jnp.float32)),
+                              constant_trip_count=config.constant_trip_count)
         r_ref[row, pb, head, t_steps] = rows + inter
         return dc_sum + dc
 
@@ -276,8 +282,9 @@ def _source_kernel(*refs, dims, config, has_seg, has_d, dot_dtype):
             cols = cols + jnp.sum(gx * scores, axis=1) * dt_s
             return y_prime, db, cols
 
-        y_prime, db, cols = jax.lax.fori_loop(sb, jnp.int32(chunk // bk), target_body,
-                                              (y_prime, db, jnp.zeros((bk,), jnp.float32)))
+        y_prime, db, cols = block_loop(sb, jnp.int32(chunk // bk), chunk // bk, target_body,
+                                       (y_prime, db, jnp.zeros((bk,), jnp.float32)),
+                                       constant_trip_count=config.constant_trip_count)
         xf = x_s.astype(jnp.float32)
         q = dt_s * to_end * jnp.sum(xf * gb, axis=1)
         dx = dt_s[:, None] * y_prime

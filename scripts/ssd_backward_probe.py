@@ -61,7 +61,7 @@ AXES = {
 def run_case(shape, dtype, config, fwd_config=None, seed=0):
     b, l, h, p, g, n, chunk = shape
     x, dt, a, B, C, dy, dfinal, d = inputs(seed, b, l, h, p, g, n, chunk, dtype)
-    fwd_config = fwd_config or pk.default_config(chunk, p, n, h // g)
+    fwd_config = fwd_config or pk.default_config(chunk, p, n, h // g, dtype)
     dt_p, a_cs = pk.time_terms(dt, a, chunk_size=chunk, softplus=False,
                                limit=(0.0, float("inf")), interpret=True)
 
@@ -96,7 +96,7 @@ def run_case(shape, dtype, config, fwd_config=None, seed=0):
 
 def main():
     base = (1, 70, 4, 80, 2, 130, 32)
-    default = pkb.default_config(32, 80, 130, 2)
+    default = pkb.default_config(32, 80, 130, 2, jnp.float32)
     variants = {
         "default": default,
         "warps8": dataclasses.replace(default, num_warps=8),
@@ -108,7 +108,8 @@ def main():
     cases = [(name, base, dtype, cfg) for name, cfg in variants.items()
              for dtype in (jnp.float32, jnp.bfloat16)]
     if "--dims" in sys.argv:
-        cases += [("dims", (1, 70, 4, p, 2, n, 32), jnp.float32, pkb.default_config(32, p, n, 2))
+        cases += [("dims", (1, 70, 4, p, 2, n, 32), jnp.float32,
+                   pkb.default_config(32, p, n, 2, jnp.float32))
                   for p in (64, 80, 96, 100, 130, 200, 256) for n in (64, 128, 130, 200, 256)]
     if "--quick" in sys.argv:
         cases = cases[:2]

@@ -8,6 +8,8 @@ import pytest
 from jax.test_util import check_grads
 
 import bjax
+from pallas_kernels import ssd as pk
+from pallas_kernels import ssd_backward as pkb
 from tests import oracles
 from tests.conftest import BACKENDS, KERNEL_BACKEND, assert_close
 
@@ -503,3 +505,38 @@ def test_offsets_past_int32():
                               *(np.asarray(v[:, -tail:], np.float64) for v in (B, C)))
     assert_close(last, ref, jnp.bfloat16, SCALE[jnp.dtype(jnp.bfloat16)])
     assert_close(alone, ref, jnp.bfloat16, SCALE[jnp.dtype(jnp.bfloat16)])
+
+
+def test_constant_trip_count_loops_add_nothing():
+    """The chunk kernels' loops over every block of a chunk (the float32 configuration,
+    ``blocks.block_loop``) give bit-identical results to loops over the program's own
+    range: the blocks across the diagonal are masked to exactly 0. bfloat16 inputs, so the
+    compiled per-program loops are trustworthy on a GPU too; four 16-step blocks a chunk,
+    a partial last chunk and segments."""
+    interpret = KERNEL_BACKEND != "pallas"
+    chunk = 64
+    x, dt, A, B, C = problem(40, 1, 2 * chunk + 9, 4, 16, 2, 16, jnp.bfloat16)
+    seg = jnp.repeat(jnp.arange(3, dtype=jnp.int32), jnp.array([50, 40, 47]),
+                     total_repeat_length=x.shape[1])
+    seg = jnp.pad(seg, (0, 3 * chunk - x.shape[1]), mode="edge")[None]
+    dy = problem(41, 1, x.shape[1], 4, 16, 2, 16, jnp.bfloat16)[0]
+    dt_p, a_cs = pk.time_terms(dt, A, chunk_size=chunk, softplus=False,
+                               limit=(0.0, float("inf")), interpret=interpret)
+
+    def outputs(constant):
+        fwd = pk.SsdConfig(block_q=16, block_t=16, block_s=16, block_p=16, block_h=2,
+                           constant_trip_count=constant)
+        bwd = pkb.SsdBackwardConfig(block_q=16, block=16, block_p=16, block_h=2,
+                                    constant_trip_count=constant)
+        kw = dict(chunk_size=chunk, interpret=interpret)
+        states, _ = pk.chunk_states(x, B, dt_p, a_cs, seg, config=fwd,
+                                    states_dtype=jnp.float32, **kw)
+        y = pk.chunk_scan(x, B, C, dt_p, a_cs, states.astype(jnp.bfloat16), seg,
+                          config=fwd, **kw)
+        ends, _, _ = pkb.state_grads(dy, C, a_cs, states, seg, config=bwd, **kw)
+        return (y, *pkb.target_grads(x, dy, B, C, dt_p, a_cs, states, seg, config=bwd, **kw),
+                *pkb.source_grads(x, dy, B, C, dt_p, a_cs, ends, seg, config=bwd, **kw))
+
+    for own_range, every_block in zip(outputs(False), outputs(True)):
+        np.testing.assert_array_equal(np.asarray(own_range.astype(jnp.float32)),
+                                      np.asarray(every_block.astype(jnp.float32)))

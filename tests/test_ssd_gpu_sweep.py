@@ -14,8 +14,7 @@ from pallas_kernels import ssd_backward as pallas_ssd_backward
 from tests.conftest import KERNEL_BACKEND
 from tests.test_ssd import DTYPES, GRAD_BOUND, check, gradient_errors, problem
 
-pytestmark = pytest.mark.skipif(KERNEL_BACKEND != "pallas", reason="compiled kernels need a "
-                                 "CUDA GPU")
+gpu_only = pytest.mark.skipif(KERNEL_BACKEND != "pallas", reason="compiled kernels need a CUDA GPU")
 
 SIZES = (80, 96, 100, 130, 200, 256)
 # Each size once as head_dim and once as state_dim, never paired with itself.
@@ -40,15 +39,20 @@ def _problem(case, dtype, seed):
 
 
 def test_sweep_covers_every_configuration():
-    forward = {pallas_ssd.default_config(c, p, n, h // g)
-               for p, n, layout, c in CASES for h, g in [LAYOUTS[layout]]}
-    backward = {pallas_ssd_backward.default_config(c, p, n, h // g)
-                for p, n, layout, c in CASES for h, g in [LAYOUTS[layout]]}
-    assert {cfg.block_h for cfg in forward} == {1, 2}
-    assert {(cfg.block_h, cfg.block, cfg.block_q) for cfg in backward} == {
-        (h, b, q) for h in (1, 2) for b, q in ((32, 32), (64, 128))}
+    forward = {(cfg.block_h, cfg.block_q, cfg.constant_trip_count)
+               for p, n, layout, c in CASES for h, g in [LAYOUTS[layout]] for dtype in DTYPES
+               for cfg in [pallas_ssd.default_config(c, p, n, h // g, dtype)]}
+    backward = {(cfg.block_h, cfg.block, cfg.block_q, cfg.constant_trip_count)
+                for p, n, layout, c in CASES for h, g in [LAYOUTS[layout]] for dtype in DTYPES
+                for cfg in [pallas_ssd_backward.default_config(c, p, n, h // g, dtype)]}
+    # 64-step pieces: float32 with a state padded to 256; constant trip counts: float32.
+    assert forward == {(h, q, f32) for h in (1, 2) for q in (32, 128) for f32 in (False, True)
+                       } | {(h, 64, True) for h in (1, 2)}
+    assert backward == {(h, b, q, f32) for h in (1, 2) for b, q in ((32, 32), (64, 128))
+                        for f32 in (False, True)} | {(h, 64, 64, True) for h in (1, 2)}
 
 
+@gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_forward(case, dtype):
@@ -56,6 +60,7 @@ def test_forward(case, dtype):
     check(x, dt, A, B, C, "pallas", chunk_size=chunk, D=jnp.ones((x.shape[2],), jnp.float32))
 
 
+@gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_gradients(case, dtype):

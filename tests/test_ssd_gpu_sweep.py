@@ -68,7 +68,15 @@ def test_gradients(case, dtype):
     args = (x, dt, A, B, C)
     kwargs = {"chunk_size": chunk, "D": jnp.ones((x.shape[2],), jnp.float32)}
     bounds = dict.fromkeys(("x", "dt", "A", "B", "C", "D"), GRAD_BOUND[jnp.dtype(dtype)])
-    if jnp.dtype(dtype) != jnp.float32:
+    if jnp.dtype(dtype) == jnp.float32:
+        # The kernels form dA from row sums minus column sums of the decay-weighted score
+        # gradient, reverse-cumsummed per chunk: pairs of steps on the same side of a
+        # position cancel there, which autodiff of the XLA backend's einsums never forms.
+        # At head_dim 100, state_dim 256, one head per group, chunk 32: XLA backend 3.8e-6,
+        # the same kernels interpreted on CPU 1.4e-5, on the H200 2.4e-5 (every other
+        # gradient: under 5e-7). dA alone is held to 5e-5 in float32.
+        bounds["A"] = 5e-5
+    else:
         # dA sums dt' * (gradient of a) over every step of a head, terms that largely cancel,
         # so its 16-bit rounding error grows with the cancellation: 2.5e-2 for the XLA
         # backend itself at head_dim 100, state_dim 256 in bfloat16 (every other gradient:

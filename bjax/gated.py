@@ -18,6 +18,12 @@ With ``gate="second"`` (default: ``torch.nn.functional.glu`` and ``jax.nn.glu``)
 first) ``y = act(a) * b``. Math in float32 (float64 for float64 inputs), output
 in the input dtype. The backward computes both halves of ``dx`` in one pass
 from ``(dy, x)``; the only residual is ``x``.
+
+Sharded programs: under ``jax.jit`` with sharded inputs, the kernels run on each
+device's shard of ``x`` and ``y`` / ``dx`` keep ``x``'s sharding, with no
+collective, for every axis but ``axis``. ``axis`` itself is never divided (a
+device needs both halves of its rows), so a sharding of it is gathered
+(:func:`sharding_rule`). The XLA backend is partitioned by XLA.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bjax import _op
+from bjax import _op, _partition
 from bjax.errors import UnsupportedError
 from bjax.xla import gated as xla_gated
 from pallas_kernels import gated as pallas_gated
@@ -100,28 +106,68 @@ class GatedActivationDescriptor:
         return pallas_gated.default_config(self.rows, self.cols)
 
 
-def _forward_2d(x2, desc: GatedActivationDescriptor, backend: str):
+def _forward(x, desc: GatedActivationDescriptor, backend: str):
+    """``y`` for ``x`` of ``desc``'s shape (or a shard of it: extents from ``x``)."""
     options = dict(kind=desc.kind, gate=desc.gate, approximate=desc.approximate)
     if backend == "xla":
-        return xla_gated.gated_forward(x2, **options)
-    return pallas_gated.gated_forward(x2, config=desc.kernel_config,
+        return xla_gated.gated_forward(x, axis=desc.axis, **options)
+    desc = dataclasses.replace(desc, shape=tuple(x.shape))
+    y2 = pallas_gated.gated_forward(x.reshape(desc.rows, 2 * desc.cols),
+                                    config=desc.kernel_config,
+                                    interpret=backend == "interpret", **options)
+    return y2.reshape(desc.out_shape)
+
+
+def _backward(dy, x, desc: GatedActivationDescriptor, backend: str):
+    """``dx`` from ``(dy, x)``, extents from ``x`` as in :func:`_forward`."""
+    options = dict(kind=desc.kind, gate=desc.gate, approximate=desc.approximate)
+    if backend == "xla":
+        return xla_gated.gated_backward(dy, x, axis=desc.axis, **options)
+    desc = dataclasses.replace(desc, shape=tuple(x.shape))
+    dx2 = pallas_gated.gated_backward(dy.reshape(desc.rows, desc.cols),
+                                      x.reshape(desc.rows, 2 * desc.cols),
+                                      config=desc.kernel_config,
                                       interpret=backend == "interpret", **options)
+    return dx2.reshape(desc.shape)
 
 
-def _backward_2d(dy2, x2, desc: GatedActivationDescriptor, backend: str):
-    options = dict(kind=desc.kind, gate=desc.gate, approximate=desc.approximate)
+def sharding_rule(desc: GatedActivationDescriptor) -> tuple[_partition.ShardingRule, ...]:
+    """The forward's and the backward's rules: every axis of ``x`` splits, except ``axis``
+    (its halves are whole only on a device that holds the whole axis)."""
+    dims = tuple(f"d{i}" for i in range(len(desc.shape)))
+    half = dims[: desc.axis] + ("half",) + dims[desc.axis + 1:]
+    replicated = frozenset({dims[desc.axis], "half"})
+    return (_partition.ShardingRule((dims,), (half,), replicated),
+            _partition.ShardingRule((half, dims), (dims,), replicated))
+
+
+def _kernel_call(desc: GatedActivationDescriptor, backend: str, which: int):
+    """The forward (0) or backward (1) kernel call, partitioned for kernel backends (the
+    XLA backend is partitioned by XLA itself). Under ``vmap`` the batch is one more
+    leading axis of the same op."""
+    call = functools.partial((_forward, _backward)[which], desc=desc, backend=backend)
     if backend == "xla":
-        return xla_gated.gated_backward(dy2, x2, **options)
-    return pallas_gated.gated_backward(dy2, x2, config=desc.kernel_config,
-                                       interpret=backend == "interpret", **options)
+        return call
+
+    @jax.custom_batching.custom_vmap
+    def kernel(*operands):
+        return _partition.partitioned(call, sharding_rule(desc)[which])(*operands)
+
+    @kernel.def_vmap
+    def _batched(axis_size, in_batched, *operands):
+        operands = [v if batched else jnp.broadcast_to(v, (axis_size, *v.shape))
+                    for v, batched in zip(operands, in_batched)]
+        wider = dataclasses.replace(desc, shape=(axis_size, *desc.shape), axis=desc.axis + 1)
+        return _kernel_call(wider, backend, which)(*operands), True
+
+    return kernel
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _gated(x, desc: GatedActivationDescriptor, backend: str):
     if desc.rows * desc.cols == 0:
         return jnp.zeros(desc.out_shape, desc.dtype)
-    y2 = _forward_2d(x.reshape(desc.rows, 2 * desc.cols), desc, backend)
-    return y2.reshape(desc.out_shape)
+    return _kernel_call(desc, backend, 0)(x)
 
 
 def _gated_fwd(x, desc, backend):
@@ -131,9 +177,7 @@ def _gated_fwd(x, desc, backend):
 def _gated_bwd(desc, backend, x, dy):
     if desc.rows * desc.cols == 0:
         return (jnp.zeros(desc.shape, desc.dtype),)
-    dx2 = _backward_2d(dy.reshape(desc.rows, desc.cols), x.reshape(desc.rows, 2 * desc.cols),
-                       desc, backend)
-    return (dx2.reshape(desc.shape),)
+    return (_kernel_call(desc, backend, 1)(dy, x),)
 
 
 _gated.defvjp(_gated_fwd, _gated_bwd)

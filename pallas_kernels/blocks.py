@@ -13,6 +13,19 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 
+def result_type(shape, dtype, *operands):
+    """``jax.ShapeDtypeStruct`` of a kernel result computed from ``operands``: inside
+    ``jax.shard_map`` it varies over every mesh axis one of them varies over (what
+    ``check_vma`` needs to know; outside, there are none)."""
+    manual = [t for t in (getattr(jax.typeof(v), "manual_axis_type", None) for v in operands)
+              if t is not None and t.varying]
+    if not manual:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    varying = frozenset().union(*(t.varying for t in manual))
+    return jax.ShapeDtypeStruct(shape, dtype,
+                                manual_axis_type=manual[0].update(varying=varying))
+
+
 def all_of(*masks):
     """Logical and of the masks that are not None (None if all are)."""
     masks = [m for m in masks if m is not None]

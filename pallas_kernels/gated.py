@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.blocks import result_type
 from pallas_kernels.special import approx_exp2_f32, approx_reciprocal_f32, normal_cdf_and_pdf
 from pallas_kernels.tiling import TileConfig, fit_tile
 
@@ -139,6 +140,7 @@ def _grid(rows, cols, config):
 
 def _call(kernel, operands, out_like, grid, config, interpret, name, out):
     """pallas_call of ``kernel``; with ``out`` given, writes into it (aliased, in place)."""
+    out_type = result_type(out_like.shape, out_like.dtype, *operands)
     if out is not None:
         body = lambda *refs: kernel(*refs[:-2], refs[-1])  # noqa: E731 (skip the aliased input)
         operands, aliases = (*operands, out), {len(operands): 0}
@@ -146,7 +148,7 @@ def _call(kernel, operands, out_like, grid, config, interpret, name, out):
         body, aliases = kernel, {}
     return pl.pallas_call(
         body,
-        out_shape=jax.ShapeDtypeStruct(out_like.shape, out_like.dtype),
+        out_shape=out_type,
         grid=grid,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1),

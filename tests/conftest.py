@@ -13,10 +13,13 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 # Without a CUDA plugin the kernels run through the Pallas interpreter, where a test's
 # programs compile for seconds and run for milliseconds: compile them without LLVM's
-# optimisation passes (a third less time; the same IEEE arithmetic, no fast-math).
+# optimisation passes (a third less time; the same IEEE arithmetic, no fast-math). And
+# eight CPU devices, over which tests/test_sharding.py partitions programs (every other
+# test runs on the first).
 if not any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_backend_optimization_level=0").strip()
+                               + " --xla_backend_optimization_level=0"
+                               + " --xla_force_host_platform_device_count=8").strip()
 
 
 def _run_cache(run_id: str) -> str:

@@ -1,7 +1,8 @@
 """Gated activations in plain ``jax.numpy`` (the ``"xla"`` backend).
 
-Works on the same ``[rows, 2 * cols]`` view as the kernels and evaluates the very
-same elementwise formulas (``pallas_kernels.gated.gated_math``), so the two
+Works on ``x`` as given, split along ``axis`` (no reshape, so XLA partitions it
+along every other axis as the caller sharded them), and evaluates the very same
+elementwise formulas as the kernels (``pallas_kernels.gated.gated_math``): the two
 backends differ only by rounding and fusion.
 """
 import jax.numpy as jnp
@@ -9,20 +10,18 @@ import jax.numpy as jnp
 from pallas_kernels.gated import compute_dtype, gated_math, normal_cdf_options
 
 
-def gated_forward(x2, *, kind, gate, approximate):
-    """``x2 [rows, 2 * cols] -> y [rows, cols]``."""
-    cols = x2.shape[1] // 2
-    dtype = compute_dtype(x2.dtype)
-    first, second = x2[:, :cols].astype(dtype), x2[:, cols:].astype(dtype)
-    y = gated_math(first, second, kind, gate, approximate, normal_cdf_options(x2.dtype))
-    return y.astype(x2.dtype)
+def gated_forward(x, *, axis, kind, gate, approximate):
+    """``x [..., 2 h, ...] -> y [..., h, ...]`` (halves along ``axis``)."""
+    dtype = compute_dtype(x.dtype)
+    first, second = (v.astype(dtype) for v in jnp.split(x, 2, axis=axis))
+    y = gated_math(first, second, kind, gate, approximate, normal_cdf_options(x.dtype))
+    return y.astype(x.dtype)
 
 
-def gated_backward(dy2, x2, *, kind, gate, approximate):
-    """``dy2 [rows, cols], x2 [rows, 2 * cols] -> dx2 [rows, 2 * cols]``."""
-    cols = dy2.shape[1]
-    dtype = compute_dtype(x2.dtype)
-    first, second = x2[:, :cols].astype(dtype), x2[:, cols:].astype(dtype)
+def gated_backward(dy, x, *, axis, kind, gate, approximate):
+    """``dy [..., h, ...], x [..., 2 h, ...] -> dx [..., 2 h, ...]``."""
+    dtype = compute_dtype(x.dtype)
+    first, second = (v.astype(dtype) for v in jnp.split(x, 2, axis=axis))
     d_first, d_second = gated_math(first, second, kind, gate, approximate,
-                                   normal_cdf_options(x2.dtype), dy=dy2.astype(dtype))
-    return jnp.concatenate([d_first, d_second], axis=1).astype(x2.dtype)
+                                   normal_cdf_options(x.dtype), dy=dy.astype(dtype))
+    return jnp.concatenate([d_first, d_second], axis=axis).astype(x.dtype)

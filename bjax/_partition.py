@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -110,3 +112,26 @@ def partitioned(kernel: Callable, rule: ShardingRule, single_result: bool = True
                           propagate_user_sharding=None, sharding_rule=rule.einsum(),
                           need_replication_factors=rule.replicated_in_order())
     return wrapped
+
+
+def kernel_call(kernel: Callable, rule: ShardingRule, batched: Callable,
+                single_result: bool = True) -> Callable:
+    """:func:`partitioned` ``kernel`` that also runs under ``jax.vmap``.
+
+    ``custom_partitioning`` has no batching rule of its own: under ``vmap``,
+    ``batched(axis_size, *operands)`` runs instead, every operand with the batch
+    axis first (unbatched ones broadcast), and must return the batched results
+    (batch axis first), typically from a wider call of the same op.
+    """
+    @jax.custom_batching.custom_vmap
+    def call(*operands):
+        return partitioned(kernel, rule, single_result)(*operands)
+
+    @call.def_vmap
+    def _vmapped(axis_size, in_batched, *operands):
+        operands = [v if is_batched else jnp.broadcast_to(v, (axis_size, *v.shape))
+                    for v, is_batched in zip(operands, in_batched)]
+        out = batched(axis_size, *operands)
+        return out, True if single_result else tuple(True for _ in out)
+
+    return call

@@ -17,6 +17,11 @@ so it is read as an empty state too (the result's ``s`` is then ``-inf``, never
 
 Gradients (``custom_vjp``, Pallas backward kernels): with ``p_k = w_k / sum_j w_j``,
 ``dv_k = p_k dv`` and ``ds_k = p_k (ds + ln(b) <dv, v_k - v>)``; 0 into empty states.
+
+Sharded programs: the kernels run on each device's shard, split along the steps and
+the heads (and head_dim in the forward) with no collective, the results sharded as
+the states (:func:`sharding_rules`). The index sets of ``merge_states`` stay whole,
+and so does head_dim in the backward, which sums over it.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bjax import _op
+from bjax import _op, _partition
 from bjax.errors import UnsupportedError
 from bjax.xla import cascade as xla_cascade
 from pallas_kernels import cascade as pallas_cascade
@@ -154,12 +159,79 @@ def _kernel_mask(mask, backend):
     return mask if mask is None or backend == "xla" else mask.astype(jnp.int8)
 
 
+# Factors (bjax._partition): steps t, heads h, head_dim d, index sets k. Steps and heads
+# split everywhere; the backward sums over d (<dv, v_k - v>) and every merge over k, so
+# those stay whole where they are summed.
+_V, _S, _MANY_V, _MANY_S = ("t", "h", "d"), ("t", "h"), ("t", "k", "h", "d"), ("t", "k", "h")
+
+
+def sharding_rules(desc: CascadeMergeDescriptor) -> tuple[_partition.ShardingRule, ...]:
+    """The forward's and the backward's rules of ``desc``'s merge."""
+    rule = _partition.ShardingRule
+    if desc.op == "merge_states":
+        return (rule((_MANY_V, _MANY_S), (_V, _S), frozenset({"k"})),
+                rule((_MANY_V, _MANY_S, _V, _S), (_MANY_V, _MANY_S), frozenset({"k", "d"})))
+    operands = (_V, _S, _V, _S) + ((("t",),) if desc.masked else ())
+    return (rule(operands, (_V, _S)),
+            rule(operands + (_V, _S), (_V, _S, _V, _S), frozenset({"d"})))
+
+
+def _local(desc: CascadeMergeDescriptor, v) -> CascadeMergeDescriptor:
+    """``desc`` for the shard ``v`` of a state (extents from its shape)."""
+    return dataclasses.replace(desc, seq_len=v.shape[0], num_heads=v.shape[-2],
+                               head_dim=v.shape[-1])
+
+
+def _pair_kernel(desc, backend, in_place, v_a, s_a, v_b, s_b, *mask):
+    return _backend_module(backend).merge_pair(
+        v_a, s_a, v_b, s_b, _kernel_mask(mask[0] if mask else None, backend),
+        in_place=in_place, **_kernel_options(_local(desc, v_a), backend))
+
+
+def _pair_backward_kernel(desc, backend, v_a, s_a, v_b, s_b, *rest):
+    *mask, dv, ds = rest
+    return _backend_module(backend).merge_pair_backward(
+        v_a, s_a, v_b, s_b, _kernel_mask(mask[0] if mask else None, backend), dv, ds,
+        **_kernel_options(_local(desc, v_a), backend, backward=True))
+
+
+def _many_kernel(desc, backend, v, s):
+    return _backend_module(backend).merge_many(v, s, **_kernel_options(_local(desc, v), backend))
+
+
+def _many_backward_kernel(desc, backend, v, s, dv, ds):
+    return _backend_module(backend).merge_many_backward(
+        v, s, dv, ds, **_kernel_options(_local(desc, v), backend, backward=True))
+
+
+def _call(desc: CascadeMergeDescriptor, backend: str, which: int, in_place=False):
+    """The forward (0) or backward (1) call of ``desc``'s merge on its operands (the mask
+    last but the cotangents, where there is one), partitioned for kernel backends. Under
+    ``vmap`` the batch folds into the steps."""
+    kernels = ((functools.partial(_many_kernel, desc, backend),
+                functools.partial(_many_backward_kernel, desc, backend))
+               if desc.op == "merge_states" else
+               (functools.partial(_pair_kernel, desc, backend, in_place),
+                functools.partial(_pair_backward_kernel, desc, backend)))
+    kernel = kernels[which]
+    if backend == "xla":
+        return kernel
+
+    def batched(axis_size, *operands):
+        wider = dataclasses.replace(desc, seq_len=axis_size * desc.seq_len)
+        folded = [v.reshape(-1, *v.shape[2:]) for v in operands]
+        outs = _call(wider, backend, which, in_place)(*folded)
+        return tuple(v.reshape(axis_size, -1, *v.shape[1:]) for v in outs)
+
+    return _partition.kernel_call(kernel, sharding_rules(desc)[which], batched,
+                                  single_result=False)
+
+
 def _pair_forward(v_a, s_a, v_b, s_b, mask, desc, backend, in_place):
     if desc.seq_len == 0:
         return v_a, s_a
-    return _backend_module(backend).merge_pair(v_a, s_a, v_b, s_b, _kernel_mask(mask, backend),
-                                               in_place=in_place,
-                                               **_kernel_options(desc, backend))
+    masks = () if mask is None else (mask,)
+    return tuple(_call(desc, backend, 0, in_place)(v_a, s_a, v_b, s_b, *masks))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -178,9 +250,8 @@ def _merge_pair_bwd(desc, backend, residuals, cotangents):
     dv, ds = cotangents
     if desc.seq_len == 0:
         return dv, ds, jnp.zeros_like(v_b), jnp.zeros_like(s_b), None
-    grads = _backend_module(backend).merge_pair_backward(
-        v_a, s_a, v_b, s_b, _kernel_mask(mask, backend), dv, ds,
-        **_kernel_options(desc, backend, backward=True))
+    masks = () if mask is None else (mask,)
+    grads = _call(desc, backend, 1)(v_a, s_a, v_b, s_b, *masks, dv, ds)
     return (*grads, None)
 
 
@@ -191,7 +262,7 @@ _merge_pair.defvjp(_merge_pair_fwd, _merge_pair_bwd)
 def _merge_many(v, s, desc: CascadeMergeDescriptor, backend: str):
     if desc.seq_len == 0:
         return jnp.zeros(desc.v_shape, desc.v_dtype), jnp.zeros(desc.v_shape[:2], desc.s_dtype)
-    return _backend_module(backend).merge_many(v, s, **_kernel_options(desc, backend))
+    return tuple(_call(desc, backend, 0)(v, s))
 
 
 def _merge_many_fwd(v, s, desc, backend):
@@ -202,8 +273,7 @@ def _merge_many_bwd(desc, backend, residuals, cotangents):
     v, s = residuals
     if desc.seq_len == 0:
         return jnp.zeros_like(v), jnp.zeros_like(s)
-    return _backend_module(backend).merge_many_backward(
-        v, s, *cotangents, **_kernel_options(desc, backend, backward=True))
+    return tuple(_call(desc, backend, 1)(v, s, *cotangents))
 
 
 _merge_many.defvjp(_merge_many_fwd, _merge_many_bwd)

@@ -149,18 +149,11 @@ def _kernel_call(desc: GatedActivationDescriptor, backend: str, which: int):
     if backend == "xla":
         return call
 
-    @jax.custom_batching.custom_vmap
-    def kernel(*operands):
-        return _partition.partitioned(call, sharding_rule(desc)[which])(*operands)
-
-    @kernel.def_vmap
-    def _batched(axis_size, in_batched, *operands):
-        operands = [v if batched else jnp.broadcast_to(v, (axis_size, *v.shape))
-                    for v, batched in zip(operands, in_batched)]
+    def batched(axis_size, *operands):
         wider = dataclasses.replace(desc, shape=(axis_size, *desc.shape), axis=desc.axis + 1)
-        return _kernel_call(wider, backend, which)(*operands), True
+        return _kernel_call(wider, backend, which)(*operands)
 
-    return kernel
+    return _partition.kernel_call(call, sharding_rule(desc)[which], batched)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))

@@ -35,17 +35,47 @@ def normalized(spec, rank):
     return entries
 
 
-def run_sharded(fn, x, spec, mesh):
-    """``(y, dx, forward program, backward program)`` of ``fn`` on ``x`` sharded by ``spec``."""
-    xs = jax.device_put(x, NamedSharding(mesh, spec))
+def cotangent_like(y):
+    """A cotangent with distinct entries, sharded like ``y``."""
+    values = 0.5 + jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) / y.size
+    return jax.device_put(values.astype(y.dtype), y.sharding)
+
+
+def run_sharded(fn, args, specs, mesh):
+    """``fn(*args)`` with ``args`` sharded by ``specs``, and its vjp for a cotangent sharded
+    like the output: ``(outputs, gradients, cotangents, forward program, backward program)``."""
+    sharded = [jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in zip(args, specs)]
     forward = jax.jit(fn)
-    y = forward(xs)
-    cotangent = jax.device_put(jnp.ones_like(y) * 0.5 + jnp.arange(y.size).reshape(y.shape)
-                               .astype(y.dtype) / y.size, y.sharding)
-    backward = jax.jit(lambda x, c: jax.vjp(fn, x)[1](c)[0])
-    dx = backward(xs, cotangent)
-    return (y, dx, cotangent, forward.lower(xs).compile().as_text(),
-            backward.lower(xs, cotangent).compile().as_text())
+    outputs = forward(*sharded)
+    cotangents = jax.tree.map(cotangent_like, outputs)
+    backward = jax.jit(lambda args, c: jax.vjp(fn, *args)[1](c))
+    grads = backward(sharded, cotangents)
+    return (outputs, grads, cotangents, forward.lower(*sharded).compile().as_text(),
+            backward.lower(sharded, cotangents).compile().as_text())
+
+
+def check_partitioned(fn, args, specs, mesh, out_specs, exact=True):
+    """No collective in either program; outputs sharded by ``out_specs`` and gradients like
+    their arguments; values equal to the unsharded call's (``exact``: bit for bit, as the
+    kernels run the same code on every row; else within 1e-6 of each array's largest entry,
+    as XLA fuses and contracts the sharded program differently)."""
+    outputs, grads, cotangents, forward, backward = run_sharded(fn, args, specs, mesh)
+    assert collectives(forward) == {} and collectives(backward) == {}, (
+        collectives(forward), collectives(backward))
+    for out, spec in zip(jax.tree.leaves(outputs), out_specs):
+        assert normalized(out.sharding.spec, out.ndim) == normalized(spec, out.ndim)
+    for grad, spec in zip(grads, specs):
+        assert normalized(grad.sharding.spec, grad.ndim) == normalized(spec, grad.ndim)
+    reference, vjp = jax.vjp(fn, *args)
+    reference_grads = vjp(jax.tree.map(np.asarray, cotangents))
+    for out, ref in zip(jax.tree.leaves((outputs, grads)), jax.tree.leaves((reference,
+                                                                          reference_grads))):
+        if exact:
+            np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+        else:
+            ref = np.asarray(ref)
+            np.testing.assert_allclose(np.asarray(out), ref, rtol=0,
+                                       atol=1e-6 * max(np.abs(ref).max(), 1e-30))
 
 
 # (shape, axis, spec, mesh): every axis but the split one sharded, on 1-d and 2-d meshes.
@@ -61,20 +91,9 @@ GATED_CASES = [
 @pytest.mark.parametrize("case", GATED_CASES, ids=lambda c: f"{c[0]}-axis{c[1]}-{c[2]}")
 def test_gated_keeps_its_sharding(case, backend):
     shape, axis, spec, mesh_shape = case
-    mesh = mesh_of(mesh_shape)
     x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
-
-    def fn(x):
-        return bjax.swiglu(x, axis=axis, backend=backend)
-
-    y, dx, cotangent, forward, backward = run_sharded(fn, x, spec, mesh)
-    assert collectives(forward) == {} and collectives(backward) == {}, (
-        collectives(forward), collectives(backward))
-    assert normalized(y.sharding.spec, 3) == normalized(spec, 3)
-    assert normalized(dx.sharding.spec, 3) == normalized(spec, 3)
-    reference_dx = jax.vjp(fn, x)[1](np.asarray(cotangent))[0]
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x)))
-    np.testing.assert_array_equal(np.asarray(dx), np.asarray(reference_dx))
+    check_partitioned(lambda x: bjax.swiglu(x, axis=axis, backend=backend), (x,), (spec,),
+                      mesh_of(mesh_shape), (spec,), exact=backend != "xla")
 
 
 def test_gated_split_axis_is_gathered(backend="interpret"):
@@ -87,7 +106,58 @@ def test_gated_split_axis_is_gathered(backend="interpret"):
     def fn(x):
         return bjax.swiglu(x, backend=backend)
 
-    y, _, _, forward, _ = run_sharded(fn, x, P("data", "model"), mesh)
+    (y, _, _, forward, _) = run_sharded(fn, (x,), (P("data", "model"),), mesh)
     assert "all-gather" in collectives(forward)
     assert normalized(y.sharding.spec, 2) == ("data", None)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x)))
+
+
+def merge_problem(seed, v_shape, s_shape):
+    k = jax.random.split(jax.random.key(seed), 2)
+    return (jax.random.normal(k[0], v_shape, jnp.float32),
+            4 * jax.random.normal(k[1], s_shape, jnp.float32))
+
+
+# (state spec, mesh): steps, heads, and both.
+MERGE_CASES = [(P("data"), (8,)), (P(None, "data"), (8,)), (P("data", "model"), (4, 2))]
+
+
+def state_spec(spec):
+    return P(*normalized(spec, 3)[:2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+@pytest.mark.parametrize("spec, mesh_shape", MERGE_CASES, ids=str)
+def test_merge_state_keeps_its_sharding(spec, mesh_shape, masked, backend):
+    v_a, s_a = merge_problem(2, (16, 8, 32), (16, 8))
+    v_b, s_b = merge_problem(3, (16, 8, 32), (16, 8))
+    mask = (jnp.arange(16) % 3 != 1) if masked else None   # a constant: sliced, not moved
+    check_partitioned(lambda *a: bjax.merge_state(*a, mask=mask, backend=backend),
+                      (v_a, s_a, v_b, s_b), (spec, state_spec(spec)) * 2, mesh_of(mesh_shape),
+                      (spec, state_spec(spec)), exact=backend != "xla")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec, mesh_shape", MERGE_CASES, ids=str)
+def test_merge_states_keeps_its_sharding(spec, mesh_shape, backend):
+    """K index sets: split like merge_state's steps and heads; the set axis stays whole."""
+    steps, heads = normalized(spec, 2)
+    many = P(steps, None, heads)
+    v, s = merge_problem(4, (16, 3, 8, 32), (16, 3, 8))
+    check_partitioned(lambda v, s: bjax.merge_states(v, s, backend=backend), (v, s),
+                      (many, many), mesh_of(mesh_shape), (spec, state_spec(spec)),
+                      exact=backend != "xla")
+
+
+def test_merge_state_head_dim_split_is_gathered_for_the_backward(backend="interpret"):
+    """The documented rule: the forward splits head_dim too; the backward sums over it
+    (<dv, v_k - v>), so there it is gathered."""
+    spec = P("data", None, "model")
+    args = (*merge_problem(2, (16, 8, 32), (16, 8)), *merge_problem(3, (16, 8, 32), (16, 8)))
+    outputs, _, _, forward, backward = run_sharded(
+        lambda *a: bjax.merge_state(*a, backend=backend), args,
+        (spec, state_spec(spec)) * 2, mesh_of((4, 2)))
+    assert collectives(forward) == {}
+    assert normalized(outputs[0].sharding.spec, 3) == normalized(spec, 3)
+    assert "all-gather" in collectives(backward)

@@ -19,6 +19,11 @@ specials), and bytes outside the window are unchanged.
 
 When ``dest`` is donated to the enclosing ``jit`` (``donate_argnums``), no copy
 of ``dest`` is made: the call reads and writes only the window.
+
+Sharded programs: every axis the window covers whole from a static 0 (batch, heads
+and head_dim of a KV-cache append) is split, ``dest``, ``source`` and per-row
+positions alike, and each device writes its own shard with no collective; an axis
+where the window sits at a position stays whole (:func:`sharding_rules`).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bjax import _checks, _op
+from bjax import _checks, _op, _partition
 from bjax.errors import UnsupportedError
 from bjax.xla import write_slice as xla_write_slice
 from pallas_kernels import write_slice as pallas_write_slice
@@ -323,22 +328,77 @@ def _write_impl(dest, source, table, traced, desc: WriteSliceDescriptor, backend
     return _from_bits(out, view, desc)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _write(dest, source, table, traced, desc: WriteSliceDescriptor, backend: str):
-    # ``table`` serves the XLA paths and the backward; the kernel reads ``traced``.
-    return _write_impl(dest, source, table, traced, desc, backend)
+def sharding_rules(desc: WriteSliceDescriptor) -> tuple[_partition.ShardingRule, ...]:
+    """The forward's and the backward's rules: an axis the window covers whole from a static
+    0 splits (dest, source and a per-row vector along axis 0 alike); every other axis, where
+    the window sits at a position, stays whole."""
+    rank = len(desc.dest_shape)
+    dest = tuple(f"a{d}" for d in range(rank))
+    window = tuple(dest[d] if desc.full(d) else f"w{d}" for d in range(rank))
+    replicated = frozenset(f for d in range(rank) if not desc.full(d) for f in (dest[d],
+                                                                               window[d]))
+    traced = tuple(() if desc.starts[d] == SCALAR else (dest[0],) for d in desc.traced_axes)
+    return (_partition.ShardingRule((dest, window, *traced), (dest,), replicated),
+            _partition.ShardingRule((dest, *traced), (dest, window), replicated))
 
 
-def _write_fwd(dest, source, table, traced, desc, backend):
-    return _write_impl(dest, source, table, traced, desc, backend), (table, traced)
+def _local(desc: WriteSliceDescriptor, dest_shape) -> WriteSliceDescriptor:
+    """``desc`` for a shard of ``dest_shape`` (only axes the window covers whole split)."""
+    dest_shape = tuple(dest_shape)
+    source_shape = tuple(dest_shape[d] if desc.full(d) else desc.source_shape[d]
+                         for d in range(len(dest_shape)))
+    return dataclasses.replace(desc, dest_shape=dest_shape, source_shape=source_shape)
 
 
-def _write_bwd(desc, backend, residuals, dy):
-    table, traced = residuals
-    d_source = xla_write_slice.read_rows(dy, desc.source_shape, table)
-    d_dest = _write_impl(dy, jnp.zeros(desc.source_shape, dy.dtype), table, traced, desc,
+def _forward_kernel(desc, backend, dest, source, *traced):
+    local = _local(desc, dest.shape)
+    table, _ = _row_table(local, traced)
+    return _write_impl(dest, source, table, traced, local, backend)
+
+
+def _backward_kernel(desc, backend, dy, *traced):
+    local = _local(desc, dy.shape)
+    table, _ = _row_table(local, traced)
+    d_source = xla_write_slice.read_rows(dy, local.source_shape, table)
+    d_dest = _write_impl(dy, jnp.zeros(local.source_shape, dy.dtype), table, traced, local,
                          backend)
-    return d_dest, d_source, None, None
+    return d_dest, d_source
+
+
+def _call(desc: WriteSliceDescriptor, backend: str, which: int):
+    """The forward (0: ``dest, source, *traced -> out``) or backward (1: ``dy, *traced ->
+    (d dest, d source)``), partitioned by :func:`sharding_rules` on every backend (XLA's own
+    partitioning of the row loop gathers). Under ``vmap``: one more leading axis, scalar
+    starts becoming per-row vectors over it, or, where a start is per-row already, a
+    sequential map."""
+    kernel = functools.partial((_forward_kernel, _backward_kernel)[which], desc, backend)
+
+    def batched(axis_size, *operands):
+        traced = operands[2 - which:]
+        if desc.per_row:
+            return jax.lax.map(lambda ops: _call(desc, backend, which)(*ops), operands)
+        starts = (0, *(PER_ROW if isinstance(kind, str) else kind for kind in desc.starts))
+        wider = dataclasses.replace(desc, dest_shape=(axis_size, *desc.dest_shape),
+                                    source_shape=(axis_size, *desc.source_shape),
+                                    starts=starts)
+        return _call(wider, backend, which)(*operands[:2 - which], *traced)
+
+    return _partition.kernel_call(kernel, sharding_rules(desc)[which], batched,
+                                  single_result=which == 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _write(dest, source, traced, desc: WriteSliceDescriptor, backend: str):
+    return _call(desc, backend, 0)(dest, source, *traced)
+
+
+def _write_fwd(dest, source, traced, desc, backend):
+    return _write(dest, source, traced, desc, backend), traced
+
+
+def _write_bwd(desc, backend, traced, dy):
+    d_dest, d_source = _call(desc, backend, 1)(dy, *traced)
+    return d_dest, d_source, None
 
 
 _write.defvjp(_write_fwd, _write_bwd)
@@ -377,8 +437,8 @@ def write_slice(dest, source, start, *, backend=None):
     backend = _op.resolve_backend(backend, _OP)
     if desc.empty:
         return dest
-    table, reports = _row_table(desc, traced)
-    return _write(dest, source, table, _with_range_reports(desc, traced, reports), desc, backend)
+    _, reports = _row_table(desc, traced)
+    return _write(dest, source, _with_range_reports(desc, traced, reports), desc, backend)
 
 
 @_op.register_planner(write_slice)

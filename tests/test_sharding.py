@@ -161,3 +161,34 @@ def test_merge_state_head_dim_split_is_gathered_for_the_backward(backend="interp
     assert collectives(forward) == {}
     assert normalized(outputs[0].sharding.spec, 3) == normalized(spec, 3)
     assert "all-gather" in collectives(backward)
+
+
+# A KV-cache append: batch, heads and head_dim covered whole, a position along the steps.
+WRITE_POSITIONS = {"static": 5, "traced": jnp.int32(7),
+                   "per_row": jnp.arange(8, dtype=jnp.int32) * 3 % 61}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("position", WRITE_POSITIONS, ids=str)
+@pytest.mark.parametrize("spec, mesh_shape", [(P("data"), (8,)),
+                                              (P("data", None, "model"), (4, 2)),
+                                              (P(None, None, "data", "model"), (4, 2))], ids=str)
+def test_write_slice_keeps_its_sharding(spec, mesh_shape, position, backend):
+    cache = jax.random.normal(jax.random.key(5), (8, 64, 4, 32), jnp.float32)
+    token = jax.random.normal(jax.random.key(6), (8, 1, 4, 32), jnp.float32)
+    start = (0, WRITE_POSITIONS[position], 0, 0)
+    check_partitioned(lambda c, t: bjax.write_slice(c, t, start, backend=backend),
+                      (cache, token), (spec, spec), mesh_of(mesh_shape), (spec,))
+
+
+def test_write_slice_positioned_axis_is_gathered(backend="interpret"):
+    """The documented rule: an axis where the window sits at a position (the steps of a
+    KV cache) is never divided; a caller's sharding of it is gathered."""
+    cache = jnp.zeros((8, 64, 4, 32), jnp.float32)
+    token = jnp.ones((8, 1, 4, 32), jnp.float32)
+    (out, _, _, forward, _) = run_sharded(
+        lambda c, t: bjax.write_slice(c, t, (0, 9, 0, 0), backend=backend), (cache, token),
+        (P("data", "model"), P("data")), mesh_of((4, 2)))
+    assert "all-gather" in collectives(forward)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(
+        bjax.write_slice(cache, token, (0, 9, 0, 0), backend="xla")))

@@ -15,6 +15,7 @@ and, for GSPMD, the shardings the partition callbacks derive from it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -23,56 +24,114 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 
+Dim = str | tuple[str, ...]   # a factor, or a compound of factors (major first)
+
+
+def _factors(dim: Dim) -> tuple[str, ...]:
+    return dim if isinstance(dim, tuple) else (dim,)
+
+
+def _mesh_names(entry) -> tuple[str, ...]:
+    return entry if isinstance(entry, tuple) else (entry,)
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardingRule:
     """Factors of every dimension of a kernel call's operands and results.
 
     Attributes:
-      operands: one tuple of factor names per operand, one name per dimension.
+      operands: one tuple of dimensions per operand; a dimension is a factor name, or
+        a tuple of them (a compound, major first: heads as (groups, heads per group)).
       results: likewise for the results.
       replicated: factors the kernel needs whole on every device (never split).
+      reduced: factors summed over into results that lack them (parameter gradients
+        summed over the batch): a result is all-reduced over their mesh axes.
+      sizes: ``(factor, size)`` of factors that appear only inside compounds.
 
     >>> ShardingRule(operands=(("b", "t", "x"),), results=(("b", "t", "y"),),
     ...              replicated=frozenset({"x", "y"})).einsum()
     'b t x -> b t y'
     """
-    operands: tuple[tuple[str, ...], ...]
-    results: tuple[tuple[str, ...], ...]
+    operands: tuple[tuple[Dim, ...], ...]
+    results: tuple[tuple[Dim, ...], ...]
     replicated: frozenset[str] = frozenset()
+    reduced: frozenset[str] = frozenset()
+    sizes: tuple[tuple[str, int], ...] = ()
+
+    def _in_order(self, chosen) -> tuple[str, ...]:
+        """``chosen`` factors in their order of first appearance (Shardy's order)."""
+        seen = dict.fromkeys(f for group in (*self.operands, *self.results) for dim in group
+                             for f in _factors(dim))
+        return tuple(f for f in seen if f in chosen)
 
     def replicated_in_order(self) -> tuple[str, ...]:
-        """The replicated factors in their order of first appearance (Shardy's order)."""
-        seen = dict.fromkeys(f for group in (*self.operands, *self.results) for f in group)
-        return tuple(f for f in seen if f in self.replicated)
+        return self._in_order(self.replicated)
+
+    def reduced_in_order(self) -> tuple[str, ...]:
+        return self._in_order(self.reduced)
 
     def einsum(self) -> str:
         """The rule in Shardy's einsum-like notation."""
+        def dim(d):
+            return f"({' '.join(d)})" if isinstance(d, tuple) else d
+
         def side(groups):
-            return ", ".join(" ".join(g) for g in groups)
+            return ", ".join(" ".join(dim(d) for d in g) for g in groups)
         return f"{side(self.operands)} -> {side(self.results)}"
 
-    def factor_axes(self, shardings: Sequence[NamedSharding]) -> dict[str, object]:
+    def factor_axes(self, shardings: Sequence[NamedSharding], shapes=None) -> dict[str, object]:
         """Mesh axes for each factor, taken from the operands' shardings in order: the
         first operand dimension sharded along a factor decides it; replicated factors
-        and mesh axes already taken by another factor get none."""
+        and mesh axes already taken by another factor get none. A compound dimension's
+        sharding goes to its major factor when that factor's extent (from ``shapes``,
+        the operands' shapes) divides evenly, else nowhere."""
         axes: dict[str, object] = {}
         taken: set[str] = set()
-        for factors, sharding in zip(self.operands, shardings):
-            spec = tuple(getattr(sharding, "spec", ())) + (None,) * len(factors)
-            for factor, entry in zip(factors, spec):
+        for index, (dims, sharding) in enumerate(zip(self.operands, shardings)):
+            spec = tuple(getattr(sharding, "spec", ())) + (None,) * len(dims)
+            for position, (dim, entry) in enumerate(zip(dims, spec)):
+                factor = _factors(dim)[0]
                 if entry is None or factor in self.replicated or factor in axes:
                     continue
-                names = set(entry if isinstance(entry, tuple) else (entry,))
+                names = set(_mesh_names(entry))
                 if names & taken:
                     continue
+                if isinstance(dim, tuple):
+                    extent = shapes[index][position] // math.prod(
+                        self._size(f, shapes) for f in dim[1:])
+                    devices = math.prod(sharding.mesh.shape[n] for n in names)
+                    if extent % devices:
+                        continue
                 axes[factor] = entry
                 taken |= names
         return axes
 
+    def _size(self, factor, shapes) -> int:
+        sizes = dict(self.sizes)
+        if factor in sizes:
+            return sizes[factor]
+        for dims, shape in zip(self.operands, shapes):
+            for dim, extent in zip(dims, shape):
+                if dim == factor:
+                    return extent
+        raise ValueError(f"no size for factor {factor!r}")
+
 
 def _specs(groups, axes, mesh):
-    return tuple(NamedSharding(mesh, PartitionSpec(*(axes.get(f) for f in factors)))
-                 for factors in groups)
+    def entry(dim):
+        return next((axes[f] for f in _factors(dim) if f in axes), None)
+    return tuple(NamedSharding(mesh, PartitionSpec(*(entry(d) for d in dims))) for dims in groups)
+
+
+def _all_reduced(rule: ShardingRule, axes, results):
+    """``results`` summed over the mesh axes of the reduced factors each one lacks."""
+    out = []
+    for dims, value in zip(rule.results, results):
+        present = {f for d in dims for f in _factors(d)}
+        names = tuple(n for f in rule.reduced_in_order() if f not in present and f in axes
+                      for n in _mesh_names(axes[f]))
+        out.append(jax.lax.psum(value, names) if names else value)
+    return out
 
 
 def partitioned(kernel: Callable, rule: ShardingRule, single_result: bool = True) -> Callable:
@@ -94,23 +153,31 @@ def partitioned(kernel: Callable, rule: ShardingRule, single_result: bool = True
     wrapped = custom_partitioning(call)
 
     def shardings(mesh, arg_shapes):
-        axes = rule.factor_axes([a.sharding for a in arg_shapes])
+        axes = rule.factor_axes([a.sharding for a in arg_shapes], [a.shape for a in arg_shapes])
         results = _specs(rule.results, axes, mesh)
-        return _specs(rule.operands, axes, mesh), results[0] if single_result else results
+        return axes, _specs(rule.operands, axes, mesh), (
+            results[0] if single_result else results)
 
     def partition(mesh, arg_shapes, result_shape):
         del result_shape
         mesh = arg_shapes[0].sharding.mesh
-        arg_shardings, result_shardings = shardings(mesh, arg_shapes)
-        return mesh, kernel, result_shardings, arg_shardings
+        axes, arg_shardings, result_shardings = shardings(mesh, arg_shapes)
+
+        def lower(*operands):
+            out = kernel(*operands)
+            reduced = _all_reduced(rule, axes, [out] if single_result else out)
+            return reduced[0] if single_result else tuple(reduced)
+
+        return mesh, lower if rule.reduced else kernel, result_shardings, arg_shardings
 
     def infer(mesh, arg_shapes, result_shape):
         del result_shape
-        return shardings(arg_shapes[0].sharding.mesh, arg_shapes)[1]
+        return shardings(arg_shapes[0].sharding.mesh, arg_shapes)[2]
 
     wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer,
                           propagate_user_sharding=None, sharding_rule=rule.einsum(),
-                          need_replication_factors=rule.replicated_in_order())
+                          need_replication_factors=rule.replicated_in_order(),
+                          reduction_factors=rule.reduced_in_order(), **dict(rule.sizes))
     return wrapped
 
 
@@ -119,9 +186,10 @@ def kernel_call(kernel: Callable, rule: ShardingRule, batched: Callable,
     """:func:`partitioned` ``kernel`` that also runs under ``jax.vmap``.
 
     ``custom_partitioning`` has no batching rule of its own: under ``vmap``,
-    ``batched(axis_size, *operands)`` runs instead, every operand with the batch
-    axis first (unbatched ones broadcast), and must return the batched results
-    (batch axis first), typically from a wider call of the same op.
+    ``batched(axis_size, in_batched, *operands)`` runs instead, every operand with
+    the batch axis first (those not batched, ``in_batched`` False, broadcast), and
+    must return the batched results (batch axis first), typically from a wider call
+    of the same op.
     """
     @jax.custom_batching.custom_vmap
     def call(*operands):
@@ -131,7 +199,7 @@ def kernel_call(kernel: Callable, rule: ShardingRule, batched: Callable,
     def _vmapped(axis_size, in_batched, *operands):
         operands = [v if is_batched else jnp.broadcast_to(v, (axis_size, *v.shape))
                     for v, is_batched in zip(operands, in_batched)]
-        out = batched(axis_size, *operands)
+        out = batched(axis_size, in_batched, *operands)
         return out, True if single_result else tuple(True for _ in out)
 
     return call

@@ -217,7 +217,8 @@ def _call(desc: CascadeMergeDescriptor, backend: str, which: int, in_place=False
     if backend == "xla":
         return kernel
 
-    def batched(axis_size, *operands):
+    def batched(axis_size, in_batched, *operands):
+        del in_batched
         wider = dataclasses.replace(desc, seq_len=axis_size * desc.seq_len)
         folded = [v.reshape(-1, *v.shape[2:]) for v in operands]
         outs = _call(wider, backend, which, in_place)(*folded)

@@ -149,7 +149,8 @@ def _kernel_call(desc: GatedActivationDescriptor, backend: str, which: int):
     if backend == "xla":
         return call
 
-    def batched(axis_size, *operands):
+    def batched(axis_size, in_batched, *operands):
+        del in_batched
         wider = dataclasses.replace(desc, shape=(axis_size, *desc.shape), axis=desc.axis + 1)
         return _kernel_call(wider, backend, which)(*operands)
 

@@ -16,6 +16,13 @@ Gradients (``custom_vjp``): every input of ``ssd_chunk_scan`` and the cotangent 
 its final state, from Pallas backward kernels that recompute the chunk states
 (``pallas_kernels.ssd_backward``; the residuals are the inputs alone); ``ssd_step``
 through its jnp formula.
+
+Sharded programs (``ssd_chunk_scan``): the kernels run on each device's shard, split
+along the batch and along the heads together with their groups (a mesh axis on the
+heads must divide ``groups``, as dB and dC sum over a group's heads; otherwise the
+heads are gathered). The sequence, head_dim and state_dim stay whole. The only
+collective is the all-reduce of the gradients of ``A``, ``D`` and ``dt_bias`` over
+the devices that split the batch (:func:`sharding_rules`).
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bjax import _op
+from bjax import _op, _partition
 from bjax.errors import UnsupportedError
 from bjax.xla import ssd as xla_ssd
 from pallas_kernels import ssd as pallas_ssd
@@ -300,7 +307,8 @@ def _silu_and_grad(z):
 def _scan_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, dfinal,
                    desc: SsdChunkScanDescriptor, backend: str):
     """Gradients of ``(y, final_states)`` with respect to ``x ... initial_states`` from the
-    Pallas backward kernels (``pallas_kernels.ssd_backward``)."""
+    Pallas backward kernels (``pallas_kernels.ssd_backward``); those of ``A``, ``D`` and
+    ``dt_bias`` per batch row (a leading batch axis, for the caller to sum)."""
     i = _scan_inputs(dt, A, D, dt_bias, initial_states, seq_idx, desc, backend)
     forward_args = _kernel_args(desc, backend)
     states, _ = pallas_ssd.chunk_states(x, B, i.dt_p, i.a_cs, i.seg, i.init,
@@ -330,10 +338,14 @@ def _scan_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, d
     d_acs = d_acs.at[..., -1].add(q.reshape(shape).sum(-1) + carry.sum(-1))
     d_a = jnp.flip(jnp.cumsum(jnp.flip(d_acs, -1), -1), -1).reshape(i.dt_p.shape)
     d_dtp = x_dot_y + i.a[None, :, None] * d_a
-    dA = jnp.sum(i.dt_p * d_a, axis=(0, 2)).astype(A.dtype)
+    dA = jnp.sum(i.dt_p * d_a, axis=2).astype(A.dtype)                  # per batch row
     d_dtp = jnp.transpose(d_dtp, (0, 2, 1))[:, :desc.seq_len]
+    # dt_bias per batch row, so that its gradient comes per row (summed by the caller).
+    rows_bias = None if dt_bias is None else jnp.broadcast_to(dt_bias,
+                                                             (desc.batch, *dt_bias.shape))
     _, dt_vjp = jax.vjp(lambda dt, bias: pallas_ssd.process_dt(
-        dt, bias, desc.options.dt_softplus, desc.options.dt_limit), dt, dt_bias)
+        dt, None if bias is None else bias[:, None, :], desc.options.dt_softplus,
+        desc.options.dt_limit), dt, rows_bias)
     d_dt, d_bias = dt_vjp(d_dtp)
 
     p_blocks = -(-desc.head_dim // desc.backward_config.block_p)
@@ -345,29 +357,129 @@ def _scan_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, d
 
     dD = None
     if D is not None:
-        dD = jnp.einsum("blhp,blhp->hp", dy, x.astype(jnp.float32))
+        dD = jnp.einsum("blhp,blhp->bhp", dy, x.astype(jnp.float32))
         dD = (dD.sum(-1) if D.ndim == 1 else dD).astype(D.dtype)
     return (dx, d_dt, dA, per_group(db_parts, B), per_group(dc_parts, C), dD, dz, d_bias,
             None if initial_states is None else d_init.astype(initial_states.dtype))
 
 
+# Factors (bjax._partition): batch b, steps l, groups g, heads per group r (heads are the
+# compound (g r)), head_dim p, state_dim n. The batch splits, and the heads with their
+# groups (a mesh axis on the heads must divide the groups: dB and dC sum over a group's
+# heads). The steps stay whole (the scan carries the state along them), and so do p and n
+# (dB and dC sum over p). Parameter gradients are summed over the batch (all-reduced).
+_HEADS = ("g", "r")
+_FACTORS = {"x": ("b", "l", _HEADS, "p"), "dt": ("b", "l", _HEADS), "A": (_HEADS,),
+            "B": ("b", "l", "g", "n"), "C": ("b", "l", "g", "n"), "D1": (_HEADS,),
+            "D2": (_HEADS, "p"), "z": ("b", "l", _HEADS, "p"), "dt_bias": (_HEADS,),
+            "initial_states": ("b", _HEADS, "p", "n"), "seq_idx": ("b", "l")}
+_ARGS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "seq_idx")
+
+
+def _arg_factors(name, value):
+    return _FACTORS[f"D{value.ndim}" if name == "D" else name]
+
+
+def sharding_rules(desc: SsdChunkScanDescriptor, args) -> tuple[_partition.ShardingRule, ...]:
+    """The forward's and the backward's rules for the arguments ``args`` (in
+    ``ssd_chunk_scan``'s order, None where absent)."""
+    present = [_arg_factors(n, v) for n, v in zip(_ARGS, args) if v is not None]
+    state = ("b", _HEADS, "p", "n")
+    # The parameters' gradients per batch row (the caller sums them: XLA all-reduces).
+    grads = [("b", *_arg_factors(n, v)) if k in _PARAMS else _arg_factors(n, v)
+             for k, (n, v) in enumerate(zip(_ARGS[:9], args[:9])) if v is not None]
+    common = dict(replicated=frozenset({"l", "r", "p", "n"}),
+                  sizes=(("r", desc.heads // desc.groups),))
+    return (_partition.ShardingRule(tuple(present), (_FACTORS["x"], state), **common),
+            _partition.ShardingRule((*present, _FACTORS["x"], state), tuple(grads), **common))
+
+
+def _local(desc: SsdChunkScanDescriptor, x, B) -> SsdChunkScanDescriptor:
+    """``desc`` for a device's shard (batch, heads and groups from the shapes)."""
+    return dataclasses.replace(desc, batch=x.shape[0], heads=x.shape[2], groups=B.shape[2])
+
+
+def _with_absent(args, present):
+    """``args`` (the present ones) spread over ``present`` (flags), None elsewhere."""
+    values = iter(args)
+    return [next(values) if here else None for here in present]
+
+
+def _scan_call(desc: SsdChunkScanDescriptor, backend: str, which: int, args):
+    """The kernels' forward (0) or backward (1, the parameters' gradients per batch row)
+    on the present ``args`` (and, backward, the two cotangents), partitioned by
+    :func:`sharding_rules`. Under ``vmap`` the mapped axis joins the batch; where a
+    parameter (A, D, dt_bias) is mapped, and in the backward, a sequential map."""
+    present = [v is not None for v in args]
+    grads_present = present[:9]
+
+    def kernel(*operands):
+        full = _with_absent(operands[:sum(present)], present)
+        local = _local(desc, full[0], full[3])
+        if which == 0:
+            return _scan_forward(*full, local, backend)
+        out = _scan_gradients(*full, *operands[sum(present):], local, backend)
+        return tuple(g for g, here in zip(out, grads_present) if here)
+
+    def batched(axis_size, in_batched, *operands):
+        call = _scan_call(desc, backend, which, args)
+        mapped = _with_absent(in_batched[:sum(present)], present)
+        if which == 1 or any(mapped[_ARGS.index(n)] for n in ("A", "D", "dt_bias")):
+            # Per-example parameter gradients (and mapped parameters) do not fold.
+            return jax.lax.map(lambda ops: call(*ops), operands)
+        full = _with_absent(operands, present)
+        folded = [None if v is None else v[0] if name in ("A", "D", "dt_bias")
+                  else v.reshape(-1, *v.shape[2:]) for name, v in zip(_ARGS, full)]
+        wider = dataclasses.replace(desc, batch=axis_size * desc.batch)
+        outs = _scan_call(wider, backend, 0, folded)(*[v for v in folded if v is not None])
+        return tuple(v.reshape(axis_size, -1, *v.shape[1:]) for v in outs)
+
+    return _partition.kernel_call(kernel, sharding_rules(desc, args)[which], batched,
+                                  single_result=False)
+
+
+_PARAMS = (2, 5, 7)   # A, D, dt_bias among the nine differentiable arguments
+
+
+def _scan_gradients(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, dfinal,
+                    desc: SsdChunkScanDescriptor, backend: str):
+    """The nine differentiable arguments' gradients, the parameters' (:data:`_PARAMS`) per
+    batch row, as :func:`_scan_backward` gives them."""
+    diff = (x, dt, A, B, C, D, z, dt_bias, initial_states)
+    if desc.seq_len and desc.batch:
+        return _scan_backward(*diff, seq_idx, dy, dfinal, desc, backend)
+    # The empty problem: autodiff of its zeros.
+    _, vjp = jax.vjp(lambda *diff: _scan_forward(*diff, seq_idx, desc, backend), *diff)
+    grads = list(vjp((dy, dfinal)))
+    for k in _PARAMS:
+        if grads[k] is not None:
+            grads[k] = jnp.broadcast_to(grads[k], (desc.batch, *grads[k].shape)) * 0
+    return tuple(grads)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11))
 def _chunk_scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, desc, backend):
-    return _scan_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, desc, backend)
+    args = (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+    if backend == "xla":   # partitioned by XLA
+        return _scan_forward(*args, desc, backend)
+    return tuple(_scan_call(desc, backend, 0, args)(*[v for v in args if v is not None]))
 
 
 def _chunk_scan_fwd(*args):
-    return _scan_forward(*args), args[:10]
+    return _chunk_scan(*args), args[:10]
 
 
 def _chunk_scan_bwd(desc, backend, residuals, cotangents):
-    *diff, seq_idx = residuals
-    dy, dfinal = cotangents
-    if backend == "xla" or desc.seq_len == 0 or desc.batch == 0:
-        # Autodiff of the jnp implementation (and of the empty problem's zeros).
-        _, vjp = jax.vjp(lambda *diff: _scan_forward(*diff, seq_idx, desc, backend), *diff)
-        return (*vjp((dy, dfinal)), None)
-    return (*_scan_backward(*diff, seq_idx, dy, dfinal, desc, backend), None)
+    args = tuple(residuals)
+    if backend == "xla":   # autodiff of the jnp implementation
+        _, vjp = jax.vjp(lambda *diff: _scan_forward(*diff, args[9], desc, backend), *args[:9])
+        return (*vjp(cotangents), None)
+    grads = iter(_scan_call(desc, backend, 1, args)(*[v for v in args if v is not None],
+                                                    *cotangents))
+    grads = [next(grads) if v is not None else None for v in args[:9]]
+    for k in _PARAMS:   # summed over the batch rows (an all-reduce where the batch is split)
+        grads[k] = None if grads[k] is None else grads[k].sum(0)
+    return (*grads, None)
 
 
 _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)

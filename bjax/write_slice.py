@@ -373,7 +373,8 @@ def _call(desc: WriteSliceDescriptor, backend: str, which: int):
     sequential map."""
     kernel = functools.partial((_forward_kernel, _backward_kernel)[which], desc, backend)
 
-    def batched(axis_size, *operands):
+    def batched(axis_size, in_batched, *operands):
+        del in_batched
         traced = operands[2 - which:]
         if desc.per_row:
             return jax.lax.map(lambda ops: _call(desc, backend, which)(*ops), operands)

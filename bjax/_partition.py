@@ -44,8 +44,6 @@ class ShardingRule:
         a tuple of them (a compound, major first: heads as (groups, heads per group)).
       results: likewise for the results.
       replicated: factors the kernel needs whole on every device (never split).
-      reduced: factors summed over into results that lack them (parameter gradients
-        summed over the batch): a result is all-reduced over their mesh axes.
       sizes: ``(factor, size)`` of factors that appear only inside compounds.
 
     >>> ShardingRule(operands=(("b", "t", "x"),), results=(("b", "t", "y"),),
@@ -55,7 +53,6 @@ class ShardingRule:
     operands: tuple[tuple[Dim, ...], ...]
     results: tuple[tuple[Dim, ...], ...]
     replicated: frozenset[str] = frozenset()
-    reduced: frozenset[str] = frozenset()
     sizes: tuple[tuple[str, int], ...] = ()
 
     def _in_order(self, chosen) -> tuple[str, ...]:
@@ -66,9 +63,6 @@ class ShardingRule:
 
     def replicated_in_order(self) -> tuple[str, ...]:
         return self._in_order(self.replicated)
-
-    def reduced_in_order(self) -> tuple[str, ...]:
-        return self._in_order(self.reduced)
 
     def einsum(self) -> str:
         """The rule in Shardy's einsum-like notation."""
@@ -123,17 +117,6 @@ def _specs(groups, axes, mesh):
     return tuple(NamedSharding(mesh, PartitionSpec(*(entry(d) for d in dims))) for dims in groups)
 
 
-def _all_reduced(rule: ShardingRule, axes, results):
-    """``results`` summed over the mesh axes of the reduced factors each one lacks."""
-    out = []
-    for dims, value in zip(rule.results, results):
-        present = {f for d in dims for f in _factors(d)}
-        names = tuple(n for f in rule.reduced_in_order() if f not in present and f in axes
-                      for n in _mesh_names(axes[f]))
-        out.append(jax.lax.psum(value, names) if names else value)
-    return out
-
-
 def partitioned(kernel: Callable, rule: ShardingRule, single_result: bool = True) -> Callable:
     """``kernel`` as a call the SPMD partitioner splits by ``rule``.
 
@@ -161,14 +144,8 @@ def partitioned(kernel: Callable, rule: ShardingRule, single_result: bool = True
     def partition(mesh, arg_shapes, result_shape):
         del result_shape
         mesh = arg_shapes[0].sharding.mesh
-        axes, arg_shardings, result_shardings = shardings(mesh, arg_shapes)
-
-        def lower(*operands):
-            out = kernel(*operands)
-            reduced = _all_reduced(rule, axes, [out] if single_result else out)
-            return reduced[0] if single_result else tuple(reduced)
-
-        return mesh, lower if rule.reduced else kernel, result_shardings, arg_shardings
+        _, arg_shardings, result_shardings = shardings(mesh, arg_shapes)
+        return mesh, kernel, result_shardings, arg_shardings
 
     def infer(mesh, arg_shapes, result_shape):
         del result_shape
@@ -177,7 +154,7 @@ def partitioned(kernel: Callable, rule: ShardingRule, single_result: bool = True
     wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer,
                           propagate_user_sharding=None, sharding_rule=rule.einsum(),
                           need_replication_factors=rule.replicated_in_order(),
-                          reduction_factors=rule.reduced_in_order(), **dict(rule.sizes))
+                          **dict(rule.sizes))
     return wrapped
 
 

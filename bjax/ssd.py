@@ -17,10 +17,10 @@ its final state, from Pallas backward kernels that recompute the chunk states
 (``pallas_kernels.ssd_backward``; the residuals are the inputs alone); ``ssd_step``
 through its jnp formula.
 
-Sharded programs (``ssd_chunk_scan``): the kernels run on each device's shard, split
-along the batch and along the heads together with their groups (a mesh axis on the
-heads must divide ``groups``, as dB and dC sum over a group's heads; otherwise the
-heads are gathered). The sequence, head_dim and state_dim stay whole. The only
+Sharded programs (``ssd_chunk_scan``, ``ssd_step``): the kernels run on each device's
+shard, split along the batch and along the heads together with their groups (a mesh
+axis on the heads must divide ``groups``, as dB and dC sum over a group's heads;
+otherwise the heads are gathered). The sequence, head_dim and state_dim stay whole. The only
 collective is the all-reduce of the gradients of ``A``, ``D`` and ``dt_bias`` over
 the devices that split the batch (:func:`sharding_rules`).
 """
@@ -497,9 +497,55 @@ def _step_forward(state, x, dt, A, B, C, D, z, dt_bias, desc: SsdStepDescriptor,
                            **kwargs)
 
 
+_STEP_ARGS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+_STEP_FACTORS = {"state": ("b", _HEADS, "p", "n"), "x": ("b", _HEADS, "p"), "dt": ("b", _HEADS),
+                 "A": (_HEADS,), "B": ("b", "g", "n"), "C": ("b", "g", "n"), "D1": (_HEADS,),
+                 "D2": (_HEADS, "p"), "z": ("b", _HEADS, "p"), "dt_bias": (_HEADS,)}
+
+
+def step_sharding_rule(desc: SsdStepDescriptor, args) -> _partition.ShardingRule:
+    """The step kernel's rule: batch and heads-with-groups split, as the scan's."""
+    def factors(name, value):
+        return _STEP_FACTORS[f"D{value.ndim}" if name == "D" else name]
+    present = tuple(factors(n, v) for n, v in zip(_STEP_ARGS, args) if v is not None)
+    return _partition.ShardingRule(
+        present, (_STEP_FACTORS["x"], _STEP_FACTORS["state"]),
+        replicated=frozenset({"r", "p", "n"}), sizes=(("r", desc.heads // desc.groups),))
+
+
+def _step_call(desc: SsdStepDescriptor, backend: str, args):
+    """The step kernel on the present ``args``, partitioned by :func:`step_sharding_rule`;
+    under ``vmap`` the mapped axis joins the batch (a sequential map where a parameter
+    is mapped)."""
+    present = [v is not None for v in args]
+
+    def kernel(*operands):
+        full = _with_absent(operands, present)
+        local = dataclasses.replace(desc, batch=full[1].shape[0], heads=full[1].shape[1],
+                                    groups=full[4].shape[1])
+        return _step_forward(*full, local, backend)
+
+    def batched(axis_size, in_batched, *operands):
+        mapped = _with_absent(in_batched, present)
+        if any(mapped[_STEP_ARGS.index(n)] for n in ("A", "D", "dt_bias")):
+            return jax.lax.map(lambda ops: _step_call(desc, backend, args)(*ops), operands)
+        full = _with_absent(operands, present)
+        folded = [None if v is None else v[0] if name in ("A", "D", "dt_bias")
+                  else v.reshape(-1, *v.shape[2:]) for name, v in zip(_STEP_ARGS, full)]
+        wider = dataclasses.replace(desc, batch=axis_size * desc.batch)
+        outs = _step_call(wider, backend, folded)(*[v for v in folded if v is not None])
+        return tuple(v.reshape(axis_size, -1, *v.shape[1:]) for v in outs)
+
+    return _partition.kernel_call(kernel, step_sharding_rule(desc, args), batched,
+                                  single_result=False)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
 def _step(state, x, dt, A, B, C, D, z, dt_bias, desc, backend):
-    return _step_forward(state, x, dt, A, B, C, D, z, dt_bias, desc, backend)
+    args = (state, x, dt, A, B, C, D, z, dt_bias)
+    if backend == "xla" or desc.batch == 0:   # partitioned by XLA
+        return _step_forward(*args, desc, backend)
+    return tuple(_step_call(desc, backend, args)(*[v for v in args if v is not None]))
 
 
 def _step_fwd(*args):

@@ -240,3 +240,28 @@ def test_ssd_chunk_scan_keeps_its_sharding(batch_axis, heads_axis, mesh_shape, b
                       # dA sums terms that largely cancel over every step of a head: summed
                       # in another order it moves by a few 1e-6 of its largest entry.
                       tolerance=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_axis, heads_axis, mesh_shape",
+                         [("data", None, (8,)), ("data", "model", (4, 2))], ids=str)
+def test_ssd_step_keeps_its_sharding(batch_axis, heads_axis, mesh_shape, backend):
+    """One decoding token: the state, x, dt, B and C split as in the scan."""
+    problem = ssd_problem(8, 8, 1, 4, 16, 2, 16)
+    state = problem.pop("initial_states")
+    step_args = {"state": state, **{n: v[:, 0] if n in ("x", "dt", "B", "C", "z") else v
+                                    for n, v in problem.items()}}
+    names = list(step_args)
+    per_name = {"state": P(batch_axis, heads_axis), "x": P(batch_axis, heads_axis),
+                "dt": P(batch_axis, heads_axis), "A": P(heads_axis),
+                "B": P(batch_axis, heads_axis), "C": P(batch_axis, heads_axis),
+                "D": P(heads_axis), "z": P(batch_axis, heads_axis), "dt_bias": P(heads_axis)}
+
+    def fn(*values):
+        kwargs = dict(zip(names, values))
+        positional = [kwargs.pop(n) for n in ("state", "x", "dt", "A", "B", "C")]
+        return bjax.ssd_step(*positional, dt_softplus=True, backend=backend, **kwargs)
+
+    check_partitioned(fn, tuple(step_args.values()), tuple(per_name[n] for n in names),
+                      mesh_of(mesh_shape), (per_name["x"], per_name["state"]), exact=False,
+                      reduced_grads=(3, 6, 8))

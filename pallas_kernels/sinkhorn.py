@@ -252,9 +252,24 @@ def _backward_kernel(logits_ref, scales_ref, grad_ref, dlogits_ref, *, n, count,
     carry = jax.lax.fori_loop(jnp.int32(0), jnp.int32(rounds), round_, (u_end, g))
     for slot, axis in reversed(list(enumerate(lead))):
         carry = unstep(carry, slot, axis)
-    dlogits = start_grad(logits, shift, logits == shift, u0, carry[1], init)
+    dlogits = start_grad(logits, shift, _ties(logits, shift), u0, carry[1], init)
     plgpu.store(dlogits_ref.at[m_slice, i_slice, i_slice],
                 dlogits.astype(dlogits_ref.dtype), mask=cells)
+
+
+def _ties(logits, shift):
+    """The cells of each matrix of the block holding its maximum, the first of them
+    (row-major) always among them, as :func:`matrix_shift`'s derivative has it: where a
+    compiler recomputes the logits for the comparison (the Pallas interpreter fuses the
+    kernel into the program around it), no cell might compare equal."""
+    first_row = jax.lax.argmax(jnp.max(logits, axis=2), 1, jnp.int32)              # [bc]
+    column_of_row = jax.lax.argmax(logits, 2, jnp.int32)                            # [bc, N]
+    rows = jax.lax.broadcasted_iota(jnp.int32, column_of_row.shape, 1)
+    first_column = jnp.sum(jnp.where(rows == first_row[:, None], column_of_row, 0), axis=1)
+    i = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+    j = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+    first = (i == first_row[:, None, None]) & (j == first_column[:, None, None])
+    return (logits == shift) | first
 
 
 def _scale(scales_ref, m_slice, slot, i_slice, vectors):

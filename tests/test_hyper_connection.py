@@ -400,16 +400,29 @@ def test_mhc_layer_gradients(dtype, dynamic, options, backend):
         assert_grad_close(g, r, GRAD_RTOL[jnp.dtype(dtype)], name)
 
 
+def _random_layer(seed, tokens, n, hidden):
+    k = jax.random.split(jax.random.key(seed), 4)
+    return (jax.random.normal(k[0], (tokens, n, hidden), jnp.float32),
+            jax.random.normal(k[1], (n * n + 2 * n,), jnp.float32),
+            jax.random.normal(k[2], (n * hidden, n * n + 2 * n), jnp.float32) / math.sqrt(
+                n * hidden),
+            jax.random.normal(k[3], (3,), jnp.float32))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mixing_matrix_gradient_through_dynamic_h(backend):
-    """d <c, h_res> / dx (a random cotangent c) with H computed from x. The derivative of the Sinkhorn's shift
-    (the matrix maximum) compares the logits with it; XLA's CPU compiler recomputed the
-    logits inside that comparison's fusion with differently contracted multiply-adds, and
-    for two of these tokens no cell compared equal (JAX's rule for a maximum then divides
-    by a tie count of 0: a NaN gradient)."""
-    x, bias, phi, alpha = layer_problem(6, (3, 5), 4, 48, jnp.float32, True)
+@pytest.mark.parametrize("problem", [
+    lambda: layer_problem(6, (3, 5), 4, 48, jnp.float32, True),
+    lambda: _random_layer(9, 16, 4, 48)], ids=["3x5-tokens", "16-tokens"])
+def test_mixing_matrix_gradient_through_dynamic_h(problem, backend):
+    """d <c, h_res> / dx (a random cotangent c) with H computed from x. The derivative of
+    the Sinkhorn's shift (the matrix maximum) compares the logits with it; XLA's CPU
+    compiler recomputed the logits inside that comparison's fusion with differently
+    contracted multiply-adds, and for two tokens of each problem no cell compared equal (JAX's rule for a maximum then divides
+    by a tie count of 0: a NaN gradient). The first problem hit the XLA backend; the
+    second the kernels run by the interpreter, which fuses them into the program."""
+    x, bias, phi, alpha = problem()
     # Not all ones: the sum of a doubly stochastic matrix hardly depends on the logits.
-    cotangent = normal(7, (3, 5, 4, 4))
+    cotangent = normal(7, (*x.shape[:-2], 4, 4))
     mine = jax.jit(jax.grad(lambda x: jnp.sum(cotangent * bjax.mhc_pre(
         x, bias=bias, phi=phi, alpha=alpha, backend=backend)[2])))(x)
     ref = jax.grad(lambda x64: jnp.sum(cotangent * oracle_layer(x64, bias, phi, alpha)[3]))(

@@ -44,6 +44,8 @@ class ShardingRule:
         a tuple of them (a compound, major first: heads as (groups, heads per group)).
       results: likewise for the results.
       replicated: factors the kernel needs whole on every device (never split).
+      reduced: factors the results are summed over (absent from every result): each
+        device sums its shard, then the results are all-reduced over their mesh axes.
       sizes: ``(factor, size)`` of factors that appear only inside compounds.
 
     >>> ShardingRule(operands=(("b", "t", "x"),), results=(("b", "t", "y"),),
@@ -53,6 +55,7 @@ class ShardingRule:
     operands: tuple[tuple[Dim, ...], ...]
     results: tuple[tuple[Dim, ...], ...]
     replicated: frozenset[str] = frozenset()
+    reduced: frozenset[str] = frozenset()
     sizes: tuple[tuple[str, int], ...] = ()
 
     def _in_order(self, chosen) -> tuple[str, ...]:
@@ -63,6 +66,9 @@ class ShardingRule:
 
     def replicated_in_order(self) -> tuple[str, ...]:
         return self._in_order(self.replicated)
+
+    def reduced_in_order(self) -> tuple[str, ...]:
+        return self._in_order(self.reduced)
 
     def einsum(self) -> str:
         """The rule in Shardy's einsum-like notation."""
@@ -144,8 +150,15 @@ def partitioned(kernel: Callable, rule: ShardingRule, single_result: bool = True
     def partition(mesh, arg_shapes, result_shape):
         del result_shape
         mesh = arg_shapes[0].sharding.mesh
-        _, arg_shardings, result_shardings = shardings(mesh, arg_shapes)
-        return mesh, kernel, result_shardings, arg_shardings
+        axes, arg_shardings, result_shardings = shardings(mesh, arg_shapes)
+        names = tuple(n for f in rule.reduced_in_order() if f in axes
+                      for n in _mesh_names(axes[f]))
+        if not names:
+            return mesh, kernel, result_shardings, arg_shardings
+
+        def summed(*operands):
+            return jax.tree.map(lambda v: jax.lax.psum(v, names), kernel(*operands))
+        return mesh, summed, result_shardings, arg_shardings
 
     def infer(mesh, arg_shapes, result_shape):
         del result_shape
@@ -154,7 +167,7 @@ def partitioned(kernel: Callable, rule: ShardingRule, single_result: bool = True
     wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer,
                           propagate_user_sharding=None, sharding_rule=rule.einsum(),
                           need_replication_factors=rule.replicated_in_order(),
-                          **dict(rule.sizes))
+                          reduction_factors=rule.reduced_in_order(), **dict(rule.sizes))
     return wrapped
 
 

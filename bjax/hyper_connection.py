@@ -25,6 +25,12 @@ A layer keeps ``n`` residual streams ``x [..., n, C]`` and replaces
 x is float32, bfloat16 or float16; coefficients, reductions and all math are
 float32. Every op has a ``custom_vjp`` whose backward runs Pallas kernels and
 reduces partial sums without atomics (deterministic).
+
+Sharded programs: ``mhc_pre``, ``mhc_post`` and ``sinkhorn_knopp`` split along the
+tokens (every leading axis), each device running the kernels on its own tokens; the
+streams, the channels and the weights stay whole, and the weights' gradients are
+all-reduced over the tokens' devices. The fused ``hyper_connection`` is not
+partitioned yet.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bjax import _op
+from bjax import _op, _partition
 from bjax.errors import UnsupportedError
 from bjax.xla import hyper_connection as xla_hc
 from pallas_kernels import hyper_connection as pallas_hc
@@ -151,29 +157,53 @@ class SinkhornDescriptor:
         return cls(shape[:-2], shape[-1], jnp.dtype(logits.dtype), options)
 
 
+# Sharded programs: every kernel call splits along the tokens (the leading axis, factor
+# "t"); streams, channels and weights stay whole; phi's gradient is summed over the
+# tokens (all-reduced where they are split).
+def _token_split(kernel, operands, results, *, reduced=False, **static):
+    """``kernel(*arrays, **static)`` partitioned along the tokens: ``operands`` and
+    ``results`` name each array's dimensions ("t" the tokens). Under ``vmap``: a
+    sequential map."""
+    whole = {f for dims in (*operands, *results) for f in dims} - {"t"}
+    rule = _partition.ShardingRule(tuple(operands), tuple(results), replicated=frozenset(whole),
+                                   reduced=frozenset({"t"} if reduced else ()))
+
+    def batched(axis_size, in_batched, *arrays):
+        return jax.lax.map(lambda values: call(*values), arrays)
+
+    call = _partition.kernel_call(functools.partial(kernel, **static), rule, batched,
+                                  single_result=len(results) == 1)
+    return call
+
+
+_MATRIX, _STEPS, _STREAMS = ("t", "i", "j"), ("t", "s", "i"), ("t", "i", "c")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _sinkhorn(logits, options: SinkhornOptions, backend: str):
     """``SK(logits [count, n, n])`` float32, differentiable on every backend."""
     if backend == "xla":
         return xla_hc.sinkhorn(logits, **options.as_kwargs())
-    return pallas_sinkhorn.sinkhorn(logits, **options.as_kwargs(),
-                                    interpret=backend == "interpret")
+    return _token_split(pallas_sinkhorn.sinkhorn, (_MATRIX,), (_MATRIX,), **options.as_kwargs(),
+                        interpret=backend == "interpret")(logits)
 
 
 def _sinkhorn_fwd(logits, options, backend):
     if backend == "xla":
         out, vjp = jax.vjp(lambda l: xla_hc.sinkhorn(l, **options.as_kwargs()), logits)
         return out, (vjp,)
-    out, scales = pallas_sinkhorn.sinkhorn(logits, **options.as_kwargs(), with_scales=True,
-                                           interpret=backend == "interpret")
+    out, scales = _token_split(pallas_sinkhorn.sinkhorn, (_MATRIX,), (_MATRIX, _STEPS),
+                               **options.as_kwargs(), with_scales=True,
+                               interpret=backend == "interpret")(logits)
     return out, (logits, scales)
 
 
 def _sinkhorn_bwd(options, backend, residuals, grad):
     if backend == "xla":
         return residuals[0](grad)
-    return (pallas_sinkhorn.sinkhorn_backward(*residuals, grad, **options.as_kwargs(),
-                                              interpret=backend == "interpret"),)
+    return (_token_split(pallas_sinkhorn.sinkhorn_backward, (_MATRIX, _STEPS, _MATRIX),
+                         (_MATRIX,), **options.as_kwargs(),
+                         interpret=backend == "interpret")(*residuals, grad),)
 
 
 _sinkhorn.defvjp(_sinkhorn_fwd, _sinkhorn_bwd)
@@ -387,13 +417,15 @@ def _pre(x, phi, alpha, bias, desc: MhcPreDescriptor, backend: str):
 def _pre_fwd(x, phi, alpha, bias, desc, backend):
     interpret = backend == "interpret"
     if desc.dynamic:
-        proj, squares = pallas_hc.project(x.reshape(desc.tokens, -1),
-                                          phi.astype(jnp.float32), interpret=interpret)
+        proj, squares = _token_split(pallas_hc.project, (("t", "f"), ("f", "k")),
+                                     (("t", "k"), ("t",)), interpret=interpret)(
+            x.reshape(desc.tokens, -1), phi.astype(jnp.float32))
         h_pre, h_post, h_res = _dynamic_coefficients(proj, squares, alpha, bias, desc, backend)
     else:
         proj = squares = None
         h_pre, h_post, h_res = _static_coefficients(bias, desc, backend)
-    layer_input = pallas_hc.aggregate(x, h_pre, interpret=interpret)
+    layer_input = _token_split(pallas_hc.aggregate, (_STREAMS, ("t", "i")), (("t", "c"),),
+                               interpret=interpret)(x, h_pre)
     return (layer_input, h_post, h_res), (x, phi, alpha, bias, proj, squares)
 
 
@@ -403,21 +435,26 @@ def _pre_bwd(desc, backend, residuals, cotangents):
     interpret = backend == "interpret"
     if not desc.dynamic:
         (h_pre, _, _), coef_vjp = jax.vjp(lambda b: _static_coefficients(b, desc, backend), bias)
-        dx, d_pre = pallas_hc.aggregate_backward(x, h_pre, d_input, with_dx=True,
-                                                 interpret=interpret)
+        dx, d_pre = _token_split(pallas_hc.aggregate_backward,
+                                 (_STREAMS, ("t", "i"), ("t", "c")), (_STREAMS, ("t", "i")),
+                                 with_dx=True, interpret=interpret)(x, h_pre, d_input)
         return dx, None, None, *coef_vjp((d_pre, d_post, d_res))
     # The coefficients are recomputed (a few [T, n^2 + 2n] ops and one Sinkhorn launch)
     # rather than kept: the residuals stay the inputs, proj and squares.
     (h_pre, _, _), coef_vjp = jax.vjp(
         lambda p, s, a, b: _dynamic_coefficients(p, s, a, b, desc, backend),
         proj, squares, alpha, bias)
-    d_pre = pallas_hc.aggregate_backward(x, h_pre, d_input, with_dx=False, interpret=interpret)
+    d_pre = _token_split(pallas_hc.aggregate_backward, (_STREAMS, ("t", "i"), ("t", "c")),
+                         (("t", "i"),), with_dx=False, interpret=interpret)(x, h_pre, d_input)
     d_proj, d_squares, d_alpha, d_bias = coef_vjp((d_pre, d_post, d_res))
     phi32 = phi.astype(jnp.float32)
-    dx = pallas_hc.project_input_grad(x, h_pre, d_input, d_proj, phi32, 2 * d_squares,
-                                      interpret=interpret)
-    d_phi = pallas_hc.project_weight_grad(x.reshape(desc.tokens, -1), d_proj,
-                                          interpret=interpret)
+    dx = _token_split(pallas_hc.project_input_grad,
+                      (_STREAMS, ("t", "i"), ("t", "c"), ("t", "k"), ("f", "k"), ("t",)),
+                      (_STREAMS,), interpret=interpret)(x, h_pre, d_input, d_proj, phi32,
+                                                        2 * d_squares)
+    d_phi = _token_split(pallas_hc.project_weight_grad, (("t", "f"), ("t", "k")),
+                         (("f", "k"),), reduced=True, interpret=interpret)(
+        x.reshape(desc.tokens, -1), d_proj)
     return dx, d_phi.astype(phi.dtype), d_alpha, d_bias
 
 
@@ -500,9 +537,13 @@ class MhcPostDescriptor:
         return cls(tuple(map(int, lead)), n, hidden, jnp.dtype(x.dtype), bool(transpose_res))
 
 
+_POST_OPERANDS = (_STREAMS, ("t", "c"), ("t", "i"), ("t", "i", "j"))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _post(x, f_out, h_post, h_res, transpose: bool, interpret: bool):
-    return pallas_hc.mix(x, f_out, h_post, h_res, transpose=transpose, interpret=interpret)
+    return _token_split(pallas_hc.mix, _POST_OPERANDS, (_STREAMS,), transpose=transpose,
+                        interpret=interpret)(x, f_out, h_post, h_res)
 
 
 def _post_fwd(x, f_out, h_post, h_res, transpose, interpret):
@@ -511,8 +552,9 @@ def _post_fwd(x, f_out, h_post, h_res, transpose, interpret):
 
 def _post_bwd(transpose, interpret, residuals, dout):
     x, f_out, h_post, h_res = residuals
-    dx, df, d_post, d_res = pallas_hc.mix_backward(x, f_out, h_post, h_res, dout,
-                                                   transpose=transpose, interpret=interpret)
+    dx, df, d_post, d_res = _token_split(
+        pallas_hc.mix_backward, (*_POST_OPERANDS, _STREAMS), _POST_OPERANDS,
+        transpose=transpose, interpret=interpret)(x, f_out, h_post, h_res, dout)
     return dx, df, d_post.astype(h_post.dtype), d_res.astype(h_res.dtype)
 
 

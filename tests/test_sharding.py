@@ -265,3 +265,28 @@ def test_ssd_step_keeps_its_sharding(batch_axis, heads_axis, mesh_shape, backend
     check_partitioned(fn, tuple(step_args.values()), tuple(per_name[n] for n in names),
                       mesh_of(mesh_shape), (per_name["x"], per_name["state"]), exact=False,
                       reduced_grads=(3, 6, 8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead, spec, mesh_shape",
+                         [((16,), P("data"), (8,)), ((4, 8), P("data", "model"), (4, 2))],
+                         ids=str)
+def test_mhc_layer_keeps_its_sharding(lead, spec, mesh_shape, backend):
+    """mhc_pre (dynamic H, so every kernel and the Sinkhorn) and mhc_post around a sublayer:
+    the tokens split; phi, alpha and bias are whole and their gradients summed over the
+    tokens' devices, the only collective."""
+    n, hidden = 4, 48
+    k = jax.random.split(jax.random.key(9), 4)
+    x = jax.random.normal(k[0], (*lead, n, hidden), jnp.float32)
+    bias = jax.random.normal(k[1], (n * n + 2 * n,), jnp.float32)
+    phi = jax.random.normal(k[2], (n * hidden, n * n + 2 * n), jnp.float32) / np.sqrt(n * hidden)
+    alpha = jax.random.normal(k[3], (3,), jnp.float32)
+
+    def fn(x, bias, phi, alpha):
+        layer_input, h_post, h_res = bjax.mhc_pre(x, bias=bias, phi=phi, alpha=alpha,
+                                                  backend=backend)
+        x_next = bjax.mhc_post(x, jnp.tanh(layer_input), h_post, h_res, backend=backend)
+        return x_next, layer_input, h_post, h_res
+
+    check_partitioned(fn, (x, bias, phi, alpha), (spec, P(), P(), P()), mesh_of(mesh_shape),
+                      (spec, spec, spec, spec), exact=False, reduced_grads=(1, 2, 3))

@@ -380,18 +380,29 @@ def _arg_factors(name, value):
     return _FACTORS[f"D{value.ndim}" if name == "D" else name]
 
 
+def _heads_as(factors, groups: int, heads: int):
+    """``factors`` with the heads dimension written for ``groups`` (Shardy takes no
+    compound with a factor of size 1: one group makes the heads ``r``, one head per group
+    makes them ``g``)."""
+    heads_dim = _HEADS if 1 < groups < heads else ("r" if groups == 1 < heads else "g")
+    return tuple(heads_dim if f == _HEADS else f for f in factors)
+
+
 def sharding_rules(desc: SsdChunkScanDescriptor, args) -> tuple[_partition.ShardingRule, ...]:
     """The forward's and the backward's rules for the arguments ``args`` (in
     ``ssd_chunk_scan``'s order, None where absent)."""
-    present = [_arg_factors(n, v) for n, v in zip(_ARGS, args) if v is not None]
-    state = ("b", _HEADS, "p", "n")
+    def heads(factors):
+        return _heads_as(factors, desc.groups, desc.heads)
+    present = [heads(_arg_factors(n, v)) for n, v in zip(_ARGS, args) if v is not None]
+    x, state = heads(_FACTORS["x"]), heads(("b", _HEADS, "p", "n"))
     # The parameters' gradients per batch row (the caller sums them: XLA all-reduces).
-    grads = [("b", *_arg_factors(n, v)) if k in _PARAMS else _arg_factors(n, v)
+    grads = [heads(("b", *_arg_factors(n, v)) if k in _PARAMS else _arg_factors(n, v))
              for k, (n, v) in enumerate(zip(_ARGS[:9], args[:9])) if v is not None]
+    compound = 1 < desc.groups < desc.heads
     common = dict(replicated=frozenset({"l", "r", "p", "n"}),
-                  sizes=(("r", desc.heads // desc.groups),))
-    return (_partition.ShardingRule(tuple(present), (_FACTORS["x"], state), **common),
-            _partition.ShardingRule((*present, _FACTORS["x"], state), tuple(grads), **common))
+                  sizes=(("r", desc.heads // desc.groups),) if compound else ())
+    return (_partition.ShardingRule(tuple(present), (x, state), **common),
+            _partition.ShardingRule((*present, x, state), tuple(grads), **common))
 
 
 def _local(desc: SsdChunkScanDescriptor, x, B) -> SsdChunkScanDescriptor:
@@ -506,11 +517,14 @@ _STEP_FACTORS = {"state": ("b", _HEADS, "p", "n"), "x": ("b", _HEADS, "p"), "dt"
 def step_sharding_rule(desc: SsdStepDescriptor, args) -> _partition.ShardingRule:
     """The step kernel's rule: batch and heads-with-groups split, as the scan's."""
     def factors(name, value):
-        return _STEP_FACTORS[f"D{value.ndim}" if name == "D" else name]
+        return _heads_as(_STEP_FACTORS[f"D{value.ndim}" if name == "D" else name],
+                         desc.groups, desc.heads)
     present = tuple(factors(n, v) for n, v in zip(_STEP_ARGS, args) if v is not None)
+    compound = 1 < desc.groups < desc.heads
     return _partition.ShardingRule(
-        present, (_STEP_FACTORS["x"], _STEP_FACTORS["state"]),
-        replicated=frozenset({"r", "p", "n"}), sizes=(("r", desc.heads // desc.groups),))
+        present, (factors("x", args[1]), factors("state", args[0])),
+        replicated=frozenset({"r", "p", "n"}),
+        sizes=(("r", desc.heads // desc.groups),) if compound else ())
 
 
 def _step_call(desc: SsdStepDescriptor, backend: str, args):

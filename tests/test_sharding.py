@@ -290,3 +290,20 @@ def test_mhc_layer_keeps_its_sharding(lead, spec, mesh_shape, backend):
 
     check_partitioned(fn, (x, bias, phi, alpha), (spec, P(), P(), P()), mesh_of(mesh_shape),
                       (spec, spec, spec, spec), exact=False, reduced_grads=(1, 2, 3))
+
+
+def test_ssd_heads_split_only_with_their_groups(backend="interpret"):
+    """The documented rule: with one group, a mesh axis on the heads cannot divide the
+    groups (dB and dC sum over a group's heads), so the heads are gathered; the batch
+    still splits."""
+    problem = ssd_problem(10, 8, 24, 4, 8, 1, 8)
+    x, dt, A, B, C = (problem[n] for n in ("x", "dt", "A", "B", "C"))
+    specs = (P("data", None, "model"), P("data", None, "model"), P(), P("data"), P("data"))
+    (y, _, _, forward, _) = run_sharded(
+        lambda *a: bjax.ssd_chunk_scan(*a, chunk_size=16, backend=backend), (x, dt, A, B, C),
+        specs, mesh_of((4, 2)))
+    assert "all-gather" in collectives(forward)
+    assert normalized(y.sharding.spec, 4)[0] == "data"
+    np.testing.assert_allclose(np.asarray(y), np.asarray(bjax.ssd_chunk_scan(
+        x, dt, A, B, C, chunk_size=16, backend="xla")), rtol=0, atol=1e-5 * float(
+            np.abs(np.asarray(y)).max()))

@@ -17,14 +17,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 import jax
 import numpy as np
 
 from bjax.errors import InvalidProblemError, UnsupportedError
 
-BACKENDS = ("pallas", "interpret", "xla")
+BackendName = Literal["pallas", "interpret", "xla"]
+BACKENDS = get_args(BackendName)
+# The ``backend=`` argument of every op (None: $BJAX_BACKEND, else Pallas on CUDA GPUs, XLA
+# elsewhere).
+Backend = BackendName | None
 BACKEND_ENV_VAR = "BJAX_BACKEND"
 
 

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from bjax import _op, _partition
 from bjax.errors import UnsupportedError
@@ -38,6 +40,7 @@ from bjax.xla import cascade as xla_cascade
 from pallas_kernels import cascade as pallas_cascade
 
 LSE_BASES = pallas_cascade.BASES
+LseBase = Literal[2, "e"]
 _V_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
 
@@ -280,7 +283,9 @@ def _merge_many_bwd(desc, backend, residuals, cotangents):
 _merge_many.defvjp(_merge_many_fwd, _merge_many_bwd)
 
 
-def merge_state(v_a, s_a, v_b, s_b, *, mask=None, lse_base=2, in_place=False, backend=None):
+def merge_state(v_a: ArrayLike, s_a: ArrayLike, v_b: ArrayLike, s_b: ArrayLike, *,
+                mask: ArrayLike | None = None, lse_base: LseBase = 2, in_place: bool = False,
+                backend: _op.Backend = None) -> tuple[jax.Array, jax.Array]:
     """Merges two partial attention states (see the module doc for the formula).
 
     Args:
@@ -320,7 +325,8 @@ def merge_state(v_a, s_a, v_b, s_b, *, mask=None, lse_base=2, in_place=False, ba
     return _merge_pair(v_a, s_a, v_b, s_b, mask, desc, _op.resolve_backend(backend, desc.op))
 
 
-def merge_states(v, s, *, lse_base=2, backend=None):
+def merge_states(v: ArrayLike, s: ArrayLike, *, lse_base: LseBase = 2,
+                 backend: _op.Backend = None) -> tuple[jax.Array, jax.Array]:
     """Merges ``num_index_sets`` partial attention states (see the module doc).
 
     Args:

@@ -29,18 +29,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from bjax import _op, _partition
 from bjax.errors import UnsupportedError
 from bjax.xla import gated as xla_gated
 from pallas_kernels import gated as pallas_gated
 
-KINDS = ("glu", "reglu", "swiglu", "geglu")
-GATES = ("second", "first")
+Kind = Literal["glu", "reglu", "swiglu", "geglu"]
+Gate = Literal["second", "first"]
+KINDS, GATES = get_args(Kind), get_args(Gate)
 _DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16, jnp.float64)
 _OP = "gated_activation"
 
@@ -177,7 +180,8 @@ def _gated_bwd(desc, backend, x, dy):
 _gated.defvjp(_gated_fwd, _gated_bwd)
 
 
-def gated_activation(x, kind, *, axis=-1, gate="second", approximate=False, backend=None):
+def gated_activation(x: ArrayLike, kind: Kind, *, axis: int = -1, gate: Gate = "second",
+                     approximate: bool = False, backend: _op.Backend = None) -> jax.Array:
     """Gated activation of ``x`` split into halves ``(a, b)`` along ``axis``.
 
     Args:
@@ -207,7 +211,8 @@ def gated_activation(x, kind, *, axis=-1, gate="second", approximate=False, back
 
 
 def _shortcut(kind: str):
-    def op(x, *, axis=-1, gate="second", approximate=False, backend=None):
+    def op(x: ArrayLike, *, axis: int = -1, gate: Gate = "second", approximate: bool = False,
+           backend: _op.Backend = None) -> jax.Array:
         return gated_activation(x, kind, axis=axis, gate=gate, approximate=approximate,
                                 backend=backend)
     op.__name__ = op.__qualname__ = kind

@@ -38,10 +38,12 @@ import dataclasses
 import functools
 import math
 import types
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from bjax import _op, _partition
 from bjax.errors import UnsupportedError
@@ -51,6 +53,8 @@ from pallas_kernels import sinkhorn as pallas_sinkhorn
 
 SINKHORN_INITS = pallas_sinkhorn.INITS
 SINKHORN_ORDERS = tuple(pallas_sinkhorn.SCHEDULES)
+SinkhornInit = Literal["exp", "softmax"]
+SinkhornOrder = Literal["columns_first", "rows_first", "deepseek"]
 MAX_SINKHORN_ITERS = 1000
 # The Pallas kernels unroll the n^2 stream mixes; Sinkhorn holds an n x n block.
 MAX_KERNEL_STREAMS = 32
@@ -218,8 +222,9 @@ def _sinkhorn_any(logits, options, backend):
     return _sinkhorn(flat, options, backend).reshape(logits.shape)
 
 
-def sinkhorn_knopp(logits, *, iters=20, eps=1e-5, init="exp", order="columns_first",
-                   backend=None):
+def sinkhorn_knopp(logits: ArrayLike, *, iters: int = 20, eps: float = 1e-5,
+                   init: SinkhornInit = "exp", order: SinkhornOrder = "columns_first",
+                   backend: _op.Backend = None) -> jax.Array:
     """Sinkhorn-Knopp projection of ``logits [..., n, n]`` (module doc).
 
     Args:
@@ -303,8 +308,10 @@ def _fused_bwd(eps, interpret, residuals, dout):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def hyper_connection(x_expanded, rmsnorm_weight, h_pre, h_post, h_res, *, sinkhorn_iters=20,
-                     eps=1e-5, sinkhorn_order="columns_first", backend=None):
+def hyper_connection(x_expanded: ArrayLike, rmsnorm_weight: ArrayLike, h_pre: ArrayLike,
+                     h_post: ArrayLike, h_res: ArrayLike, *, sinkhorn_iters: int = 20,
+                     eps: float = 1e-5, sinkhorn_order: SinkhornOrder = "columns_first",
+                     backend: _op.Backend = None) -> jax.Array:
     """The seed's fused static mHC op (module doc): ``out [B, n, C]``.
 
     ``out[b, i, c] = sum_j M[i, j] x[b, j, c] + 2 sigmoid(h_post[i]) y[b, c]`` with
@@ -461,9 +468,12 @@ def _pre_bwd(desc, backend, residuals, cotangents):
 _pre.defvjp(_pre_fwd, _pre_bwd)
 
 
-def mhc_pre(x, *, bias, phi=None, alpha=None, rmsnorm_eps=1e-6, sinkhorn_iters=20,
-            sinkhorn_eps=1e-5, sinkhorn_init="exp", sinkhorn_order="columns_first", pre_eps=0.0,
-            post_scale=2.0, backend=None):
+def mhc_pre(x: ArrayLike, *, bias: ArrayLike, phi: ArrayLike | None = None,
+            alpha: ArrayLike | None = None, rmsnorm_eps: float = 1e-6, sinkhorn_iters: int = 20,
+            sinkhorn_eps: float = 1e-5, sinkhorn_init: SinkhornInit = "exp",
+            sinkhorn_order: SinkhornOrder = "columns_first", pre_eps: float = 0.0,
+            post_scale: float = 2.0, backend: _op.Backend = None
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """mHC before the sublayer: coefficients and the sublayer's input (module doc).
 
     Args:
@@ -561,7 +571,8 @@ def _post_bwd(transpose, interpret, residuals, dout):
 _post.defvjp(_post_fwd, _post_bwd)
 
 
-def mhc_post(x, f_out, h_post, h_res, *, transpose_res=False, backend=None):
+def mhc_post(x: ArrayLike, f_out: ArrayLike, h_post: ArrayLike, h_res: ArrayLike, *,
+             transpose_res: bool = False, backend: _op.Backend = None) -> jax.Array:
     """mHC after the sublayer: ``x_next[..., i, c] = sum_j h_res[..., i, j] x[..., j, c]
     + h_post[..., i] f_out[..., c]`` (module doc).
 

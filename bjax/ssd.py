@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from bjax import _op, _partition
 from bjax.errors import UnsupportedError
@@ -579,9 +580,13 @@ def _asarrays(*values):
     return [None if v is None else jnp.asarray(v) for v in values]
 
 
-def ssd_chunk_scan(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
-                   dt_softplus=False, dt_limit=(0.0, float("inf")), initial_states=None,
-                   seq_idx=None, return_final_states=False, backend=None):
+def ssd_chunk_scan(x: ArrayLike, dt: ArrayLike, A: ArrayLike, B: ArrayLike, C: ArrayLike, *,
+                   chunk_size: int = 256, D: ArrayLike | None = None, z: ArrayLike | None = None,
+                   dt_bias: ArrayLike | None = None, dt_softplus: bool = False,
+                   dt_limit: tuple[float, float] = (0.0, float("inf")),
+                   initial_states: ArrayLike | None = None, seq_idx: ArrayLike | None = None,
+                   return_final_states: bool = False, backend: _op.Backend = None
+                   ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Mamba-2's selective state-space scan over whole sequences, chunked (module doc).
 
     Args:
@@ -627,8 +632,11 @@ def ssd_chunk_scan(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=No
     return (y, final) if desc.return_final_states else y
 
 
-def ssd_step(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
-             dt_limit=(0.0, float("inf")), backend=None):
+def ssd_step(state: ArrayLike, x: ArrayLike, dt: ArrayLike, A: ArrayLike, B: ArrayLike,
+             C: ArrayLike, *, D: ArrayLike | None = None, z: ArrayLike | None = None,
+             dt_bias: ArrayLike | None = None, dt_softplus: bool = False,
+             dt_limit: tuple[float, float] = (0.0, float("inf")), backend: _op.Backend = None
+             ) -> tuple[jax.Array, jax.Array]:
     """One decoding step of the recurrence (module doc) for every sequence of a batch.
 
     Args:

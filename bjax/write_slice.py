@@ -30,11 +30,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 from bjax import _checks, _op, _partition
 from bjax.errors import UnsupportedError
@@ -405,7 +407,8 @@ def _write_bwd(desc, backend, traced, dy):
 _write.defvjp(_write_fwd, _write_bwd)
 
 
-def write_slice(dest, source, start, *, backend=None):
+def write_slice(dest: ArrayLike, source: ArrayLike, start: Sequence[int | ArrayLike], *,
+                backend: _op.Backend = None) -> jax.Array:
     """``dest`` with the window at ``start`` replaced by ``source`` (see the module doc).
 
     Args:

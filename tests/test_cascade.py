@@ -1,5 +1,6 @@
 """Cascade merge against the float64 oracle: values, empty states, mask, gradients, errors."""
 import re
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 import bjax
+from bjax.cascade import LSE_BASES, LseBase
 from tests import oracles
 from tests.conftest import BACKENDS, KERNEL_BACKEND, FLOAT_DTYPES, assert_close, copies_of
 
@@ -374,3 +376,8 @@ def test_plan_names_the_kernel():
     assert plan.block_config.block_rows * plan.block_config.block_cols * 128 == 4096
     plan = bjax.plan(bjax.merge_state, _V, _S, _V, _S, lse_base="e", backend="xla")
     assert plan.kernel == "bjax.xla.cascade.merge_pair" and plan.descriptor.lse_base == "e"
+
+
+def test_lse_base_type_names_every_base():
+    """The type hint offers exactly the bases the merges accept."""
+    assert typing.get_args(LseBase) == LSE_BASES

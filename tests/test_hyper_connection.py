@@ -2,6 +2,7 @@
 the seed's fused op, mhc_pre / mhc_post as the paper's layer, transforms, errors."""
 import math
 import re
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 import bjax
-from bjax.hyper_connection import SINKHORN_INITS, SINKHORN_ORDERS
+from bjax.hyper_connection import (SINKHORN_INITS, SINKHORN_ORDERS, SinkhornInit,
+                                   SinkhornOrder)
 from pallas_kernels import sinkhorn as sinkhorn_math
 from tests import oracles
 from tests.conftest import BACKENDS, KERNEL_BACKEND, assert_close
@@ -659,3 +661,9 @@ def test_errors_raise_at_trace_time():
     with pytest.raises(bjax.InvalidProblemError):
         jax.eval_shape(lambda x: bjax.mhc_pre(x, bias=jnp.ones((5,), F32)), _X)
     assert KERNEL_BACKEND in ("pallas", "interpret")
+
+
+def test_literal_types_name_every_option():
+    """The type hints offer exactly the options the ops accept."""
+    assert typing.get_args(SinkhornInit) == SINKHORN_INITS
+    assert typing.get_args(SinkhornOrder) == SINKHORN_ORDERS

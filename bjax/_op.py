@@ -153,6 +153,11 @@ def plan(op: Callable, *args, **kwargs) -> Plan:
     >>> p = bjax.plan(bjax.swiglu, jax.ShapeDtypeStruct((8, 64), jnp.bfloat16), backend="xla")
     >>> p.descriptor.out_shape
     (8, 32)
+
+    Raises:
+      InvalidProblemError: ``op`` is not a bjax op; and every error ``op`` itself raises
+        for these arguments.
+      UnsupportedError: as ``op`` for these arguments.
     """
     planner = _PLANNERS.get(op)
     if planner is None:

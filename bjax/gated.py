@@ -216,7 +216,9 @@ def _shortcut(kind: str):
         return gated_activation(x, kind, axis=axis, gate=gate, approximate=approximate,
                                 backend=backend)
     op.__name__ = op.__qualname__ = kind
-    op.__doc__ = (f"``gated_activation(x, {kind!r}, ...)``: see :func:`gated_activation`.")
+    op.__doc__ = (f"``gated_activation(x, {kind!r}, ...)``: see :func:`gated_activation`.\n\n"
+                  "Raises:\n  InvalidProblemError, UnsupportedError: as "
+                  ":func:`gated_activation`.")
     return op
 
 

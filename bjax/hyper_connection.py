@@ -326,9 +326,12 @@ def hyper_connection(x_expanded: ArrayLike, rmsnorm_weight: ArrayLike, h_pre: Ar
       sinkhorn_order: ``"columns_first"`` (paper) or ``"rows_first"`` (mHC.cu).
       backend: as in :func:`sinkhorn_knopp`.
 
-    Differentiable in all five arrays. Raises InvalidProblemError for a bad shape,
-    dtype or option (naming it), UnsupportedError for x outside the dtypes above or
-    n > 32 on the Pallas backends.
+    Differentiable in all five arrays.
+
+    Raises:
+      InvalidProblemError: a bad shape, dtype or option (the message names it).
+      UnsupportedError: ``x`` outside the dtypes above; n > 32 on the Pallas backends;
+        ``backend="pallas"`` without a CUDA GPU.
     """
     args = tuple(map(jnp.asarray, (x_expanded, rmsnorm_weight, h_pre, h_post, h_res)))
     backend = _op.resolve_backend(backend, "hyper_connection")
@@ -495,6 +498,16 @@ def mhc_pre(x: ArrayLike, *, bias: ArrayLike, phi: ArrayLike | None = None,
       the coefficients float32 (per token, also when static).
 
     Differentiable in x, bias, phi and alpha.
+
+    Raises:
+      InvalidProblemError: ``x`` of rank < 2 or with no streams or channels; ``bias``,
+        ``phi`` or ``alpha`` missing, of the wrong shape or not float (``alpha`` given
+        without ``phi`` or the reverse); ``rmsnorm_eps`` not in (0, 1); a negative or
+        non-finite ``pre_eps``; a non-finite ``post_scale``; Sinkhorn options as in
+        :func:`sinkhorn_knopp`.
+      UnsupportedError: ``x`` not float32, bfloat16 or float16; more than
+        ``MAX_KERNEL_STREAMS`` streams on the Pallas backends; ``backend="pallas"``
+        without a CUDA GPU.
     """
     x = jnp.asarray(x)
     phi, alpha, bias = (None if a is None else jnp.asarray(a) for a in (phi, alpha, bias))
@@ -586,6 +599,14 @@ def mhc_post(x: ArrayLike, f_out: ArrayLike, h_post: ArrayLike, h_res: ArrayLike
       backend: as in :func:`sinkhorn_knopp`.
 
     Returns ``x_next [..., n, C]`` in x's dtype; differentiable in all four arrays.
+
+    Raises:
+      InvalidProblemError: ``x`` of rank < 2 or with no streams or channels; ``f_out``,
+        ``h_post`` or ``h_res`` of the wrong shape or dtype (``f_out`` in x's dtype, the
+        coefficients float); a non-bool ``transpose_res``.
+      UnsupportedError: ``x`` not float32, bfloat16 or float16; more than
+        ``MAX_KERNEL_STREAMS`` streams on the Pallas backends; ``backend="pallas"``
+        without a CUDA GPU.
     """
     x, f_out, h_post, h_res = map(jnp.asarray, (x, f_out, h_post, h_res))
     backend = _op.resolve_backend(backend, "mhc_post")

@@ -87,14 +87,8 @@ def log_normalize(u, axis: int, eps: float):
 
 @jax.custom_jvp
 def matrix_shift(logits):
-    """Each matrix's maximum (keepdims, floored at -1e30): the ``exp`` start's shift.
-
-    Its derivative is JAX's rule for a maximum, shared equally by the cells that hold
-    it, with one guard: a compiler may recompute the logits inside the fusion that
-    compares them with the maximum, with multiply-adds contracted differently, so that
-    no cell compares equal (JAX's own rule then divides by a tie count of 0). The first
-    cell holding the maximum (an index from the reduction itself) always takes part.
-    """
+    """Each matrix's maximum (keepdims, floored at -1e30): the ``exp`` start's shift. Its
+    derivative is shared equally by :func:`tied_cells` (JAX's rule for a maximum)."""
     return jnp.maximum(jnp.max(logits, axis=(-2, -1), keepdims=True), _FLOOR)
 
 
@@ -102,15 +96,28 @@ def matrix_shift(logits):
 def _matrix_shift_jvp(primals, tangents):
     (logits,), (tangent,) = primals, tangents
     shift = matrix_shift(logits)
-    n = logits.shape[-1]
-    flat = logits.reshape(*logits.shape[:-2], n * n)
-    first = jnp.argmax(flat, axis=-1)[..., None]
-    ties = (flat == shift.reshape(*shift.shape[:-2], 1)) | (
-        jnp.arange(n * n, dtype=first.dtype) == first)
-    ties = ties.astype(logits.dtype)
-    share = ties / jnp.sum(ties, axis=-1, keepdims=True)
-    share = jnp.where(shift.reshape(share.shape[:-1] + (1,)) > _FLOOR, share, 0.0)
-    return shift, jnp.sum(tangent.reshape(flat.shape) * share, axis=-1)[..., None, None]
+    ties = tied_cells(logits, shift).astype(logits.dtype)
+    share = jnp.where(shift > _FLOOR, ties / _matrix_sum(ties), 0.0)
+    return shift, _matrix_sum(tangent * share)
+
+
+def tied_cells(logits, shift):
+    """Cells of each matrix of ``logits [..., n, n]`` holding its maximum ``shift``, the
+    first of them (row-major, from argmax reductions) always among them: a compiler may
+    recompute the logits for the comparison with multiply-adds contracted differently
+    (XLA's CPU fusions; the Pallas interpreter fuses kernels into the program around
+    them), so that no cell compares equal and a tie count of 0 would divide the
+    maximum's derivative. Used by :func:`matrix_shift` and the backward kernel alike."""
+    rows_axis, columns_axis = logits.ndim - 2, logits.ndim - 1
+    first_row = jax.lax.argmax(jnp.max(logits, axis=columns_axis), rows_axis, jnp.int32)
+    column_of_row = jax.lax.argmax(logits, columns_axis, jnp.int32)        # [..., n]
+    rows = jax.lax.broadcasted_iota(jnp.int32, column_of_row.shape, rows_axis)
+    first_column = jnp.sum(jnp.where(rows == first_row[..., None], column_of_row, 0),
+                           axis=rows_axis)
+    i = jax.lax.broadcasted_iota(jnp.int32, logits.shape, rows_axis)
+    j = jax.lax.broadcasted_iota(jnp.int32, logits.shape, columns_axis)
+    first = (i == first_row[..., None, None]) & (j == first_column[..., None, None])
+    return (logits == shift) | first
 
 
 def log_start(logits, shift, init: str, eps: float):
@@ -252,24 +259,9 @@ def _backward_kernel(logits_ref, scales_ref, grad_ref, dlogits_ref, *, n, count,
     carry = jax.lax.fori_loop(jnp.int32(0), jnp.int32(rounds), round_, (u_end, g))
     for slot, axis in reversed(list(enumerate(lead))):
         carry = unstep(carry, slot, axis)
-    dlogits = start_grad(logits, shift, _ties(logits, shift), u0, carry[1], init)
+    dlogits = start_grad(logits, shift, tied_cells(logits, shift), u0, carry[1], init)
     plgpu.store(dlogits_ref.at[m_slice, i_slice, i_slice],
                 dlogits.astype(dlogits_ref.dtype), mask=cells)
-
-
-def _ties(logits, shift):
-    """The cells of each matrix of the block holding its maximum, the first of them
-    (row-major) always among them, as :func:`matrix_shift`'s derivative has it: where a
-    compiler recomputes the logits for the comparison (the Pallas interpreter fuses the
-    kernel into the program around it), no cell might compare equal."""
-    first_row = jax.lax.argmax(jnp.max(logits, axis=2), 1, jnp.int32)              # [bc]
-    column_of_row = jax.lax.argmax(logits, 2, jnp.int32)                            # [bc, N]
-    rows = jax.lax.broadcasted_iota(jnp.int32, column_of_row.shape, 1)
-    first_column = jnp.sum(jnp.where(rows == first_row[:, None], column_of_row, 0), axis=1)
-    i = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-    j = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-    first = (i == first_row[:, None, None]) & (j == first_column[:, None, None])
-    return (logits == shift) | first
 
 
 def _scale(scales_ref, m_slice, slot, i_slice, vectors):

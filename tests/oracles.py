@@ -173,11 +173,18 @@ def sinkhorn(logits, iters, eps, init="exp", order="columns_first"):
     then rows ("columns_first") or rows then columns ("rows_first"); "deepseek": one
     column normalisation, then iters - 1 iterations of rows then columns."""
     import jax.numpy as jnp
+    import jax
     p = jnp.asarray(logits, jnp.float64)
     if init == "exp":
-        p = jnp.exp(p - jnp.max(p, axis=(-2, -1), keepdims=True))
+        # The maximum as a gather at its argmax: its derivative picks that cell (JAX's
+        # rule for a unique maximum) without comparing values, which XLA may recompute
+        # differently inside a fusion under jit (no cell equal: a 0/0 tie count).
+        flat = p.reshape(*p.shape[:-2], -1)
+        top = jnp.take_along_axis(flat, jnp.argmax(flat, -1)[..., None], -1)
+        p = jnp.exp(p - top[..., None])
     else:
-        e = jnp.exp(p - jnp.max(p, axis=-1, keepdims=True))
+        # Softmax does not depend on the shift: no derivative through it.
+        e = jnp.exp(p - jax.lax.stop_gradient(jnp.max(p, axis=-1, keepdims=True)))
         p = e / e.sum(-1, keepdims=True) + eps
     columns, rows = -2, -1
     steps = {"columns_first": [columns, rows] * iters, "rows_first": [rows, columns] * iters,
@@ -242,6 +249,7 @@ def deepseek_mhc_layer(residual, fn, scale, base, norm_weight, sublayer):
     post = sigmoid, comb = softmax(rows) + 1e-6, one column normalisation, then 9 rounds
     of rows then columns, each p / (sum + 1e-6); out_i = sum_j comb_ji x_j + post_i f.
     Returns (out, layer_input, post, comb)."""
+    import jax
     import jax.numpy as jnp
     x = jnp.asarray(residual, jnp.float64)
     tokens, n, hidden = x.shape
@@ -252,7 +260,7 @@ def deepseek_mhc_layer(residual, fn, scale, base, norm_weight, sublayer):
     pre = _sigmoid64(mixes[:, :n] * scale[0] + base[:n]) + 1e-6
     post = _sigmoid64(mixes[:, n:2 * n] * scale[1] + base[n:2 * n])
     comb = (mixes[:, 2 * n:] * scale[2] + base[2 * n:]).reshape(tokens, n, n)
-    comb = jnp.exp(comb - comb.max(-1, keepdims=True))
+    comb = jnp.exp(comb - jax.lax.stop_gradient(comb.max(-1, keepdims=True)))  # softmax
     comb = comb / comb.sum(-1, keepdims=True) + 1e-6
     comb = comb / (comb.sum(-2, keepdims=True) + 1e-6)
     for _ in range(10 - 1):

@@ -88,8 +88,8 @@ def test_sinkhorn_gradient_matches_finite_differences(std, init, backend):
             step = np.zeros((n, n))
             step[i, j] = h
             fd[i, j] = (loss(base + step) - loss(base - step)) / (2 * h)
-    grad = jax.grad(lambda l: jnp.sum(bjax.sinkhorn_knopp(l, iters=iters, eps=eps, init=init,
-                                                          backend=backend) * cotangent))(logits)
+    grad = jax.jit(jax.grad(lambda l: jnp.sum(bjax.sinkhorn_knopp(
+        l, iters=iters, eps=eps, init=init, backend=backend) * cotangent)))(logits)
     # The oracle's differences carry ~1e-10 of cancellation; the f32 backward a few ulp
     # of the largest term it subtracts (G and sum(G * P) are O(|cotangent|)).
     scale = np.max(np.abs(cotangent))
@@ -235,9 +235,9 @@ def hc_gradients(args, backend, order="columns_first", iters=20):
     mine = jax.jit(jax.grad(lambda *a: loss(lambda *b: bjax.hyper_connection(
         *b, sinkhorn_iters=iters, sinkhorn_order=order, backend=backend), *a),
         argnums=range(5)))(*args)
-    ref = jax.grad(lambda *a: jnp.sum(oracles.hyper_connection(*a, iters, 1e-5, order)
-                                      * cotangent.astype(jnp.float64)), argnums=range(5))(
-        *(a.astype(jnp.float64) for a in args))
+    ref = jax.jit(jax.grad(lambda *a: jnp.sum(oracles.hyper_connection(*a, iters, 1e-5, order)
+                                              * cotangent.astype(jnp.float64)),
+                           argnums=range(5)))(*(a.astype(jnp.float64) for a in args))
     return mine, ref
 
 
@@ -427,8 +427,8 @@ def test_mixing_matrix_gradient_through_dynamic_h(problem, backend):
     cotangent = normal(7, (*x.shape[:-2], 4, 4))
     mine = jax.jit(jax.grad(lambda x: jnp.sum(cotangent * bjax.mhc_pre(
         x, bias=bias, phi=phi, alpha=alpha, backend=backend)[2])))(x)
-    ref = jax.grad(lambda x64: jnp.sum(cotangent * oracle_layer(x64, bias, phi, alpha)[3]))(
-        x.astype(jnp.float64))
+    ref = jax.jit(jax.grad(lambda x64: jnp.sum(
+        cotangent * oracle_layer(x64, bias, phi, alpha)[3])))(x.astype(jnp.float64))
     assert_grad_close(mine, ref, GRAD_RTOL[jnp.dtype(jnp.float32)], "x")
 
 
@@ -481,9 +481,9 @@ def test_deepseek_presets_match_deepseek_formula(dtype, backend):
                      * (2 if name == "x_next" else 1))
     cotangent = normal(66, x.shape)
     loss = lambda f: lambda *a: jnp.sum(f(*a)[0].astype(cotangent.dtype) * cotangent)  # noqa: E731
-    grads = jax.grad(loss(mine), argnums=(0, 1, 2, 3))(*args)
-    ref_grads = jax.grad(lambda *a: jnp.sum(theirs(*a)[0] * cotangent),
-                         argnums=(0, 1, 2, 3))(*(a.astype(jnp.float64) for a in args))
+    grads = jax.jit(jax.grad(loss(mine), argnums=(0, 1, 2, 3)))(*args)
+    ref_grads = jax.jit(jax.grad(lambda *a: jnp.sum(theirs(*a)[0] * cotangent),
+                                 argnums=(0, 1, 2, 3)))(*(a.astype(jnp.float64) for a in args))
     for name, g, r in zip(("x", "fn", "scale", "base"), grads, ref_grads):
         assert_grad_close(g, r, GRAD_RTOL[jnp.dtype(dtype)], name)
 
@@ -494,14 +494,14 @@ def test_mhc_post_gradients_of_every_argument(backend):
     f_out, h_post, h_res = normal(8, (6, 50)), normal(9, (6, 3)), normal(10, (6, 3, 3))
     cotangent = normal(11, x.shape)
     for transpose in (False, True):
-        mine = jax.grad(lambda *a: jnp.sum(bjax.mhc_post(
-            *a, transpose_res=transpose, backend=backend) * cotangent), argnums=range(4))(
+        mine = jax.jit(jax.grad(lambda *a: jnp.sum(bjax.mhc_post(
+            *a, transpose_res=transpose, backend=backend) * cotangent), argnums=range(4)))(
             x, f_out, h_post, h_res)
 
         def oracle(x, f, hp, hr):
             r = jnp.swapaxes(hr, 1, 2) if transpose else hr
             return (r[:, :, :, None] * x[:, None]).sum(2) + hp[:, :, None] * f[:, None, :]
-        ref = jax.grad(lambda *a: jnp.sum(oracle(*a) * cotangent), argnums=range(4))(
+        ref = jax.jit(jax.grad(lambda *a: jnp.sum(oracle(*a) * cotangent), argnums=range(4)))(
             *(a.astype(jnp.float64) for a in (x, f_out, h_post, h_res)))
         for name, g, r in zip(("x", "f_out", "h_post", "h_res"), mine, ref):
             assert_grad_close(g, r, GRAD_RTOL[jnp.dtype(jnp.float32)], name)

@@ -189,7 +189,7 @@ def gradients(fn, args, seed):
         y, final = fn(**args)
         return (jnp.sum(y.astype(jnp.float64) * gy)
                 + jnp.sum(final.astype(jnp.float64) * gf))
-    return jax.grad(loss)(args)
+    return jax.jit(jax.grad(loss))(args)
 
 
 def gradient_errors(x, dt, A, B, C, backend, chunk_size=CHUNK, **kwargs) -> dict:
@@ -302,9 +302,9 @@ def test_gradients_finite_with_strongly_negative_A(backend):
     """bf16 training: decays of exp(-1e4 dt) on a partial last chunk give no NaN or inf."""
     x, dt, _, B, C = problem(27, 1, 2 * CHUNK + 5, 2, 8, 1, 16, jnp.bfloat16)
     A = jnp.array([-1e4, -30.0], jnp.float32)
-    grads = jax.grad(lambda *a: bjax.ssd_chunk_scan(*a, chunk_size=CHUNK, dt_softplus=True,
-                                                    backend=backend).astype(jnp.float32).sum(),
-                     argnums=(0, 1, 2, 3, 4))(x, dt * 10, A, B, C)
+    grads = jax.jit(jax.grad(lambda *a: bjax.ssd_chunk_scan(
+        *a, chunk_size=CHUNK, dt_softplus=True, backend=backend).astype(jnp.float32).sum(),
+        argnums=(0, 1, 2, 3, 4)))(x, dt * 10, A, B, C)
     for g in grads:
         assert np.isfinite(np.asarray(g, np.float32)).all()
 
@@ -321,8 +321,8 @@ def test_checkpoint_and_compiles_once(backend):
     first = grad(x, B, C)
     second = grad(x * 2, B, C)
     assert grad._cache_size() == 1
-    ref = jax.grad(lambda x, B, C: 2 * oracles.ssd_scan(x, dt, A, B, C)[0].sum(),
-                   argnums=(0, 1, 2))(*(jnp.asarray(v, jnp.float64) for v in (x, B, C)))
+    ref = jax.jit(jax.grad(lambda x, B, C: 2 * oracles.ssd_scan(x, dt, A, B, C)[0].sum(),
+                           argnums=(0, 1, 2)))(*(jnp.asarray(v, jnp.float64) for v in (x, B, C)))
     for g, r in zip(first, ref):
         assert np.linalg.norm(np.asarray(g) - r) <= 2e-5 * np.linalg.norm(r)
     assert not np.array_equal(np.asarray(first[1]), np.asarray(second[1]))
@@ -348,8 +348,8 @@ def test_step_gradients(backend):
         return y[:, 0], final
 
     argnums = tuple(range(6))
-    grads = jax.grad(lambda *a: loss(step, *a), argnums=argnums)(*args)
-    ref = jax.grad(lambda *a: loss(oracle_step, *a), argnums=argnums)(
+    grads = jax.jit(jax.grad(lambda *a: loss(step, *a), argnums=argnums))(*args)
+    ref = jax.jit(jax.grad(lambda *a: loss(oracle_step, *a), argnums=argnums))(
         *(jnp.asarray(v, jnp.float64) for v in args))
     for g, r in zip(grads, ref):
         assert np.linalg.norm(np.asarray(g, np.float64) - r) <= 1e-5 * np.linalg.norm(r)

@@ -329,10 +329,19 @@ LAYER_OPTIONS = [
 ]
 
 
+# Every option set in float32, and the 16-bit dtypes with dynamic H (every kernel runs
+# there): the options choose code paths, the same in every dtype, and the dtype the
+# rounding, the same for every option set.
+LAYER_CASES = ([pytest.param(jnp.float32, dynamic, options, id=f"float32-{d_id}-{o_id}")
+                for dynamic, d_id in ((False, "static"), (True, "dynamic"))
+                for options, o_id in zip(LAYER_OPTIONS, ("paper", "deepseek-style"))]
+               + [pytest.param(dtype, True, options, id=f"{_ids(dtype)}-dynamic-{o_id}")
+                  for dtype in X_DTYPES[1:]
+                  for options, o_id in zip(LAYER_OPTIONS, ("paper", "deepseek-style"))])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("options", LAYER_OPTIONS, ids=["paper", "deepseek-style"])
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-@pytest.mark.parametrize("dtype", X_DTYPES, ids=_ids)
+@pytest.mark.parametrize("dtype, dynamic, options", LAYER_CASES)
 def test_mhc_layer_matches_oracle(dtype, dynamic, options, backend):
     x, bias, phi, alpha = layer_problem(4, (2, 3), 4, 72, dtype, dynamic)
     outs = jax.jit(lambda *a: run_layer(*a, backend, **options))(x, bias, phi, alpha)
@@ -391,9 +400,17 @@ LAYER_GRADIENT_CASES = [pytest.param(False, LAYER_OPTIONS[0], id="static-paper")
                         pytest.param(True, LAYER_OPTIONS[0], id="dynamic-paper")]
 
 
+# Each case in float32; the 16-bit dtypes with dynamic H, whose backward runs every
+# gradient kernel (the rounding does not depend on the case).
+LAYER_GRADIENT_PARAMS = ([pytest.param(jnp.float32, *case.values, id=f"float32-{case.id}")
+                          for case in LAYER_GRADIENT_CASES]
+                         + [pytest.param(dtype, *LAYER_GRADIENT_CASES[2].values,
+                                         id=f"{_ids(dtype)}-{LAYER_GRADIENT_CASES[2].id}")
+                            for dtype in X_DTYPES[1:]])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dynamic, options", LAYER_GRADIENT_CASES)
-@pytest.mark.parametrize("dtype", X_DTYPES, ids=_ids)
+@pytest.mark.parametrize("dtype, dynamic, options", LAYER_GRADIENT_PARAMS)
 def test_mhc_layer_gradients(dtype, dynamic, options, backend):
     x, bias, phi, alpha = layer_problem(6, (3, 5), 4, 48, dtype, dynamic)
     mine, ref = layer_gradients(x, bias, phi, alpha, backend, **options)

@@ -70,8 +70,11 @@ def check_partitioned(fn, args, specs, mesh, out_specs, exact=True, reduced_grad
         assert normalized(out.sharding.spec, out.ndim) == normalized(spec, out.ndim)
     for grad, spec in zip(grads, specs):
         assert normalized(grad.sharding.spec, grad.ndim) == normalized(spec, grad.ndim)
-    reference, vjp = jax.vjp(fn, *args)
-    reference_grads = vjp(jax.tree.map(np.asarray, cotangents))
+    def value_and_grads(args, cotangents):
+        value, vjp = jax.vjp(fn, *args)
+        return value, vjp(cotangents)
+    reference, reference_grads = jax.jit(value_and_grads)(
+        args, jax.tree.map(np.asarray, cotangents))
     for out, ref in zip(jax.tree.leaves((outputs, grads)), jax.tree.leaves((reference,
                                                                           reference_grads))):
         if exact:

@@ -18,7 +18,9 @@ def test_gated_mlp_forward(kind, gate):
     x = jax.random.normal(jax.random.key(1), (5, 6), jnp.float32)
     y = model(x)
     assert y.shape == (5, 3)
-    h = bjax.gated_activation(x @ model.w_in.kernel[...], kind, gate=gate, backend="xla")
+    # The kernel [in, 2, hidden] flattened is the fused [a | b] kernel.
+    fused = model.w_in.kernel[...].reshape(6, 32)
+    h = bjax.gated_activation(x @ fused, kind, gate=gate, backend="xla")
     chex.assert_shape(h, (5, 16))
     chex.assert_trees_all_close(y, h @ model.w_out.kernel[...], rtol=1e-5, atol=1e-5)
 

@@ -44,8 +44,9 @@ class ShardingRule:
         a tuple of them (a compound, major first: heads as (groups, heads per group)).
       results: likewise for the results.
       replicated: factors the kernel needs whole on every device (never split).
-      reduced: factors the results are summed over (absent from every result): each
-        device sums its shard, then the results are all-reduced over their mesh axes.
+      reduced: factors summed over in every result that lacks them (dx keeps the
+        tokens, dw sums them): each device sums its shard, then those results are
+        all-reduced over the factor's mesh axes.
       sizes: ``(factor, size)`` of factors that appear only inside compounds.
 
     >>> ShardingRule(operands=(("b", "t", "x"),), results=(("b", "t", "y"),),
@@ -69,6 +70,13 @@ class ShardingRule:
 
     def reduced_in_order(self) -> tuple[str, ...]:
         return self._in_order(self.reduced)
+
+    def factors_reduced_everywhere(self) -> tuple[str, ...]:
+        """Reduced factors absent from every result (Shardy's reduction factors; one
+        that a result keeps passes through, and the results lacking it are summed in
+        the partitioned call)."""
+        kept = {f for dims in self.results for dim in dims for f in _factors(dim)}
+        return tuple(f for f in self.reduced_in_order() if f not in kept)
 
     def einsum(self) -> str:
         """The rule in Shardy's einsum-like notation."""
@@ -151,13 +159,18 @@ def partitioned(kernel: Callable, rule: ShardingRule, single_result: bool = True
         del result_shape
         mesh = arg_shapes[0].sharding.mesh
         axes, arg_shardings, result_shardings = shardings(mesh, arg_shapes)
-        names = tuple(n for f in rule.reduced_in_order() if f in axes
-                      for n in _mesh_names(axes[f]))
-        if not names:
+        sums = [tuple(n for f in rule.reduced_in_order() if f in axes
+                      and f not in {g for dim in dims for g in _factors(dim)}
+                      for n in _mesh_names(axes[f])) for dims in rule.results]
+        if not any(sums):
             return mesh, kernel, result_shardings, arg_shardings
 
         def summed(*operands):
-            return jax.tree.map(lambda v: jax.lax.psum(v, names), kernel(*operands))
+            results = kernel(*operands)
+            results = [results] if single_result else results
+            results = [jax.lax.psum(v, names) if names else v
+                       for v, names in zip(results, sums)]
+            return results[0] if single_result else tuple(results)
         return mesh, summed, result_shardings, arg_shardings
 
     def infer(mesh, arg_shapes, result_shape):
@@ -167,7 +180,8 @@ def partitioned(kernel: Callable, rule: ShardingRule, single_result: bool = True
     wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer,
                           propagate_user_sharding=None, sharding_rule=rule.einsum(),
                           need_replication_factors=rule.replicated_in_order(),
-                          reduction_factors=rule.reduced_in_order(), **dict(rule.sizes))
+                          reduction_factors=rule.factors_reduced_everywhere(),
+                          **dict(rule.sizes))
     return wrapped
 
 

@@ -26,11 +26,10 @@ x is float32, bfloat16 or float16; coefficients, reductions and all math are
 float32. Every op has a ``custom_vjp`` whose backward runs Pallas kernels and
 reduces partial sums without atomics (deterministic).
 
-Sharded programs: ``mhc_pre``, ``mhc_post`` and ``sinkhorn_knopp`` split along the
-tokens (every leading axis), each device running the kernels on its own tokens; the
-streams, the channels and the weights stay whole, and the weights' gradients are
-all-reduced over the tokens' devices. The fused ``hyper_connection`` is not
-partitioned yet.
+Sharded programs: every op splits along the tokens (every leading axis), each device
+running the kernels on its own tokens; the streams, the channels and the weights stay
+whole (a split there is gathered), and the weights' gradients are all-reduced over the
+tokens' devices.
 """
 from __future__ import annotations
 
@@ -162,8 +161,8 @@ class SinkhornDescriptor:
 
 
 # Sharded programs: every kernel call splits along the tokens (the leading axis, factor
-# "t"); streams, channels and weights stay whole; phi's gradient is summed over the
-# tokens (all-reduced where they are split).
+# "t"); streams, channels and weights stay whole; results without the tokens (the
+# weights' gradients) are summed over them (all-reduced where they are split).
 def _token_split(kernel, operands, results, *, reduced=False, **static):
     """``kernel(*arrays, **static)`` partitioned along the tokens: ``operands`` and
     ``results`` name each array's dimensions ("t" the tokens). Under ``vmap``: a
@@ -287,10 +286,14 @@ class HyperConnectionDescriptor:
         return cls(batch, n, hidden, jnp.dtype(x.dtype), options)
 
 
+# x and dx [t, i, c]; the RMSNorm weight [c]; the stream coefficients [i] and [i, j].
+_FUSED_OPERANDS = (_STREAMS, ("c",), ("i",), ("i",), ("i", "j"))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _fused(x, weight, s_pre, s_post, mix_matrix, eps: float, interpret: bool):
-    return pallas_hc.fused_forward(x, weight, s_pre, s_post, mix_matrix, eps=eps,
-                                   interpret=interpret)
+    return _token_split(pallas_hc.fused_forward, _FUSED_OPERANDS, (_STREAMS,), eps=eps,
+                        interpret=interpret)(x, weight, s_pre, s_post, mix_matrix)
 
 
 def _fused_fwd(x, weight, s_pre, s_post, mix_matrix, eps, interpret):
@@ -300,8 +303,10 @@ def _fused_fwd(x, weight, s_pre, s_post, mix_matrix, eps, interpret):
 
 def _fused_bwd(eps, interpret, residuals, dout):
     x, weight, s_pre, s_post, mix_matrix = residuals
-    dx, dw, d_mix, d_post, d_pre = pallas_hc.fused_backward(
-        x, dout, weight, s_pre, s_post, mix_matrix, eps=eps, interpret=interpret)
+    dx, dw, d_mix, d_post, d_pre = _token_split(
+        pallas_hc.fused_backward, (_STREAMS, *_FUSED_OPERANDS),
+        (_STREAMS, ("c",), ("i", "j"), ("i",), ("i",)), reduced=True, eps=eps,
+        interpret=interpret)(x, dout, weight, s_pre, s_post, mix_matrix)
     return dx, dw.astype(weight.dtype), d_pre, d_post, d_mix
 
 

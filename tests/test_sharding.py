@@ -295,6 +295,28 @@ def test_mhc_layer_keeps_its_sharding(lead, spec, mesh_shape, backend):
                       (spec, spec, spec, spec), exact=False, reduced_grads=(1, 2, 3))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec, mesh_shape", [(P("data"), (8,)), (P(("data", "model")), (4, 2))],
+                         ids=str)
+def test_hyper_connection_keeps_its_sharding(spec, mesh_shape, backend):
+    """The fused static op: the tokens split (over one mesh axis or two); the RMSNorm
+    weight and the h logits are whole and their gradients summed over the tokens'
+    devices, the only collective."""
+    n, hidden = 4, 48
+    k = jax.random.split(jax.random.key(10), 5)
+    args = (jax.random.normal(k[0], (16, n, hidden), jnp.float32),
+            1 + 0.1 * jax.random.normal(k[1], (hidden,), jnp.float32),
+            jax.random.normal(k[2], (n,), jnp.float32),
+            jax.random.normal(k[3], (n,), jnp.float32),
+            jax.random.normal(k[4], (n, n), jnp.float32))
+
+    def fn(*args):
+        return bjax.hyper_connection(*args, sinkhorn_iters=5, backend=backend)
+
+    check_partitioned(fn, args, (spec, P(), P(), P(), P()), mesh_of(mesh_shape), (spec,),
+                      exact=False, reduced_grads=(1, 2, 3, 4))
+
+
 def test_ssd_heads_split_only_with_their_groups(backend="interpret"):
     """The documented rule: with one group, a mesh axis on the heads cannot divide the
     groups (dB and dC sum over a group's heads), so the heads are gathered; the batch

@@ -313,8 +313,11 @@ def test_hyper_connection_keeps_its_sharding(spec, mesh_shape, backend):
     def fn(*args):
         return bjax.hyper_connection(*args, sinkhorn_iters=5, backend=backend)
 
+    # The h_res gradient passes the token sum of d(mixing matrix) through the Sinkhorn's
+    # backward, which magnifies that sum's reordering: 4.9e-6 of its largest entry here,
+    # and 1.1e-5 for the XLA backend partitioned by XLA itself.
     check_partitioned(fn, args, (spec, P(), P(), P(), P()), mesh_of(mesh_shape), (spec,),
-                      exact=False, reduced_grads=(1, 2, 3, 4))
+                      exact=False, reduced_grads=(1, 2, 3, 4), tolerance=3e-5)
 
 
 def test_ssd_heads_split_only_with_their_groups(backend="interpret"):

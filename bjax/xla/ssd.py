@@ -91,8 +91,8 @@ def chunk_scan(x, b, c, dt, a_cs, seg=None, d=None, z=None, initial_states=None,
     contributions = _einsum("bcsgrn,bcsgrp->cbgrpn", bw, xc)           # [c, b, g, r, p, n]
     carry = jnp.where(group_seg(seg_end == seg_before), a_c[..., -1], -jnp.inf)
     carry = jnp.transpose(jnp.exp(carry), (3, 0, 1, 2))                 # [c, b, g, r]
-    if initial_states is None:
-        start = jnp.zeros((batch, groups, reps, head_dim, state_dim), jnp.float32)
+    if initial_states is None:  # zeros like the inputs: inside shard_map, varying as they are
+        start = jnp.zeros_like(contributions[0], jnp.float32)
     else:
         start = initial_states.reshape(batch, groups, reps, head_dim, state_dim)
 

@@ -8,7 +8,8 @@ import importlib
 
 from bjax import errors
 from bjax._op import BACKENDS, Plan, PrecisionGuarantee, plan
-from bjax.cascade import CascadeMergeDescriptor, merge_state, merge_states
+from bjax.cascade import (CascadeMergeDescriptor, MergeStateDescriptor, MergeStatesDescriptor,
+                          merge_state, merge_states)
 from bjax.errors import BjaxError, InvalidProblemError, UnsupportedError
 from bjax.hyper_connection import (DEEPSEEK_MHC_POST, DEEPSEEK_MHC_PRE,
                                     HyperConnectionDescriptor, MhcPostDescriptor,
@@ -30,7 +31,7 @@ def __getattr__(name):
 
 __all__ = [
     "BACKENDS", "BjaxError", "CascadeMergeDescriptor", "DEEPSEEK_MHC_POST", "DEEPSEEK_MHC_PRE",
-    "GatedActivationDescriptor",
+    "GatedActivationDescriptor", "MergeStateDescriptor", "MergeStatesDescriptor",
     "HyperConnectionDescriptor", "MhcPostDescriptor", "MhcPreDescriptor", "SinkhornDescriptor",
     "hyper_connection", "mhc_post", "mhc_pre", "sinkhorn_knopp",
     "InvalidProblemError", "Plan", "PrecisionGuarantee", "UnsupportedError",

@@ -1,16 +1,24 @@
-"""The mechanism every op shares: argument checks, backend choice and plans.
+"""The mechanism every op shares: argument checks, implementation tables and plans.
 
 An op is a public function that builds a frozen, hashable *descriptor* from the
 static facts of its arguments (shapes, dtypes, options), validating them at
-trace time, then dispatches on a *backend*:
+trace time, then picks what runs from its *implementation table*: an ordered
+tuple of :class:`Implementation` candidates, kernels first and the XLA reference
+last. The first candidate that accepts the call runs it (:func:`select`); one that
+cannot raises :class:`UnsupportedError`, which is recorded and falls through.
+
+Every candidate runs on one or more *backends*:
 
 * ``"pallas"``: Pallas kernels lowered through Triton (CUDA GPUs);
 * ``"interpret"``: the very same kernels run by the Pallas interpreter (any
   device; slow, used to test the kernels without a GPU);
 * ``"xla"``: a pure ``jax.numpy`` implementation (any device).
 
-``bjax.plan(op, *args, **kwargs)`` returns the :class:`Plan` the call would run,
-without running it.
+``backend=`` on every op forces the candidates of one backend; ``config=`` passes
+a kernel configuration to the candidate whose config type it is (others step
+aside). ``bjax.plan(op, *args, **kwargs)`` returns the :class:`Plan` the call
+would run, with the candidate chosen, the ones passed over and why, and the
+config and where it came from, without running anything.
 """
 from __future__ import annotations
 
@@ -68,28 +76,176 @@ def cuda_available() -> bool:
         return False
 
 
-def resolve_backend(backend: str | None, op: str) -> str:
-    """The backend a call runs on.
+def requested_backend(backend: str | None, op: str) -> tuple[str | None, str]:
+    """``(name, source)``: the backend asked for (``None``: choose automatically) and
+    the argument it came from (``backend`` or ``$BJAX_BACKEND``).
 
-    ``None`` reads ``$BJAX_BACKEND``; if that is unset too, Pallas where a CUDA
-    GPU is present and XLA elsewhere. Asking for ``"pallas"`` without a CUDA
-    GPU raises :class:`UnsupportedError`.
+    Raises:
+      InvalidProblemError: a name outside :data:`BACKENDS`.
     """
+    source = "backend"
     if backend is None:
         backend = os.environ.get(BACKEND_ENV_VAR) or None
         source = f"${BACKEND_ENV_VAR}"
-    else:
-        source = "backend"
-    if backend is None:
-        return "pallas" if cuda_available() else "xla"
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         fail(op, source, f"one of {', '.join(map(repr, BACKENDS))} (or None)", repr(backend))
+    return backend, source
+
+
+def check_available(backend: str, op: str, source: str = "backend") -> None:
+    """Raises :class:`UnsupportedError` unless this process can run ``backend``
+    (``"pallas"`` needs a CUDA GPU)."""
     if backend == "pallas" and not cuda_available():
         platforms = sorted({d.platform for d in jax.devices()})
         fail(op, source, "'pallas' only where a CUDA GPU is present (use 'interpret' to run the "
              "Pallas kernels on CPU, or 'xla')", f"'pallas' with devices on {platforms}",
              UnsupportedError)
-    return backend
+
+
+def resolve_backend(backend: str | None, op: str) -> str:
+    """The backend a call of an op whose kernels accept it runs on.
+
+    ``None`` reads ``$BJAX_BACKEND``; if that is unset too, Pallas where a CUDA
+    GPU is present and XLA elsewhere.
+
+    Raises:
+      InvalidProblemError: an unknown backend name.
+      UnsupportedError: ``"pallas"`` without a CUDA GPU.
+    """
+    name, source = requested_backend(backend, op)
+    if name is None:
+        return "pallas" if cuda_available() else "xla"
+    check_available(name, op, source)
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One candidate of an op's implementation table.
+
+    Attributes:
+      name: ``"pallas_triton"`` (the Pallas kernels, Triton lowering) or ``"xla"``.
+      backends: the backends that run it; the first is the one an automatic choice uses.
+      kernel: ``kernel(desc) -> str``, the name of what runs (for :class:`Plan`).
+      config_type: the frozen class of its kernel configuration; ``None``: it takes none.
+      default_config: ``default_config(desc)``, the heuristic configuration for the whole
+        problem (a partitioned call re-derives it for each device's shard).
+      check: ``check(desc)`` raises :class:`UnsupportedError` for calls it cannot run.
+      check_config: ``check_config(desc, config)`` raises :class:`InvalidProblemError`
+        for a caller's configuration that cannot run this call.
+      sharding_rules: ``sharding_rules(desc, ...)`` gives the :class:`bjax._partition.ShardingRule`
+        of each kernel call; ``None``: XLA partitions the implementation itself.
+    """
+    name: str
+    backends: tuple[str, ...]
+    kernel: Callable[[Any], str]
+    config_type: type | None = None
+    default_config: Callable[[Any], Any] | None = None
+    check: Callable[[Any], None] | None = None
+    check_config: Callable[[Any, Any], None] | None = None
+    sharding_rules: Callable[..., Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """What a call runs (hashable: the custom_vjp's static argument with the descriptor).
+
+    Attributes:
+      implementation: the table's candidate that accepted the call.
+      backend: the backend it runs on.
+      config: the caller's kernel configuration; ``None``: the candidate's heuristic.
+      rejected: ``(name, reason)`` of each candidate passed over, in table order.
+    """
+    implementation: Implementation
+    backend: str
+    config: Any = None
+    rejected: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
+
+    @property
+    def interpret(self) -> bool:
+        return self.backend == "interpret"
+
+    @property
+    def on_xla(self) -> bool:
+        return self.backend == "xla"
+
+    def config_or(self, default: Callable[[], Any]) -> Any:
+        """The caller's configuration, else ``default()`` (the heuristic, for this shard)."""
+        return default() if self.config is None else self.config
+
+
+def _config_types(table) -> str:
+    return " or ".join(f"{impl.config_type.__name__} ({impl.name})" for impl in table
+                       if impl.config_type is not None) or "None (no candidate takes one)"
+
+
+def select(table: tuple[Implementation, ...], desc: Any, backend: str | None = None,
+           config: Any = None, *, op: str) -> Choice:
+    """The first candidate of ``table`` that accepts the call.
+
+    A candidate is passed over when it does not run on the requested backend (with
+    ``backend=None``, when its first backend is not available here), when its check
+    raises :class:`UnsupportedError`, or when ``config`` is not its config type.
+
+    Raises:
+      InvalidProblemError: an unknown backend name; ``config`` of a type no candidate
+        takes; ``config`` that the accepting candidate cannot run.
+      UnsupportedError: no candidate accepts the call (with each one's reason); for an
+        explicit backend, the reason of the last candidate of that backend.
+    """
+    requested, source = requested_backend(backend, op)
+    if config is not None and not any(impl.config_type is not None
+                                      and isinstance(config, impl.config_type) for impl in table):
+        fail(op, "config", f"{_config_types(table)}, or None", repr(config))
+    rejected, last_error = [], None
+    for impl in table:
+        if requested is not None and requested not in impl.backends:
+            rejected.append((impl.name, f"runs on {' / '.join(impl.backends)}, not "
+                                        f"{source}={requested!r}"))
+            continue
+        runs_on = requested or impl.backends[0]
+        try:
+            check_available(runs_on, op, source)
+            if config is not None:
+                check(impl.config_type is not None and isinstance(config, impl.config_type),
+                      op, "config", f"None for {impl.name}, which takes "
+                      + (impl.config_type.__name__ if impl.config_type else "no config"),
+                      type(config).__name__, UnsupportedError)
+            if impl.check is not None:
+                impl.check(desc)
+        except UnsupportedError as error:
+            rejected.append((impl.name, str(error)))
+            last_error = error
+            continue
+        if config is not None and impl.check_config is not None:
+            impl.check_config(desc, config)
+        return Choice(impl, runs_on, config, tuple(rejected))
+    if requested is not None and last_error is not None:
+        raise last_error
+    raise UnsupportedError(f"{op}: no implementation runs this call: "
+                           + "; ".join(f"{name}: {why}" for name, why in rejected))
+
+
+def check_launch(config: Any, op: str) -> None:
+    """The fields every Triton launch configuration shares: ``block*`` sizes and
+    ``num_warps`` powers of two (Triton's block shapes and warp counts), ``num_stages``
+    and other counts at least 1.
+
+    Raises:
+      InvalidProblemError: naming the field.
+    """
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, bool):
+            continue
+        argument = f"config.{field.name}"
+        check(isinstance(value, int), op, argument, "a Python int", repr(value))
+        if field.name.startswith("block") or field.name == "num_warps":
+            check(value >= 1 and value & (value - 1) == 0, op, argument, "a power of 2", value)
+        else:
+            check(value >= 1, op, argument, ">= 1", value)
+    warps = getattr(config, "num_warps", 1)
+    check(warps <= 32, op, "config.num_warps", "at most 32 (1024 threads)", warps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,17 +274,40 @@ class Plan:
     Attributes:
       op: public name of the op.
       descriptor: the op's frozen descriptor (static facts, validated).
+      implementation: the candidate of the op's table that runs it (``"pallas_triton"``
+        or ``"xla"``).
       backend: ``"pallas"``, ``"interpret"`` or ``"xla"``.
-      kernel: name of the kernel (or XLA function) the backend runs.
-      block_config: the kernel's launch configuration (``None`` for XLA).
+      kernel: name of the kernel (or XLA function) it runs.
+      block_config: the kernel's configuration (``None`` for XLA).
+      config_source: ``"caller"`` (the ``config=`` argument), ``"heuristic"`` (the
+        candidate's default for the whole problem), or ``None`` (no configuration).
+      rejected: ``(name, reason)`` of each candidate passed over, in table order.
       precision: the :class:`PrecisionGuarantee`.
     """
     op: str
     descriptor: Any
+    implementation: str
     backend: str
     kernel: str
     block_config: Any
+    config_source: str | None
+    rejected: tuple[tuple[str, str], ...]
     precision: PrecisionGuarantee
+
+    @classmethod
+    def of(cls, op: str, desc: Any, choice: Choice, precision: PrecisionGuarantee,
+           kernel: str | None = None) -> "Plan":
+        """The plan of ``choice`` for ``desc`` (``kernel``: overrides the candidate's name)."""
+        impl = choice.implementation
+        if choice.config is not None:
+            config, source = choice.config, "caller"
+        elif impl.default_config is not None:
+            config, source = impl.default_config(desc), "heuristic"
+        else:
+            config, source = None, None
+        return cls(op=op, descriptor=desc, implementation=impl.name, backend=choice.backend,
+                   kernel=kernel or impl.kernel(desc), block_config=config,
+                   config_source=source, rejected=choice.rejected, precision=precision)
 
 
 _PLANNERS: dict[Callable, Callable[..., Plan]] = {}

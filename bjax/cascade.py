@@ -81,8 +81,14 @@ class CascadeMergeDescriptor:
     def backward_config(self) -> pallas_cascade.TileConfig:
         return pallas_cascade.backward_config(self.seq_len, self.num_heads, self.head_dim)
 
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeStateDescriptor(CascadeMergeDescriptor):
+    """A :class:`CascadeMergeDescriptor` of ``merge_state`` (two states)."""
+
     @classmethod
-    def for_pair(cls, v_a, s_a, v_b, s_b, mask, lse_base, in_place):
+    def from_args(cls, v_a, s_a, v_b, s_b, mask, lse_base, in_place):
         """Validates a ``merge_state`` call; raises naming the argument."""
         op = "merge_state"
         _check_base(lse_base, op)
@@ -106,8 +112,14 @@ class CascadeMergeDescriptor:
         return cls(op, seq_len, 2, num_heads, head_dim, jnp.dtype(v_a.dtype),
                    jnp.dtype(s_a.dtype), lse_base, mask is not None, bool(in_place))
 
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeStatesDescriptor(CascadeMergeDescriptor):
+    """A :class:`CascadeMergeDescriptor` of ``merge_states`` (``num_states`` states)."""
+
     @classmethod
-    def for_many(cls, v, s, lse_base):
+    def from_args(cls, v, s, lse_base):
         """Validates a ``merge_states`` call; raises naming the argument."""
         op = "merge_states"
         _check_base(lse_base, op)
@@ -145,21 +157,23 @@ def _check_s(s, name, v_dtype, op):
               jnp.dtype(s.dtype).name)
 
 
-def _backend_module(backend):
-    return xla_cascade if backend == "xla" else pallas_cascade
-
-
-def _kernel_options(desc: CascadeMergeDescriptor, backend: str, backward=False) -> dict:
-    if backend == "xla":
+def _kernel_options(desc: CascadeMergeDescriptor, choice: _op.Choice, backward=False) -> dict:
+    if choice.on_xla:
         return {"base": desc.lse_base}
-    return {"base": desc.lse_base,
-            "config": desc.backward_config if backward else desc.kernel_config,
-            "interpret": backend == "interpret"}
+    given = choice.config_or(pallas_cascade.MergeConfig)
+    tile = given.backward if backward else given.forward
+    if tile is None:
+        tile = desc.backward_config if backward else desc.kernel_config
+    return {"base": desc.lse_base, "config": tile, "interpret": choice.interpret}
 
 
-def _kernel_mask(mask, backend):
+def _kernels(choice: _op.Choice):
+    return xla_cascade if choice.on_xla else pallas_cascade
+
+
+def _kernel_mask(mask, choice: _op.Choice):
     # The kernels read the row mask as int8 (no bool memory in the Triton lowering).
-    return mask if mask is None or backend == "xla" else mask.astype(jnp.int8)
+    return mask if mask is None or choice.on_xla else mask.astype(jnp.int8)
 
 
 # Factors (bjax._partition): steps t, heads h, head_dim d, index sets k. Steps and heads
@@ -185,77 +199,77 @@ def _local(desc: CascadeMergeDescriptor, v) -> CascadeMergeDescriptor:
                                head_dim=v.shape[-1])
 
 
-def _pair_kernel(desc, backend, in_place, v_a, s_a, v_b, s_b, *mask):
-    return _backend_module(backend).merge_pair(
-        v_a, s_a, v_b, s_b, _kernel_mask(mask[0] if mask else None, backend),
-        in_place=in_place, **_kernel_options(_local(desc, v_a), backend))
+def _pair_kernel(desc, choice, in_place, v_a, s_a, v_b, s_b, *mask):
+    return _kernels(choice).merge_pair(
+        v_a, s_a, v_b, s_b, _kernel_mask(mask[0] if mask else None, choice),
+        in_place=in_place, **_kernel_options(_local(desc, v_a), choice))
 
 
-def _pair_backward_kernel(desc, backend, v_a, s_a, v_b, s_b, *rest):
+def _pair_backward_kernel(desc, choice, v_a, s_a, v_b, s_b, *rest):
     *mask, dv, ds = rest
-    return _backend_module(backend).merge_pair_backward(
-        v_a, s_a, v_b, s_b, _kernel_mask(mask[0] if mask else None, backend), dv, ds,
-        **_kernel_options(_local(desc, v_a), backend, backward=True))
+    return _kernels(choice).merge_pair_backward(
+        v_a, s_a, v_b, s_b, _kernel_mask(mask[0] if mask else None, choice), dv, ds,
+        **_kernel_options(_local(desc, v_a), choice, backward=True))
 
 
-def _many_kernel(desc, backend, v, s):
-    return _backend_module(backend).merge_many(v, s, **_kernel_options(_local(desc, v), backend))
+def _many_kernel(desc, choice, v, s):
+    return _kernels(choice).merge_many(v, s, **_kernel_options(_local(desc, v), choice))
 
 
-def _many_backward_kernel(desc, backend, v, s, dv, ds):
-    return _backend_module(backend).merge_many_backward(
-        v, s, dv, ds, **_kernel_options(_local(desc, v), backend, backward=True))
+def _many_backward_kernel(desc, choice, v, s, dv, ds):
+    return _kernels(choice).merge_many_backward(
+        v, s, dv, ds, **_kernel_options(_local(desc, v), choice, backward=True))
 
 
-def _call(desc: CascadeMergeDescriptor, backend: str, which: int, in_place=False):
+def _call(desc: CascadeMergeDescriptor, choice: _op.Choice, which: int, in_place=False):
     """The forward (0) or backward (1) call of ``desc``'s merge on its operands (the mask
-    last but the cotangents, where there is one), partitioned for kernel backends. Under
-    ``vmap`` the batch folds into the steps."""
-    kernels = ((functools.partial(_many_kernel, desc, backend),
-                functools.partial(_many_backward_kernel, desc, backend))
+    last but the cotangents, where there is one), partitioned by the implementation's
+    rules (none: XLA partitions it). Under ``vmap`` the batch folds into the steps."""
+    kernels = ((functools.partial(_many_kernel, desc, choice),
+                functools.partial(_many_backward_kernel, desc, choice))
                if desc.op == "merge_states" else
-               (functools.partial(_pair_kernel, desc, backend, in_place),
-                functools.partial(_pair_backward_kernel, desc, backend)))
+               (functools.partial(_pair_kernel, desc, choice, in_place),
+                functools.partial(_pair_backward_kernel, desc, choice)))
     kernel = kernels[which]
-    if backend == "xla":
+    rules = choice.implementation.sharding_rules
+    if rules is None:
         return kernel
 
     def batched(axis_size, in_batched, *operands):
         del in_batched
         wider = dataclasses.replace(desc, seq_len=axis_size * desc.seq_len)
         folded = [v.reshape(-1, *v.shape[2:]) for v in operands]
-        outs = _call(wider, backend, which, in_place)(*folded)
+        outs = _call(wider, choice, which, in_place)(*folded)
         return tuple(v.reshape(axis_size, -1, *v.shape[1:]) for v in outs)
 
-    return _partition.kernel_call(kernel, sharding_rules(desc)[which], batched,
-                                  single_result=False)
+    return _partition.kernel_call(kernel, rules(desc)[which], batched, single_result=False)
 
 
-def _pair_forward(v_a, s_a, v_b, s_b, mask, desc, backend, in_place):
+def _pair_forward(v_a, s_a, v_b, s_b, mask, desc, choice, in_place):
     if desc.seq_len == 0:
         return v_a, s_a
     masks = () if mask is None else (mask,)
-    return tuple(_call(desc, backend, 0, in_place)(v_a, s_a, v_b, s_b, *masks))
+    return tuple(_call(desc, choice, 0, in_place)(v_a, s_a, v_b, s_b, *masks))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _merge_pair(v_a, s_a, v_b, s_b, mask, desc: CascadeMergeDescriptor, backend: str):
-    return _pair_forward(v_a, s_a, v_b, s_b, mask, desc, backend, desc.in_place)
+def _merge_pair(v_a, s_a, v_b, s_b, mask, desc: CascadeMergeDescriptor, choice: _op.Choice):
+    return _pair_forward(v_a, s_a, v_b, s_b, mask, desc, choice, desc.in_place)
 
 
-def _merge_pair_fwd(v_a, s_a, v_b, s_b, mask, desc, backend):
+def _merge_pair_fwd(v_a, s_a, v_b, s_b, mask, desc, choice):
     # v_a and s_a stay alive for the backward: written over, XLA would first copy them.
-    out = _pair_forward(v_a, s_a, v_b, s_b, mask, desc, backend, in_place=False)
+    out = _pair_forward(v_a, s_a, v_b, s_b, mask, desc, choice, in_place=False)
     return out, (v_a, s_a, v_b, s_b, mask)
 
 
-def _merge_pair_bwd(desc, backend, residuals, cotangents):
+def _merge_pair_bwd(desc, choice, residuals, cotangents):
     v_a, s_a, v_b, s_b, mask = residuals
     dv, ds = cotangents
     if desc.seq_len == 0:
         return dv, ds, jnp.zeros_like(v_b), jnp.zeros_like(s_b), None
     masks = () if mask is None else (mask,)
-    grads = _call(desc, backend, 1)(v_a, s_a, v_b, s_b, *masks, dv, ds)
+    grads = _call(desc, choice, 1)(v_a, s_a, v_b, s_b, *masks, dv, ds)
     return (*grads, None)
 
 
@@ -263,29 +277,57 @@ _merge_pair.defvjp(_merge_pair_fwd, _merge_pair_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _merge_many(v, s, desc: CascadeMergeDescriptor, backend: str):
+def _merge_many(v, s, desc: CascadeMergeDescriptor, choice: _op.Choice):
     if desc.seq_len == 0:
         return jnp.zeros(desc.v_shape, desc.v_dtype), jnp.zeros(desc.v_shape[:2], desc.s_dtype)
-    return tuple(_call(desc, backend, 0)(v, s))
+    return tuple(_call(desc, choice, 0)(v, s))
 
 
-def _merge_many_fwd(v, s, desc, backend):
-    return _merge_many(v, s, desc, backend), (v, s)
+def _merge_many_fwd(v, s, desc, choice):
+    return _merge_many(v, s, desc, choice), (v, s)
 
 
-def _merge_many_bwd(desc, backend, residuals, cotangents):
+def _merge_many_bwd(desc, choice, residuals, cotangents):
     v, s = residuals
     if desc.seq_len == 0:
         return jnp.zeros_like(v), jnp.zeros_like(s)
-    return tuple(_call(desc, backend, 1)(v, s, *cotangents))
+    return tuple(_call(desc, choice, 1)(v, s, *cotangents))
 
 
 _merge_many.defvjp(_merge_many_fwd, _merge_many_bwd)
 
 
+def _check_config(desc: CascadeMergeDescriptor, config: pallas_cascade.MergeConfig) -> None:
+    # The kernels mask partial tiles of steps and heads: any launchable tile runs.
+    for tile in (config.forward, config.backward):
+        if tile is not None:
+            _op.check_launch(tile, desc.op)
+
+
+def _kernel_name(desc: CascadeMergeDescriptor) -> str:
+    return f"bjax_{desc.op}"
+
+
+def _xla_name(desc: CascadeMergeDescriptor) -> str:
+    return f"bjax.xla.cascade.{'merge_pair' if desc.op == 'merge_state' else 'merge_many'}"
+
+
+IMPLEMENTATIONS = (
+    _op.Implementation(
+        "pallas_triton", ("pallas", "interpret"), kernel=_kernel_name,
+        config_type=pallas_cascade.MergeConfig,
+        default_config=lambda desc: pallas_cascade.MergeConfig(desc.kernel_config,
+                                                               desc.backward_config),
+        check_config=_check_config, sharding_rules=sharding_rules),
+    _op.Implementation("xla", ("xla",), kernel=_xla_name),
+)
+"""The merges' implementation table, in order of preference."""
+
+
 def merge_state(v_a: ArrayLike, s_a: ArrayLike, v_b: ArrayLike, s_b: ArrayLike, *,
                 mask: ArrayLike | None = None, lse_base: LseBase = 2, in_place: bool = False,
-                backend: _op.Backend = None) -> tuple[jax.Array, jax.Array]:
+                backend: _op.Backend = None, config: pallas_cascade.MergeConfig | None = None
+                ) -> tuple[jax.Array, jax.Array]:
     """Merges two partial attention states (see the module doc for the formula).
 
     Args:
@@ -306,8 +348,11 @@ def merge_state(v_a: ArrayLike, s_a: ArrayLike, v_b: ArrayLike, s_b: ArrayLike, 
         BENCHMARKS.md). Under differentiation the forward never writes in
         place (``v_a`` is kept for the backward). The XLA backend decides by
         itself, in place when ``v_a`` is donated.
-      backend: ``None`` (``$BJAX_BACKEND``, else Pallas on CUDA GPUs and XLA
-        elsewhere), ``"pallas"``, ``"interpret"`` or ``"xla"``.
+      backend: ``None`` (``$BJAX_BACKEND``, else the first of :data:`IMPLEMENTATIONS`
+        that runs here: Pallas on CUDA GPUs, XLA elsewhere), ``"pallas"``,
+        ``"interpret"`` or ``"xla"``.
+      config: the kernels' tiles (``[block_rows steps, block_cols heads]``, whole
+        head_dim) of the forward and the backward; ``None``: the heuristics.
 
     Returns:
       ``(v, s)`` in the dtypes of ``(v_a, s_a)``.
@@ -315,18 +360,20 @@ def merge_state(v_a: ArrayLike, s_a: ArrayLike, v_b: ArrayLike, s_b: ArrayLike, 
     Raises:
       InvalidProblemError: shapes or dtypes of the two sides differ, ``s`` is not
         float32, a bad mask, an unknown ``lse_base``, a non-bool ``in_place``,
-        zero heads or head_dim.
+        zero heads or head_dim; ``config`` not a ``MergeConfig`` or not launchable.
       UnsupportedError: ``v`` not a float dtype listed above; ``backend="pallas"``
-        without a CUDA GPU.
+        without a CUDA GPU; ``config`` with the XLA backend.
     """
     v_a, s_a, v_b, s_b = map(jnp.asarray, (v_a, s_a, v_b, s_b))
     mask = None if mask is None else jnp.asarray(mask)
-    desc = CascadeMergeDescriptor.for_pair(v_a, s_a, v_b, s_b, mask, lse_base, in_place)
-    return _merge_pair(v_a, s_a, v_b, s_b, mask, desc, _op.resolve_backend(backend, desc.op))
+    desc = MergeStateDescriptor.from_args(v_a, s_a, v_b, s_b, mask, lse_base, in_place)
+    choice = _op.select(IMPLEMENTATIONS, desc, backend, config, op=desc.op)
+    return _merge_pair(v_a, s_a, v_b, s_b, mask, desc, choice)
 
 
 def merge_states(v: ArrayLike, s: ArrayLike, *, lse_base: LseBase = 2,
-                 backend: _op.Backend = None) -> tuple[jax.Array, jax.Array]:
+                 backend: _op.Backend = None, config: pallas_cascade.MergeConfig | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
     """Merges ``num_index_sets`` partial attention states (see the module doc).
 
     Args:
@@ -335,7 +382,7 @@ def merge_states(v: ArrayLike, s: ArrayLike, *, lse_base: LseBase = 2,
       s: ``[seq_len, num_index_sets, num_heads]`` log-sum-exps, float32 (float64
         allowed with float64 ``v``).
       lse_base: 2 (default) or ``"e"``.
-      backend: as in :func:`merge_state`.
+      backend, config: as in :func:`merge_state`.
 
     Returns:
       ``(v [seq_len, num_heads, head_dim], s [seq_len, num_heads])`` in the
@@ -347,33 +394,32 @@ def merge_states(v: ArrayLike, s: ArrayLike, *, lse_base: LseBase = 2,
       UnsupportedError: as in :func:`merge_state`.
     """
     v, s = jnp.asarray(v), jnp.asarray(s)
-    desc = CascadeMergeDescriptor.for_many(v, s, lse_base)
-    return _merge_many(v, s, desc, _op.resolve_backend(backend, desc.op))
+    desc = MergeStatesDescriptor.from_args(v, s, lse_base)
+    return _merge_many(v, s, desc, _op.select(IMPLEMENTATIONS, desc, backend, config,
+                                              op=desc.op))
 
 
-def _plan(desc: CascadeMergeDescriptor, backend: str) -> _op.Plan:
-    on_xla = backend == "xla"
-    return _op.Plan(
-        op=desc.op, descriptor=desc, backend=backend,
-        kernel=f"bjax.xla.cascade.{'merge_pair' if desc.op == 'merge_state' else 'merge_many'}"
-        if on_xla else f"bjax_{desc.op}",
-        block_config=None if on_xla else desc.kernel_config,
-        precision=_op.PrecisionGuarantee(
-            math_precision=pallas_cascade.compute_dtype(desc.v_dtype).name,
-            accumulator=pallas_cascade.compute_dtype(desc.v_dtype).name, deterministic=True,
-            bit_stable_on_same_hardware=True,
-            notes="weights by exp2 (base 2) or exp (base e) in the math dtype; a state merged "
-                  "with empty states comes back bit for bit"))
+_PRECISION_NOTES = ("weights by exp2 (base 2) or exp (base e) in the math dtype; a state "
+                    "merged with empty states comes back bit for bit")
+
+
+def _plan(desc: CascadeMergeDescriptor, backend, config) -> _op.Plan:
+    math = pallas_cascade.compute_dtype(desc.v_dtype).name
+    return _op.Plan.of(desc.op, desc, _op.select(IMPLEMENTATIONS, desc, backend, config,
+                                                 op=desc.op),
+                       _op.PrecisionGuarantee(math_precision=math, accumulator=math,
+                                              deterministic=True,
+                                              bit_stable_on_same_hardware=True,
+                                              notes=_PRECISION_NOTES))
 
 
 @_op.register_planner(merge_state)
 def _plan_merge_state(v_a, s_a, v_b, s_b, *, mask=None, lse_base=2, in_place=False,
-                      backend=None):
-    desc = CascadeMergeDescriptor.for_pair(v_a, s_a, v_b, s_b, mask, lse_base, in_place)
-    return _plan(desc, _op.resolve_backend(backend, desc.op))
+                      backend=None, config=None):
+    desc = MergeStateDescriptor.from_args(v_a, s_a, v_b, s_b, mask, lse_base, in_place)
+    return _plan(desc, backend, config)
 
 
 @_op.register_planner(merge_states)
-def _plan_merge_states(v, s, *, lse_base=2, backend=None):
-    desc = CascadeMergeDescriptor.for_many(v, s, lse_base)
-    return _plan(desc, _op.resolve_backend(backend, desc.op))
+def _plan_merge_states(v, s, *, lse_base=2, backend=None, config=None):
+    return _plan(MergeStatesDescriptor.from_args(v, s, lse_base), backend, config)

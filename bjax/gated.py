@@ -109,28 +109,28 @@ class GatedActivationDescriptor:
         return pallas_gated.default_config(self.rows, self.cols)
 
 
-def _forward(x, desc: GatedActivationDescriptor, backend: str):
+def _forward(x, desc: GatedActivationDescriptor, choice: _op.Choice):
     """``y`` for ``x`` of ``desc``'s shape (or a shard of it: extents from ``x``)."""
     options = dict(kind=desc.kind, gate=desc.gate, approximate=desc.approximate)
-    if backend == "xla":
+    if choice.on_xla:
         return xla_gated.gated_forward(x, axis=desc.axis, **options)
     desc = dataclasses.replace(desc, shape=tuple(x.shape))
     y2 = pallas_gated.gated_forward(x.reshape(desc.rows, 2 * desc.cols),
-                                    config=desc.kernel_config,
-                                    interpret=backend == "interpret", **options)
+                                    config=choice.config_or(lambda: desc.kernel_config),
+                                    interpret=choice.interpret, **options)
     return y2.reshape(desc.out_shape)
 
 
-def _backward(dy, x, desc: GatedActivationDescriptor, backend: str):
+def _backward(dy, x, desc: GatedActivationDescriptor, choice: _op.Choice):
     """``dx`` from ``(dy, x)``, extents from ``x`` as in :func:`_forward`."""
     options = dict(kind=desc.kind, gate=desc.gate, approximate=desc.approximate)
-    if backend == "xla":
+    if choice.on_xla:
         return xla_gated.gated_backward(dy, x, axis=desc.axis, **options)
     desc = dataclasses.replace(desc, shape=tuple(x.shape))
     dx2 = pallas_gated.gated_backward(dy.reshape(desc.rows, desc.cols),
                                       x.reshape(desc.rows, 2 * desc.cols),
-                                      config=desc.kernel_config,
-                                      interpret=backend == "interpret", **options)
+                                      config=choice.config_or(lambda: desc.kernel_config),
+                                      interpret=choice.interpret, **options)
     return dx2.reshape(desc.shape)
 
 
@@ -144,44 +144,68 @@ def sharding_rule(desc: GatedActivationDescriptor) -> tuple[_partition.ShardingR
             _partition.ShardingRule((half, dims), (dims,), replicated))
 
 
-def _kernel_call(desc: GatedActivationDescriptor, backend: str, which: int):
-    """The forward (0) or backward (1) kernel call, partitioned for kernel backends (the
-    XLA backend is partitioned by XLA itself). Under ``vmap`` the batch is one more
-    leading axis of the same op."""
-    call = functools.partial((_forward, _backward)[which], desc=desc, backend=backend)
-    if backend == "xla":
+def _kernel_call(desc: GatedActivationDescriptor, choice: _op.Choice, which: int):
+    """The forward (0) or backward (1) call, partitioned by the implementation's rules
+    (none: XLA partitions it). Under ``vmap`` the batch is one more leading axis of the
+    same op."""
+    call = functools.partial((_forward, _backward)[which], desc=desc, choice=choice)
+    rules = choice.implementation.sharding_rules
+    if rules is None:
         return call
 
     def batched(axis_size, in_batched, *operands):
         del in_batched
         wider = dataclasses.replace(desc, shape=(axis_size, *desc.shape), axis=desc.axis + 1)
-        return _kernel_call(wider, backend, which)(*operands)
+        return _kernel_call(wider, choice, which)(*operands)
 
-    return _partition.kernel_call(call, sharding_rule(desc)[which], batched)
+    return _partition.kernel_call(call, rules(desc)[which], batched)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _gated(x, desc: GatedActivationDescriptor, backend: str):
+def _gated(x, desc: GatedActivationDescriptor, choice: _op.Choice):
     if desc.rows * desc.cols == 0:
         return jnp.zeros(desc.out_shape, desc.dtype)
-    return _kernel_call(desc, backend, 0)(x)
+    return _kernel_call(desc, choice, 0)(x)
 
 
-def _gated_fwd(x, desc, backend):
-    return _gated(x, desc, backend), x
+def _gated_fwd(x, desc, choice):
+    return _gated(x, desc, choice), x
 
 
-def _gated_bwd(desc, backend, x, dy):
+def _gated_bwd(desc, choice, x, dy):
     if desc.rows * desc.cols == 0:
         return (jnp.zeros(desc.shape, desc.dtype),)
-    return (_kernel_call(desc, backend, 1)(dy, x),)
+    return (_kernel_call(desc, choice, 1)(dy, x),)
 
 
 _gated.defvjp(_gated_fwd, _gated_bwd)
 
 
+def _check_config(desc: GatedActivationDescriptor, config: pallas_gated.TileConfig) -> None:
+    del desc   # the kernels mask partial tiles: any launchable tile runs any shape
+    _op.check_launch(config, _OP)
+
+
+IMPLEMENTATIONS = (
+    _op.Implementation(
+        "pallas_triton", ("pallas", "interpret"),
+        kernel=lambda desc: f"bjax_{desc.kind}_forward", config_type=pallas_gated.TileConfig,
+        default_config=lambda desc: desc.kernel_config, check_config=_check_config,
+        sharding_rules=sharding_rule),
+    _op.Implementation("xla", ("xla",), kernel=lambda desc: "bjax.xla.gated.gated_forward"),
+)
+"""The gated activation's implementation table, in order of preference."""
+
+
+def _prepare(x, kind, axis, gate, approximate, backend, config):
+    desc = GatedActivationDescriptor.from_args(x, kind, axis=axis, gate=gate,
+                                               approximate=approximate)
+    return desc, _op.select(IMPLEMENTATIONS, desc, backend, config, op=_OP)
+
+
 def gated_activation(x: ArrayLike, kind: Kind, *, axis: int = -1, gate: Gate = "second",
-                     approximate: bool = False, backend: _op.Backend = None) -> jax.Array:
+                     approximate: bool = False, backend: _op.Backend = None,
+                     config: pallas_gated.TileConfig | None = None) -> jax.Array:
     """Gated activation of ``x`` split into halves ``(a, b)`` along ``axis``.
 
     Args:
@@ -192,29 +216,33 @@ def gated_activation(x: ArrayLike, kind: Kind, *, axis: int = -1, gate: Gate = "
       axis: axis to split (negative counts from the end).
       gate: ``"second"``: ``y = a * act(b)``; ``"first"``: ``y = act(a) * b``.
       approximate: GeGLU only: tanh GELU instead of the exact ``u Phi(u)``.
-      backend: ``None`` (``$BJAX_BACKEND``, else Pallas on CUDA GPUs and XLA
-        elsewhere), ``"pallas"``, ``"interpret"`` or ``"xla"``.
+      backend: ``None`` (``$BJAX_BACKEND``, else the first of :data:`IMPLEMENTATIONS`
+        that runs here: Pallas on CUDA GPUs, XLA elsewhere), ``"pallas"``,
+        ``"interpret"`` or ``"xla"``.
+      config: the kernels' tile (``[block_rows, block_cols]`` of the ``[rows, cols]``
+        view, rows before ``axis``; forward and backward); ``None``: the heuristic.
 
     Returns:
       ``y`` with ``y.shape[axis] == x.shape[axis] // 2``, in ``x.dtype``.
 
     Raises:
       InvalidProblemError: odd extent along ``axis``, axis out of range, rank 0,
-        unknown ``kind`` / ``gate``, ``approximate`` with a kind other than GeGLU.
+        unknown ``kind`` / ``gate``, ``approximate`` with a kind other than GeGLU;
+        ``config`` not a ``TileConfig`` or not launchable.
       UnsupportedError: integer, bool, complex or other non-float dtypes;
-        ``backend="pallas"`` without a CUDA GPU.
+        ``backend="pallas"`` without a CUDA GPU; ``config`` with the XLA backend.
     """
     x = jnp.asarray(x)
-    desc = GatedActivationDescriptor.from_args(x, kind, axis=axis, gate=gate,
-                                               approximate=approximate)
-    return _gated(x, desc, _op.resolve_backend(backend, _OP))
+    desc, choice = _prepare(x, kind, axis, gate, approximate, backend, config)
+    return _gated(x, desc, choice)
 
 
 def _shortcut(kind: str):
     def op(x: ArrayLike, *, axis: int = -1, gate: Gate = "second", approximate: bool = False,
-           backend: _op.Backend = None) -> jax.Array:
+           backend: _op.Backend = None,
+           config: pallas_gated.TileConfig | None = None) -> jax.Array:
         return gated_activation(x, kind, axis=axis, gate=gate, approximate=approximate,
-                                backend=backend)
+                                backend=backend, config=config)
     op.__name__ = op.__qualname__ = kind
     op.__doc__ = (f"``gated_activation(x, {kind!r}, ...)``: see :func:`gated_activation`.\n\n"
                   "Raises:\n  InvalidProblemError, UnsupportedError: as "
@@ -241,15 +269,10 @@ def _precision(desc: GatedActivationDescriptor) -> _op.PrecisionGuarantee:
 
 
 @_op.register_planner(gated_activation)
-def _plan_gated_activation(x, kind, *, axis=-1, gate="second", approximate=False, backend=None):
-    desc = GatedActivationDescriptor.from_args(x, kind, axis=axis, gate=gate,
-                                               approximate=approximate)
-    backend = _op.resolve_backend(backend, _OP)
-    on_xla = backend == "xla"
-    return _op.Plan(
-        op=_OP, descriptor=desc, backend=backend,
-        kernel="bjax.xla.gated.gated_forward" if on_xla else f"bjax_{desc.kind}_forward",
-        block_config=None if on_xla else desc.kernel_config, precision=_precision(desc))
+def _plan_gated_activation(x, kind, *, axis=-1, gate="second", approximate=False, backend=None,
+                           config=None):
+    desc, choice = _prepare(x, kind, axis, gate, approximate, backend, config)
+    return _op.Plan.of(_OP, desc, choice, _precision(desc))
 
 
 for _kind, _fn in zip(KINDS, (glu, reglu, swiglu, geglu)):

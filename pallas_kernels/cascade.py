@@ -62,6 +62,14 @@ def backward_config(seq_len: int, num_heads: int, head_dim: int) -> TileConfig:
     return dataclasses.replace(config, num_warps=16) if elements >= 4096 else config
 
 
+@dataclasses.dataclass(frozen=True)
+class MergeConfig:
+    """Tiles of the forward and the backward kernels; ``None``: that one's heuristic
+    (:func:`default_config`, :func:`backward_config`)."""
+    forward: TileConfig | None = None
+    backward: TileConfig | None = None
+
+
 def compute_dtype(v_dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float64) if jnp.dtype(v_dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 

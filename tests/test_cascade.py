@@ -373,7 +373,9 @@ def test_plan_names_the_kernel():
     plan = bjax.plan(bjax.merge_states, jax.ShapeDtypeStruct((16384, 4, 32, 128), jnp.bfloat16),
                      jax.ShapeDtypeStruct((16384, 4, 32), jnp.float32), backend="interpret")
     assert plan.kernel == "bjax_merge_states" and plan.precision.accumulator == "float32"
-    assert plan.block_config.block_rows * plan.block_config.block_cols * 128 == 4096
+    tile = plan.block_config.forward
+    assert plan.config_source == "heuristic"
+    assert tile.block_rows * tile.block_cols * 128 == 4096
     plan = bjax.plan(bjax.merge_state, _V, _S, _V, _S, lse_base="e", backend="xla")
     assert plan.kernel == "bjax.xla.cascade.merge_pair" and plan.descriptor.lse_base == "e"
 

@@ -296,12 +296,13 @@ class Plan:
 
     @classmethod
     def of(cls, op: str, desc: Any, choice: Choice, precision: PrecisionGuarantee,
-           kernel: str | None = None) -> "Plan":
-        """The plan of ``choice`` for ``desc`` (``kernel``: overrides the candidate's name)."""
+           kernel: str | None = None, configured: bool = True) -> "Plan":
+        """The plan of ``choice`` for ``desc`` (``kernel``: overrides the candidate's name;
+        ``configured=False``: this call runs no configured kernel)."""
         impl = choice.implementation
         if choice.config is not None:
             config, source = choice.config, "caller"
-        elif impl.default_config is not None:
+        elif impl.default_config is not None and configured:
             config, source = impl.default_config(desc), "heuristic"
         else:
             config, source = None, None

@@ -314,8 +314,8 @@ def _kernel_positions(desc: WriteSliceDescriptor, traced):
     return tuple(positions)
 
 
-def _write_impl(dest, source, table, traced, desc: WriteSliceDescriptor, backend: str):
-    route = desc.route(backend)
+def _write_impl(dest, source, table, traced, desc: WriteSliceDescriptor, choice: _op.Choice):
+    route = desc.route(choice.backend)
     if route == "whole":
         return source
     if route in ("dus", "rows"):
@@ -325,8 +325,8 @@ def _write_impl(dest, source, table, traced, desc: WriteSliceDescriptor, backend
     out = pallas_write_slice.write_window(
         _to_bits(dest, view).reshape(view.dest_shape),
         _to_bits(source, view).reshape(view.window_shape),
-        _kernel_positions(desc, traced), axes=view.axes, config=view.config,
-        interpret=backend == "interpret")
+        _kernel_positions(desc, traced), axes=view.axes,
+        config=choice.config_or(lambda: view.config), interpret=choice.interpret)
     return _from_bits(out, view, desc)
 
 
@@ -352,63 +352,97 @@ def _local(desc: WriteSliceDescriptor, dest_shape) -> WriteSliceDescriptor:
     return dataclasses.replace(desc, dest_shape=dest_shape, source_shape=source_shape)
 
 
-def _forward_kernel(desc, backend, dest, source, *traced):
+def _forward_kernel(desc, choice, dest, source, *traced):
     local = _local(desc, dest.shape)
     table, _ = _row_table(local, traced)
-    return _write_impl(dest, source, table, traced, local, backend)
+    return _write_impl(dest, source, table, traced, local, choice)
 
 
-def _backward_kernel(desc, backend, dy, *traced):
+def _backward_kernel(desc, choice, dy, *traced):
     local = _local(desc, dy.shape)
     table, _ = _row_table(local, traced)
     d_source = xla_write_slice.read_rows(dy, local.source_shape, table)
     d_dest = _write_impl(dy, jnp.zeros(local.source_shape, dy.dtype), table, traced, local,
-                         backend)
+                         choice)
     return d_dest, d_source
 
 
-def _call(desc: WriteSliceDescriptor, backend: str, which: int):
+def _call(desc: WriteSliceDescriptor, choice: _op.Choice, which: int):
     """The forward (0: ``dest, source, *traced -> out``) or backward (1: ``dy, *traced ->
-    (d dest, d source)``), partitioned by :func:`sharding_rules` on every backend (XLA's own
-    partitioning of the row loop gathers). Under ``vmap``: one more leading axis, scalar
+    (d dest, d source)``), partitioned by :func:`sharding_rules` on every implementation
+    (XLA's own partitioning of the row loop gathers). Under ``vmap``: one more leading axis, scalar
     starts becoming per-row vectors over it, or, where a start is per-row already, a
     sequential map."""
-    kernel = functools.partial((_forward_kernel, _backward_kernel)[which], desc, backend)
+    kernel = functools.partial((_forward_kernel, _backward_kernel)[which], desc, choice)
 
     def batched(axis_size, in_batched, *operands):
         del in_batched
         traced = operands[2 - which:]
         if desc.per_row:
-            return jax.lax.map(lambda ops: _call(desc, backend, which)(*ops), operands)
+            return jax.lax.map(lambda ops: _call(desc, choice, which)(*ops), operands)
         starts = (0, *(PER_ROW if isinstance(kind, str) else kind for kind in desc.starts))
         wider = dataclasses.replace(desc, dest_shape=(axis_size, *desc.dest_shape),
                                     source_shape=(axis_size, *desc.source_shape),
                                     starts=starts)
-        return _call(wider, backend, which)(*operands[:2 - which], *traced)
+        return _call(wider, choice, which)(*operands[:2 - which], *traced)
 
-    return _partition.kernel_call(kernel, sharding_rules(desc)[which], batched,
-                                  single_result=which == 0)
+    rules = choice.implementation.sharding_rules(desc)
+    return _partition.kernel_call(kernel, rules[which], batched, single_result=which == 0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _write(dest, source, traced, desc: WriteSliceDescriptor, backend: str):
-    return _call(desc, backend, 0)(dest, source, *traced)
+def _write(dest, source, traced, desc: WriteSliceDescriptor, choice: _op.Choice):
+    return _call(desc, choice, 0)(dest, source, *traced)
 
 
-def _write_fwd(dest, source, traced, desc, backend):
-    return _write(dest, source, traced, desc, backend), traced
+def _write_fwd(dest, source, traced, desc, choice):
+    return _write(dest, source, traced, desc, choice), traced
 
 
-def _write_bwd(desc, backend, traced, dy):
-    d_dest, d_source = _call(desc, backend, 1)(dy, *traced)
+def _write_bwd(desc, choice, traced, dy):
+    d_dest, d_source = _call(desc, choice, 1)(dy, *traced)
     return d_dest, d_source, None
 
 
 _write.defvjp(_write_fwd, _write_bwd)
 
 
+def _check_config(desc: WriteSliceDescriptor, config: pallas_write_slice.TileConfig) -> None:
+    del desc   # the kernel masks partial tiles
+    _op.check_launch(config, _OP)
+
+
+def _default_config(desc: WriteSliceDescriptor):
+    view = desc.kernel_view()
+    return None if view is None else view.config
+
+
+IMPLEMENTATIONS = (
+    _op.Implementation(
+        "pallas_triton", ("pallas", "interpret"), kernel=lambda desc: "bjax_write_slice",
+        config_type=pallas_write_slice.TileConfig, default_config=_default_config,
+        check_config=_check_config, sharding_rules=sharding_rules),
+    _op.Implementation("xla", ("xla",), kernel=lambda desc: "lax.dynamic_update_slice (guarded)",
+                       sharding_rules=sharding_rules),
+)
+"""write_slice's implementation table, in order of preference. Both are partitioned by
+:func:`sharding_rules` (XLA's own partitioning of the per-row loop gathers)."""
+
+
+def _prepare(dest, source, start, backend, config):
+    desc, traced = WriteSliceDescriptor.from_args(dest, source, start)
+    choice = _op.select(IMPLEMENTATIONS, desc, backend, config, op=_OP)
+    if config is not None:
+        route = desc.route(choice.backend)
+        _op.check(route == "kernel", _OP, "config",
+                  "None for this call, which the kernel does not run", f"a config, and the "
+                  f"call runs {route!r} (WriteSliceDescriptor.route)", UnsupportedError)
+    return desc, traced, choice
+
+
 def write_slice(dest: ArrayLike, source: ArrayLike, start: Sequence[int | ArrayLike], *,
-                backend: _op.Backend = None) -> jax.Array:
+                backend: _op.Backend = None,
+                config: pallas_write_slice.TileConfig | None = None) -> jax.Array:
     """``dest`` with the window at ``start`` replaced by ``source`` (see the module doc).
 
     Args:
@@ -419,8 +453,13 @@ def write_slice(dest: ArrayLike, source: ArrayLike, start: Sequence[int | ArrayL
       start: one entry per axis: a Python int, an integer scalar array, or (axes
         other than 0) an integer vector of length ``dest.shape[0]`` with a
         position per row of ``dest``.
-      backend: ``None`` (``$BJAX_BACKEND``, else Pallas on CUDA GPUs and XLA
-        elsewhere), ``"pallas"``, ``"interpret"`` or ``"xla"``.
+      backend: ``None`` (``$BJAX_BACKEND``, else the first of :data:`IMPLEMENTATIONS`
+        that runs here: Pallas on CUDA GPUs, XLA elsewhere), ``"pallas"``,
+        ``"interpret"`` or ``"xla"``. The Pallas implementation hands windows of at
+        most 1 MiB at one position, and dtypes with no bit view (bool, complex), to
+        ``lax.dynamic_update_slice`` (:meth:`WriteSliceDescriptor.route`).
+      config: the kernel's tile over the window's last two (merged) axes; only for
+        calls the kernel runs. ``None``: the heuristic.
 
     Returns:
       The updated array (``dest``'s buffer when donated). Rows whose positions
@@ -433,31 +472,31 @@ def write_slice(dest: ArrayLike, source: ArrayLike, start: Sequence[int | ArrayL
       InvalidProblemError: rank 0, rank or dtype mismatch, a window larger than
         dest, a wrong number of starts, a static start out of range, a
         non-integer start, a per-row vector on axis 0 or of the wrong length.
+        ``config`` not a ``TileConfig`` or not launchable.
       UnsupportedError: a dtype outside the list above; ``backend="pallas"``
-        without a CUDA GPU.
+        without a CUDA GPU; ``config`` for a call the kernel does not run.
     """
     dest, source = jnp.asarray(dest), jnp.asarray(source)
-    desc, traced = WriteSliceDescriptor.from_args(dest, source, start)
-    backend = _op.resolve_backend(backend, _OP)
+    desc, traced, choice = _prepare(dest, source, start, backend, config)
     if desc.empty:
         return dest
     _, reports = _row_table(desc, traced)
-    return _write(dest, source, _with_range_reports(desc, traced, reports), desc, backend)
+    return _write(dest, source, _with_range_reports(desc, traced, reports), desc, choice)
+
+
+_PRECISION = _op.PrecisionGuarantee(
+    math_precision="none (bit copy)", accumulator=None, deterministic=True,
+    bit_stable_on_same_hardware=True,
+    notes="bit-exact: the window holds source's bytes; every other byte is unchanged")
 
 
 @_op.register_planner(write_slice)
-def _plan_write_slice(dest, source, start, *, backend=None):
-    desc, _ = WriteSliceDescriptor.from_args(dest, source, start)
-    backend = _op.resolve_backend(backend, _OP)
-    route = desc.route(backend)
+def _plan_write_slice(dest, source, start, *, backend=None, config=None):
+    desc, _, choice = _prepare(dest, source, start, backend, config)
+    route = desc.route(choice.backend)
     kernel = {"noop": "none (empty window)", "whole": "none (source replaces dest)",
               "dus": "lax.dynamic_update_slice (guarded)",
               "rows": "lax.dynamic_update_slice per row (guarded, in a loop)",
               "kernel": "bjax_write_slice"}[route]
-    return _op.Plan(
-        op=_OP, descriptor=desc, backend=backend, kernel=kernel,
-        block_config=desc.kernel_view().config if route == "kernel" else None,
-        precision=_op.PrecisionGuarantee(
-            math_precision="none (bit copy)", accumulator=None, deterministic=True,
-            bit_stable_on_same_hardware=True,
-            notes="bit-exact: the window holds source's bytes; every other byte is unchanged"))
+    return _op.Plan.of(_OP, desc, choice, _PRECISION, kernel=kernel,
+                       configured=route == "kernel")

@@ -78,7 +78,16 @@ def _limit_rule(limit, op) -> tuple[float, float]:
 
 def _dim_rule(extent, name, op):
     _op.check(extent >= 1, op, name, ">= 1", extent)
-    _op.check(extent <= MAX_DIM, op, name, f"<= {MAX_DIM}", extent, UnsupportedError)
+
+
+def _kernel_dims_rule(desc, op) -> None:
+    """The Pallas kernels hold heads, head_dim and state_dim of at most :data:`MAX_DIM`
+    (the XLA implementation has no limit)."""
+    for extent, name in ((desc.heads, "x.shape[-2] (heads)"),
+                         (desc.head_dim, "x.shape[-1] (head_dim)"),
+                         (desc.state_dim, "B.shape[-1] (state_dim)")):
+        _op.check(extent <= MAX_DIM, op, name, f"<= {MAX_DIM} for the Pallas kernels", extent,
+                  UnsupportedError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +252,7 @@ class SsdStepDescriptor:
 class _Inputs(NamedTuple):
     """What the scan's forward and backward both derive from the arguments: float32
     parameters (``d`` as ``[heads, head_dim]``), segment numbers, and the step sizes and
-    chunk cumsums (``dt_p``, ``a_cs``) from the backend's own time-terms code."""
+    chunk cumsums (``dt_p``, ``a_cs``) from the implementation's own time-terms code."""
     a: Any
     bias: Any
     d: Any
@@ -265,36 +274,43 @@ def _params(A, D, dt_bias, head_dim):
 
 
 def _scan_inputs(dt, A, D, dt_bias, initial_states, seq_idx, desc: SsdChunkScanDescriptor,
-                 backend: str) -> _Inputs:
+                 choice: _op.Choice) -> _Inputs:
     a, bias, d = _params(A, D, dt_bias, desc.head_dim)
     init = None if initial_states is None else initial_states.astype(jnp.float32)
     seg = None if seq_idx is None else xla_ssd.segments(seq_idx, desc.chunks * desc.chunk_size)
     time_args = {"chunk_size": desc.chunk_size, "softplus": desc.options.dt_softplus,
                  "limit": desc.options.dt_limit}
-    if backend == "xla":
+    if choice.on_xla:
         dt_p, a_cs = xla_ssd.time_terms(dt, a, bias, **time_args)
     else:
-        dt_p, a_cs = pallas_ssd.time_terms(dt, a, bias, interpret=backend == "interpret",
+        dt_p, a_cs = pallas_ssd.time_terms(dt, a, bias, interpret=choice.interpret,
                                            **time_args)
     return _Inputs(a, bias, d, init, seg, dt_p, a_cs)
 
 
-def _kernel_args(desc: SsdChunkScanDescriptor, backend: str, backward=False) -> dict:
-    return {"chunk_size": desc.chunk_size, "interpret": backend == "interpret",
-            "config": desc.backward_config if backward else desc.kernel_config}
+def _configs(desc: SsdChunkScanDescriptor, choice: _op.Choice):
+    """The forward's and the backward's configurations for ``desc`` (a device's shard):
+    the caller's, else the heuristics."""
+    given = choice.config_or(pallas_ssd_backward.ChunkScanConfig)
+    return given.forward or desc.kernel_config, given.backward or desc.backward_config
+
+
+def _kernel_args(desc: SsdChunkScanDescriptor, choice: _op.Choice, backward=False) -> dict:
+    return {"chunk_size": desc.chunk_size, "interpret": choice.interpret,
+            "config": _configs(desc, choice)[backward]}
 
 
 def _scan_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
-                  desc: SsdChunkScanDescriptor, backend: str):
+                  desc: SsdChunkScanDescriptor, choice: _op.Choice):
     if desc.seq_len == 0 or desc.batch == 0:
         final = (jnp.zeros((desc.batch, desc.heads, desc.head_dim, desc.state_dim))
                  if initial_states is None else initial_states)
         return jnp.zeros(x.shape, x.dtype), final.astype(jnp.float32)
-    i = _scan_inputs(dt, A, D, dt_bias, initial_states, seq_idx, desc, backend)
-    if backend == "xla":
+    i = _scan_inputs(dt, A, D, dt_bias, initial_states, seq_idx, desc, choice)
+    if choice.on_xla:
         return xla_ssd.chunk_scan(x, B, C, i.dt_p, i.a_cs, i.seg, i.d, z, i.init,
                                   chunk_size=desc.chunk_size)
-    kernel_args = _kernel_args(desc, backend)
+    kernel_args = _kernel_args(desc, choice)
     states, final = pallas_ssd.chunk_states(x, B, i.dt_p, i.a_cs, i.seg, i.init, **kernel_args)
     y = pallas_ssd.chunk_scan(x, B, C, i.dt_p, i.a_cs, states, i.seg, i.d, z, **kernel_args)
     return y, final
@@ -306,12 +322,12 @@ def _silu_and_grad(z):
 
 
 def _scan_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, dfinal,
-                   desc: SsdChunkScanDescriptor, backend: str):
+                   desc: SsdChunkScanDescriptor, choice: _op.Choice):
     """Gradients of ``(y, final_states)`` with respect to ``x ... initial_states`` from the
     Pallas backward kernels (``pallas_kernels.ssd_backward``); those of ``A``, ``D`` and
     ``dt_bias`` per batch row (a leading batch axis, for the caller to sum)."""
-    i = _scan_inputs(dt, A, D, dt_bias, initial_states, seq_idx, desc, backend)
-    forward_args = _kernel_args(desc, backend)
+    i = _scan_inputs(dt, A, D, dt_bias, initial_states, seq_idx, desc, choice)
+    forward_args = _kernel_args(desc, choice)
     states, _ = pallas_ssd.chunk_states(x, B, i.dt_p, i.a_cs, i.seg, i.init,
                                         states_dtype=jnp.float32, **forward_args)
     dy = dy.astype(jnp.float32)
@@ -324,7 +340,7 @@ def _scan_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, d
         dz = (dy * y_pre.astype(jnp.float32) * silu_grad).astype(z.dtype)
         dy = dy * silu
     dy_pre = dy.astype(x.dtype)
-    backward_args = _kernel_args(desc, backend, backward=True)
+    backward_args = _kernel_args(desc, choice, backward=True)
     ends, d_init, carry = pallas_ssd_backward.state_grads(
         dy_pre, C, i.a_cs, states, i.seg, dfinal.astype(jnp.float32), **backward_args)
     dc_parts, rows = pallas_ssd_backward.target_grads(x, dy_pre, B, C, i.dt_p, i.a_cs, states,
@@ -349,7 +365,7 @@ def _scan_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, d
         desc.options.dt_limit), dt, rows_bias)
     d_dt, d_bias = dt_vjp(d_dtp)
 
-    p_blocks = -(-desc.head_dim // desc.backward_config.block_p)
+    p_blocks = -(-desc.head_dim // backward_args["config"].block_p)
 
     def per_group(parts, like):  # slices [p block, group, block of heads] -> [group]
         parts = parts.reshape(desc.batch, desc.seq_len, p_blocks, desc.groups, -1,
@@ -417,7 +433,7 @@ def _with_absent(args, present):
     return [next(values) if here else None for here in present]
 
 
-def _scan_call(desc: SsdChunkScanDescriptor, backend: str, which: int, args):
+def _scan_call(desc: SsdChunkScanDescriptor, choice: _op.Choice, which: int, args):
     """The kernels' forward (0) or backward (1, the parameters' gradients per batch row)
     on the present ``args`` (and, backward, the two cotangents), partitioned by
     :func:`sharding_rules`. Under ``vmap`` the mapped axis joins the batch; where a
@@ -429,12 +445,12 @@ def _scan_call(desc: SsdChunkScanDescriptor, backend: str, which: int, args):
         full = _with_absent(operands[:sum(present)], present)
         local = _local(desc, full[0], full[3])
         if which == 0:
-            return _scan_forward(*full, local, backend)
-        out = _scan_gradients(*full, *operands[sum(present):], local, backend)
+            return _scan_forward(*full, local, choice)
+        out = _scan_gradients(*full, *operands[sum(present):], local, choice)
         return tuple(g for g, here in zip(out, grads_present) if here)
 
     def batched(axis_size, in_batched, *operands):
-        call = _scan_call(desc, backend, which, args)
+        call = _scan_call(desc, choice, which, args)
         mapped = _with_absent(in_batched[:sum(present)], present)
         if which == 1 or any(mapped[_ARGS.index(n)] for n in ("A", "D", "dt_bias")):
             # Per-example parameter gradients (and mapped parameters) do not fold.
@@ -443,25 +459,25 @@ def _scan_call(desc: SsdChunkScanDescriptor, backend: str, which: int, args):
         folded = [None if v is None else v[0] if name in ("A", "D", "dt_bias")
                   else v.reshape(-1, *v.shape[2:]) for name, v in zip(_ARGS, full)]
         wider = dataclasses.replace(desc, batch=axis_size * desc.batch)
-        outs = _scan_call(wider, backend, 0, folded)(*[v for v in folded if v is not None])
+        outs = _scan_call(wider, choice, 0, folded)(*[v for v in folded if v is not None])
         return tuple(v.reshape(axis_size, -1, *v.shape[1:]) for v in outs)
 
-    return _partition.kernel_call(kernel, sharding_rules(desc, args)[which], batched,
-                                  single_result=False)
+    rules = choice.implementation.sharding_rules(desc, args)
+    return _partition.kernel_call(kernel, rules[which], batched, single_result=False)
 
 
 _PARAMS = (2, 5, 7)   # A, D, dt_bias among the nine differentiable arguments
 
 
 def _scan_gradients(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, dfinal,
-                    desc: SsdChunkScanDescriptor, backend: str):
+                    desc: SsdChunkScanDescriptor, choice: _op.Choice):
     """The nine differentiable arguments' gradients, the parameters' (:data:`_PARAMS`) per
     batch row, as :func:`_scan_backward` gives them."""
     diff = (x, dt, A, B, C, D, z, dt_bias, initial_states)
     if desc.seq_len and desc.batch:
-        return _scan_backward(*diff, seq_idx, dy, dfinal, desc, backend)
+        return _scan_backward(*diff, seq_idx, dy, dfinal, desc, choice)
     # The empty problem: autodiff of its zeros.
-    _, vjp = jax.vjp(lambda *diff: _scan_forward(*diff, seq_idx, desc, backend), *diff)
+    _, vjp = jax.vjp(lambda *diff: _scan_forward(*diff, seq_idx, desc, choice), *diff)
     grads = list(vjp((dy, dfinal)))
     for k in _PARAMS:
         if grads[k] is not None:
@@ -470,23 +486,23 @@ def _scan_gradients(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11))
-def _chunk_scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, desc, backend):
+def _chunk_scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, desc, choice):
     args = (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
-    if backend == "xla":   # partitioned by XLA
-        return _scan_forward(*args, desc, backend)
-    return tuple(_scan_call(desc, backend, 0, args)(*[v for v in args if v is not None]))
+    if choice.implementation.sharding_rules is None:   # partitioned by XLA
+        return _scan_forward(*args, desc, choice)
+    return tuple(_scan_call(desc, choice, 0, args)(*[v for v in args if v is not None]))
 
 
 def _chunk_scan_fwd(*args):
     return _chunk_scan(*args), args[:10]
 
 
-def _chunk_scan_bwd(desc, backend, residuals, cotangents):
+def _chunk_scan_bwd(desc, choice, residuals, cotangents):
     args = tuple(residuals)
-    if backend == "xla":   # autodiff of the jnp implementation
-        _, vjp = jax.vjp(lambda *diff: _scan_forward(*diff, args[9], desc, backend), *args[:9])
+    if choice.on_xla:   # autodiff of the jnp implementation
+        _, vjp = jax.vjp(lambda *diff: _scan_forward(*diff, args[9], desc, choice), *args[:9])
         return (*vjp(cotangents), None)
-    grads = iter(_scan_call(desc, backend, 1, args)(*[v for v in args if v is not None],
+    grads = iter(_scan_call(desc, choice, 1, args)(*[v for v in args if v is not None],
                                                     *cotangents))
     grads = [next(grads) if v is not None else None for v in args[:9]]
     for k in _PARAMS:   # summed over the batch rows (an all-reduce where the batch is split)
@@ -497,16 +513,16 @@ def _chunk_scan_bwd(desc, backend, residuals, cotangents):
 _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
 
 
-def _step_forward(state, x, dt, A, B, C, D, z, dt_bias, desc: SsdStepDescriptor, backend):
+def _step_forward(state, x, dt, A, B, C, D, z, dt_bias, desc: SsdStepDescriptor, choice):
     a, bias, d = _params(A, D, dt_bias, desc.head_dim)
     if desc.batch == 0:
         return jnp.zeros(x.shape, x.dtype), state
     opts = desc.options
     kwargs = {"softplus": opts.dt_softplus, "limit": opts.dt_limit}
-    if backend == "xla":
+    if choice.on_xla:
         return xla_ssd.step(state, x, dt, a, B, C, bias, d, z, **kwargs)
-    return pallas_ssd.step(state, x, dt, a, B, C, bias, d, z, interpret=backend == "interpret",
-                           **kwargs)
+    return pallas_ssd.step(state, x, dt, a, B, C, bias, d, z, interpret=choice.interpret,
+                           config=choice.config, **kwargs)
 
 
 _STEP_ARGS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
@@ -528,7 +544,7 @@ def step_sharding_rule(desc: SsdStepDescriptor, args) -> _partition.ShardingRule
         sizes=(("r", desc.heads // desc.groups),) if compound else ())
 
 
-def _step_call(desc: SsdStepDescriptor, backend: str, args):
+def _step_call(desc: SsdStepDescriptor, choice: _op.Choice, args):
     """The step kernel on the present ``args``, partitioned by :func:`step_sharding_rule`;
     under ``vmap`` the mapped axis joins the batch (a sequential map where a parameter
     is mapped)."""
@@ -538,38 +554,38 @@ def _step_call(desc: SsdStepDescriptor, backend: str, args):
         full = _with_absent(operands, present)
         local = dataclasses.replace(desc, batch=full[1].shape[0], heads=full[1].shape[1],
                                     groups=full[4].shape[1])
-        return _step_forward(*full, local, backend)
+        return _step_forward(*full, local, choice)
 
     def batched(axis_size, in_batched, *operands):
         mapped = _with_absent(in_batched, present)
         if any(mapped[_STEP_ARGS.index(n)] for n in ("A", "D", "dt_bias")):
-            return jax.lax.map(lambda ops: _step_call(desc, backend, args)(*ops), operands)
+            return jax.lax.map(lambda ops: _step_call(desc, choice, args)(*ops), operands)
         full = _with_absent(operands, present)
         folded = [None if v is None else v[0] if name in ("A", "D", "dt_bias")
                   else v.reshape(-1, *v.shape[2:]) for name, v in zip(_STEP_ARGS, full)]
         wider = dataclasses.replace(desc, batch=axis_size * desc.batch)
-        outs = _step_call(wider, backend, folded)(*[v for v in folded if v is not None])
+        outs = _step_call(wider, choice, folded)(*[v for v in folded if v is not None])
         return tuple(v.reshape(axis_size, -1, *v.shape[1:]) for v in outs)
 
-    return _partition.kernel_call(kernel, step_sharding_rule(desc, args), batched,
-                                  single_result=False)
+    rule = choice.implementation.sharding_rules(desc, args)
+    return _partition.kernel_call(kernel, rule, batched, single_result=False)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
-def _step(state, x, dt, A, B, C, D, z, dt_bias, desc, backend):
+def _step(state, x, dt, A, B, C, D, z, dt_bias, desc, choice):
     args = (state, x, dt, A, B, C, D, z, dt_bias)
-    if backend == "xla" or desc.batch == 0:   # partitioned by XLA
-        return _step_forward(*args, desc, backend)
-    return tuple(_step_call(desc, backend, args)(*[v for v in args if v is not None]))
+    if choice.implementation.sharding_rules is None or desc.batch == 0:   # partitioned by XLA
+        return _step_forward(*args, desc, choice)
+    return tuple(_step_call(desc, choice, args)(*[v for v in args if v is not None]))
 
 
 def _step_fwd(*args):
     return _step_forward(*args), args[:9]
 
 
-def _step_bwd(desc, backend, residuals, cotangents):
+def _step_bwd(desc, choice, residuals, cotangents):
     # One token is a few elementwise ops per state cell: autodiff of the jnp step.
-    _, vjp = jax.vjp(lambda *args: _step_forward(*args, desc, "xla"), *residuals)
+    _, vjp = jax.vjp(lambda *args: _step_forward(*args, desc, _XLA_STEP), *residuals)
     return vjp(cotangents)
 
 
@@ -580,12 +596,84 @@ def _asarrays(*values):
     return [None if v is None else jnp.asarray(v) for v in values]
 
 
+def _check_scan_config(desc: SsdChunkScanDescriptor,
+                       config: pallas_ssd_backward.ChunkScanConfig) -> None:
+    """Launchable tiles that divide the chunk and the heads of a group as the kernels need."""
+    op, per_group = "ssd_chunk_scan", desc.heads // desc.groups
+    forward, backward = config.forward, config.backward
+    for tile in (forward, backward):
+        if tile is not None:
+            _op.check_launch(tile, op)
+    divides = [] if forward is None else [
+        ("forward.block_q", forward.block_q, desc.chunk_size, "chunk_size"),
+        ("forward.block_t", forward.block_t, desc.chunk_size, "chunk_size"),
+        ("forward.block_s", forward.block_s, forward.block_t, "forward.block_t"),
+        ("forward.block_h", forward.block_h, per_group, "heads per group")]
+    divides += [] if backward is None else [
+        ("backward.block_q", backward.block_q, desc.chunk_size, "chunk_size"),
+        ("backward.block", backward.block, desc.chunk_size, "chunk_size"),
+        ("backward.block_h", backward.block_h, per_group, "heads per group"),
+        ("backward.source_block_h", backward.source_block_h, per_group, "heads per group")]
+    for name, value, whole, whole_name in divides:
+        _op.check(whole % value == 0, op, f"config.{name}", f"a divisor of {whole_name} = "
+                  f"{whole}", value)
+
+
+def _check_step_config(desc: SsdStepDescriptor, config: pallas_ssd.StepConfig) -> None:
+    _op.check_launch(config, "ssd_step")
+
+
+CHUNK_SCAN_IMPLEMENTATIONS = (
+    _op.Implementation(
+        "pallas_triton", ("pallas", "interpret"),
+        kernel=lambda desc: "bjax_ssd_time_terms + bjax_ssd_chunk_states + bjax_ssd_chunk_scan",
+        config_type=pallas_ssd_backward.ChunkScanConfig,
+        default_config=lambda desc: pallas_ssd_backward.ChunkScanConfig(desc.kernel_config,
+                                                                        desc.backward_config),
+        check=functools.partial(_kernel_dims_rule, op="ssd_chunk_scan"),
+        check_config=_check_scan_config, sharding_rules=sharding_rules),
+    _op.Implementation("xla", ("xla",), kernel=lambda desc: "bjax.xla.ssd.chunk_scan"),
+)
+"""``ssd_chunk_scan``'s implementation table, in order of preference."""
+
+STEP_IMPLEMENTATIONS = (
+    _op.Implementation(
+        "pallas_triton", ("pallas", "interpret"), kernel=lambda desc: "bjax_ssd_step",
+        config_type=pallas_ssd.StepConfig,
+        default_config=lambda desc: pallas_ssd.step_config(desc.heads, desc.head_dim,
+                                                           desc.state_dim),
+        check=functools.partial(_kernel_dims_rule, op="ssd_step"),
+        check_config=_check_step_config, sharding_rules=step_sharding_rule),
+    _op.Implementation("xla", ("xla",), kernel=lambda desc: "bjax.xla.ssd.step"),
+)
+"""``ssd_step``'s implementation table, in order of preference."""
+# The step's backward is autodiff of the jnp step on every implementation.
+_XLA_STEP = _op.Choice(STEP_IMPLEMENTATIONS[-1], "xla")
+
+
+def _prepare_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
+                  initial_states, seq_idx, return_final_states, backend, config):
+    desc = SsdChunkScanDescriptor.from_args(
+        x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
+        dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states,
+        seq_idx=seq_idx, return_final_states=return_final_states)
+    return desc, _op.select(CHUNK_SCAN_IMPLEMENTATIONS, desc, backend, config,
+                            op="ssd_chunk_scan")
+
+
+def _prepare_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, backend, config):
+    desc = SsdStepDescriptor.from_args(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                       dt_softplus=dt_softplus, dt_limit=dt_limit)
+    return desc, _op.select(STEP_IMPLEMENTATIONS, desc, backend, config, op="ssd_step")
+
+
 def ssd_chunk_scan(x: ArrayLike, dt: ArrayLike, A: ArrayLike, B: ArrayLike, C: ArrayLike, *,
                    chunk_size: int = 256, D: ArrayLike | None = None, z: ArrayLike | None = None,
                    dt_bias: ArrayLike | None = None, dt_softplus: bool = False,
                    dt_limit: tuple[float, float] = (0.0, float("inf")),
                    initial_states: ArrayLike | None = None, seq_idx: ArrayLike | None = None,
-                   return_final_states: bool = False, backend: _op.Backend = None
+                   return_final_states: bool = False, backend: _op.Backend = None,
+                   config: pallas_ssd_backward.ChunkScanConfig | None = None
                    ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Mamba-2's selective state-space scan over whole sequences, chunked (module doc).
 
@@ -607,8 +695,12 @@ def ssd_chunk_scan(x: ArrayLike, dt: ArrayLike, A: ArrayLike, B: ArrayLike, C: A
       seq_idx: optional integer ``[batch, seqlen]``: the state restarts at 0
         wherever it changes (packed sequences).
       return_final_states: also return the state after the last step.
-      backend: ``None`` (``$BJAX_BACKEND``, else Pallas on CUDA GPUs and XLA
-        elsewhere), ``"pallas"``, ``"interpret"`` or ``"xla"``.
+      backend: ``None`` (``$BJAX_BACKEND``, else the first of
+        :data:`CHUNK_SCAN_IMPLEMENTATIONS` that runs the call here: Pallas on CUDA
+        GPUs up to :data:`MAX_DIM` heads, head_dim and state_dim, XLA elsewhere),
+        ``"pallas"``, ``"interpret"`` or ``"xla"``.
+      config: the kernels' configurations, forward and backward (``None`` in either:
+        its heuristic).
 
     Returns:
       ``y`` ``[batch, seqlen, heads, head_dim]`` in x's dtype, or ``(y,
@@ -617,26 +709,27 @@ def ssd_chunk_scan(x: ArrayLike, dt: ArrayLike, A: ArrayLike, B: ArrayLike, C: A
     Raises:
       InvalidProblemError: shapes that do not fit together, a chunk_size that is
         not a power of two in range, groups not dividing heads, non-bool flags,
-        a bad dt_limit, B / C / z of another dtype than x, non-integer seq_idx.
-      UnsupportedError: x not float32 / float16 / bfloat16, head_dim or state_dim
-        over 256, ``backend="pallas"`` without a CUDA GPU.
+        a bad dt_limit, B / C / z of another dtype than x, non-integer seq_idx;
+        ``config`` of another type, not launchable, or with blocks that do not divide
+        the chunk or a group's heads.
+      UnsupportedError: x not float32 / float16 / bfloat16, a non-float parameter;
+        heads, head_dim or state_dim over 256 on the Pallas kernels (an explicit
+        kernel backend, or ``config``); ``backend="pallas"`` without a CUDA GPU.
     """
     x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx = _asarrays(
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
-    desc = SsdChunkScanDescriptor.from_args(
-        x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
-        dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states,
-        seq_idx=seq_idx, return_final_states=return_final_states)
-    backend = _op.resolve_backend(backend, "ssd_chunk_scan")
-    y, final = _chunk_scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, desc, backend)
+    desc, choice = _prepare_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
+                                 dt_limit, initial_states, seq_idx, return_final_states,
+                                 backend, config)
+    y, final = _chunk_scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, desc, choice)
     return (y, final) if desc.return_final_states else y
 
 
 def ssd_step(state: ArrayLike, x: ArrayLike, dt: ArrayLike, A: ArrayLike, B: ArrayLike,
              C: ArrayLike, *, D: ArrayLike | None = None, z: ArrayLike | None = None,
              dt_bias: ArrayLike | None = None, dt_softplus: bool = False,
-             dt_limit: tuple[float, float] = (0.0, float("inf")), backend: _op.Backend = None
-             ) -> tuple[jax.Array, jax.Array]:
+             dt_limit: tuple[float, float] = (0.0, float("inf")), backend: _op.Backend = None,
+             config: pallas_ssd.StepConfig | None = None) -> tuple[jax.Array, jax.Array]:
     """One decoding step of the recurrence (module doc) for every sequence of a batch.
 
     Args:
@@ -644,7 +737,9 @@ def ssd_step(state: ArrayLike, x: ArrayLike, dt: ArrayLike, A: ArrayLike, B: Arr
         this token; updated in place when donated to the enclosing ``jit``.
       x: ``[batch, heads, head_dim]``; dt ``[batch, heads]``; B, C
         ``[batch, groups, state_dim]``; A, D, z, dt_bias, dt_softplus, dt_limit,
-        backend: as in :func:`ssd_chunk_scan`, without the sequence axis.
+        backend: as in :func:`ssd_chunk_scan`, without the sequence axis
+        (:data:`STEP_IMPLEMENTATIONS`).
+      config: the step kernel's launch configuration; ``None``: the heuristic.
 
     Returns:
       ``(y [batch, heads, head_dim]`` in x's dtype, ``new_state)``. Running it over
@@ -655,10 +750,9 @@ def ssd_step(state: ArrayLike, x: ArrayLike, dt: ArrayLike, A: ArrayLike, B: Arr
       that is not float32.
     """
     state, x, dt, A, B, C, D, z, dt_bias = _asarrays(state, x, dt, A, B, C, D, z, dt_bias)
-    desc = SsdStepDescriptor.from_args(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
-                                       dt_softplus=dt_softplus, dt_limit=dt_limit)
-    backend = _op.resolve_backend(backend, "ssd_step")
-    return _step(state, x, dt, A, B, C, D, z, dt_bias, desc, backend)
+    desc, choice = _prepare_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit,
+                                 backend, config)
+    return _step(state, x, dt, A, B, C, D, z, dt_bias, desc, choice)
 
 
 _PRECISION = _op.PrecisionGuarantee(
@@ -671,30 +765,16 @@ _PRECISION = _op.PrecisionGuarantee(
 @_op.register_planner(ssd_chunk_scan)
 def _plan_chunk_scan(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
                      dt_softplus=False, dt_limit=(0.0, float("inf")), initial_states=None,
-                     seq_idx=None, return_final_states=False, backend=None):
-    desc = SsdChunkScanDescriptor.from_args(
-        x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
-        dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states,
-        seq_idx=seq_idx, return_final_states=return_final_states)
-    backend = _op.resolve_backend(backend, "ssd_chunk_scan")
-    on_xla = backend == "xla"
-    return _op.Plan(
-        op="ssd_chunk_scan", descriptor=desc, backend=backend,
-        kernel="bjax.xla.ssd.chunk_scan" if on_xla
-        else "bjax_ssd_time_terms + bjax_ssd_chunk_states + bjax_ssd_chunk_scan",
-        block_config=None if on_xla else desc.kernel_config, precision=_PRECISION)
+                     seq_idx=None, return_final_states=False, backend=None, config=None):
+    desc, choice = _prepare_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
+                                 dt_limit, initial_states, seq_idx, return_final_states,
+                                 backend, config)
+    return _op.Plan.of("ssd_chunk_scan", desc, choice, _PRECISION)
 
 
 @_op.register_planner(ssd_step)
 def _plan_step(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
-               dt_limit=(0.0, float("inf")), backend=None):
-    desc = SsdStepDescriptor.from_args(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
-                                       dt_softplus=dt_softplus, dt_limit=dt_limit)
-    backend = _op.resolve_backend(backend, "ssd_step")
-    on_xla = backend == "xla"
-    return _op.Plan(
-        op="ssd_step", descriptor=desc, backend=backend,
-        kernel="bjax.xla.ssd.step" if on_xla else "bjax_ssd_step",
-        block_config=None if on_xla else pallas_ssd.step_config(desc.heads, desc.head_dim,
-                                                                desc.state_dim),
-        precision=_PRECISION)
+               dt_limit=(0.0, float("inf")), backend=None, config=None):
+    desc, choice = _prepare_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit,
+                                 backend, config)
+    return _op.Plan.of("ssd_step", desc, choice, _PRECISION)

@@ -413,7 +413,8 @@ def _step_kernel(*refs, dims, has_bias, has_d, has_z, softplus, limit, config):
 
 @functools.partial(jax.jit, static_argnames=("softplus", "limit", "interpret"))
 def step(state, x, dt, a, b, c, bias=None, d=None, z=None, *, softplus: bool,
-         limit: tuple[float, float], interpret: bool = False):
+         limit: tuple[float, float], config: StepConfig | None = None,
+         interpret: bool = False):
     """One token: ``(y [batch, heads, head_dim], new_state)``, the state updated in place.
 
     ``state`` float32 ``[batch, heads, head_dim, state_dim]``; ``x``, ``z``
@@ -423,7 +424,7 @@ def step(state, x, dt, a, b, c, bias=None, d=None, z=None, *, softplus: bool,
     """
     batch, heads, head_dim, state_dim = state.shape
     dims = (heads // b.shape[1], head_dim, state_dim)
-    config = step_config(heads, head_dim, state_dim)
+    config = config or step_config(heads, head_dim, state_dim)
     kernel = functools.partial(_step_kernel, dims=dims, has_bias=bias is not None,
                                has_d=d is not None, has_z=z is not None, softplus=softplus,
                                limit=limit, config=config)

@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.blocks import block_loop, columns, dot, load, padded, rows_cols
-from pallas_kernels.ssd import segment_before, snapshot_dtype, state_piece
+from pallas_kernels.ssd import SsdConfig, segment_before, snapshot_dtype, state_piece
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +88,14 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
                              block=min(chunk_size, 64), block_p=min(padded(head_dim), 64),
                              block_h=block_h,
                              constant_trip_count=jnp.dtype(dtype) == jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkScanConfig:
+    """The forward's and the backward's configurations of the chunked scan; ``None``: that
+    one's heuristic (:func:`pallas_kernels.ssd.default_config`, :func:`default_config`)."""
+    forward: SsdConfig | None = None
+    backward: SsdBackwardConfig | None = None
 
 
 def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, dot_dtype):

@@ -91,7 +91,7 @@ def _check_float_array(a, op, name, shape):
     _op.check(tuple(a.shape) == tuple(shape), op, f"{name}.shape", str(tuple(shape)),
               tuple(a.shape))
     _op.check(jnp.issubdtype(a.dtype, jnp.floating), op, f"{name}.dtype",
-              "a float dtype (float32 recommended)", jnp.dtype(a.dtype).name)
+              "a float dtype (float32 recommended)", jnp.dtype(a.dtype).name, UnsupportedError)
 
 
 def _check_x(x, op, name="x", rank=None):
@@ -107,11 +107,18 @@ def _check_x(x, op, name="x", rank=None):
               "float32, bfloat16 or float16", jnp.dtype(x.dtype).name, UnsupportedError)
 
 
-def _check_kernel_streams(n, backend, op):
-    if backend != "xla":
-        _op.check(n <= MAX_KERNEL_STREAMS, op, "n (streams)",
-                  f"<= {MAX_KERNEL_STREAMS} on the Pallas backends (use backend='xla')", n,
-                  UnsupportedError)
+def _kernel_streams_rule(desc, op) -> None:
+    """The Pallas kernels hold at most :data:`MAX_KERNEL_STREAMS` streams."""
+    _op.check(desc.n <= MAX_KERNEL_STREAMS, op, "n (streams)",
+              f"<= {MAX_KERNEL_STREAMS} on the Pallas kernels (use backend='xla')", desc.n,
+              UnsupportedError)
+
+
+def _kernel_sinkhorn_rule(desc, op="sinkhorn_knopp") -> None:
+    """The Sinkhorn kernel holds matrices of at most :data:`MAX_KERNEL_SINKHORN_N` rows."""
+    _op.check(desc.n <= MAX_KERNEL_SINKHORN_N, op, "n",
+              f"<= {MAX_KERNEL_SINKHORN_N} on the Pallas kernels (use backend='xla')", desc.n,
+              UnsupportedError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,17 +152,13 @@ class SinkhornDescriptor:
     options: SinkhornOptions
 
     @classmethod
-    def from_args(cls, logits, iters, eps, init, order, backend):
+    def from_args(cls, logits, iters, eps, init, order):
         op = "sinkhorn_knopp"
         shape = tuple(logits.shape)
         _op.check(len(shape) >= 2 and shape[-1] == shape[-2] and shape[-1] >= 1, op, "logits",
                   "an array [..., n, n] with n >= 1", f"shape {shape}")
         _op.check(jnp.issubdtype(logits.dtype, jnp.floating), op, "logits.dtype",
                   "a float dtype", jnp.dtype(logits.dtype).name, UnsupportedError)
-        if backend != "xla":
-            _op.check(shape[-1] <= MAX_KERNEL_SINKHORN_N, op, "n",
-                      f"<= {MAX_KERNEL_SINKHORN_N} on the Pallas backends (use backend='xla')",
-                      shape[-1], UnsupportedError)
         options = SinkhornOptions.checked(op, iters, eps, init, order)
         return cls(shape[:-2], shape[-1], jnp.dtype(logits.dtype), options)
 
@@ -163,19 +166,26 @@ class SinkhornDescriptor:
 # Sharded programs: every kernel call splits along the tokens (the leading axis, factor
 # "t"); streams, channels and weights stay whole; results without the tokens (the
 # weights' gradients) are summed over them (all-reduced where they are split).
-def _token_split(kernel, operands, results, *, reduced=False, **static):
-    """``kernel(*arrays, **static)`` partitioned along the tokens: ``operands`` and
-    ``results`` name each array's dimensions ("t" the tokens). Under ``vmap``: a
-    sequential map."""
+def token_rule(operands, results, reduced=False) -> _partition.ShardingRule:
+    """The rule of a kernel call split along the tokens: ``operands`` and ``results``
+    name each array's dimensions ("t" the tokens; every other factor stays whole); with
+    ``reduced``, results without "t" are summed over it."""
     whole = {f for dims in (*operands, *results) for f in dims} - {"t"}
-    rule = _partition.ShardingRule(tuple(operands), tuple(results), replicated=frozenset(whole),
+    return _partition.ShardingRule(tuple(operands), tuple(results), replicated=frozenset(whole),
                                    reduced=frozenset({"t"} if reduced else ()))
+
+
+def _token_split(choice: _op.Choice, kernel, operands, results, *, reduced=False, **static):
+    """``kernel(*arrays, **static, interpret=...)`` partitioned by the implementation's
+    :func:`token_rule`. Under ``vmap``: a sequential map."""
+    rule = choice.implementation.sharding_rules(operands, results, reduced)
 
     def batched(axis_size, in_batched, *arrays):
         return jax.lax.map(lambda values: call(*values), arrays)
 
-    call = _partition.kernel_call(functools.partial(kernel, **static), rule, batched,
-                                  single_result=len(results) == 1)
+    call = _partition.kernel_call(
+        functools.partial(kernel, **static, interpret=choice.interpret), rule, batched,
+        single_result=len(results) == 1)
     return call
 
 
@@ -183,47 +193,76 @@ _MATRIX, _STEPS, _STREAMS = ("t", "i", "j"), ("t", "s", "i"), ("t", "i", "c")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _sinkhorn(logits, options: SinkhornOptions, backend: str):
-    """``SK(logits [count, n, n])`` float32, differentiable on every backend."""
-    if backend == "xla":
+def _sinkhorn(logits, options: SinkhornOptions, choice: _op.Choice):
+    """``SK(logits [count, n, n])`` float32, differentiable on every implementation."""
+    if choice.on_xla:
         return xla_hc.sinkhorn(logits, **options.as_kwargs())
-    return _token_split(pallas_sinkhorn.sinkhorn, (_MATRIX,), (_MATRIX,), **options.as_kwargs(),
-                        interpret=backend == "interpret")(logits)
+    return _token_split(choice, pallas_sinkhorn.sinkhorn, (_MATRIX,), (_MATRIX,),
+                        **options.as_kwargs(), config=choice.config)(logits)
 
 
-def _sinkhorn_fwd(logits, options, backend):
-    if backend == "xla":
+def _sinkhorn_fwd(logits, options, choice):
+    if choice.on_xla:
         out, vjp = jax.vjp(lambda l: xla_hc.sinkhorn(l, **options.as_kwargs()), logits)
         return out, (vjp,)
-    out, scales = _token_split(pallas_sinkhorn.sinkhorn, (_MATRIX,), (_MATRIX, _STEPS),
+    out, scales = _token_split(choice, pallas_sinkhorn.sinkhorn, (_MATRIX,), (_MATRIX, _STEPS),
                                **options.as_kwargs(), with_scales=True,
-                               interpret=backend == "interpret")(logits)
+                               config=choice.config)(logits)
     return out, (logits, scales)
 
 
-def _sinkhorn_bwd(options, backend, residuals, grad):
-    if backend == "xla":
+def _sinkhorn_bwd(options, choice, residuals, grad):
+    if choice.on_xla:
         return residuals[0](grad)
-    return (_token_split(pallas_sinkhorn.sinkhorn_backward, (_MATRIX, _STEPS, _MATRIX),
+    return (_token_split(choice, pallas_sinkhorn.sinkhorn_backward, (_MATRIX, _STEPS, _MATRIX),
                          (_MATRIX,), **options.as_kwargs(),
-                         interpret=backend == "interpret")(*residuals, grad),)
+                         config=choice.config)(*residuals, grad),)
 
 
 _sinkhorn.defvjp(_sinkhorn_fwd, _sinkhorn_bwd)
 
 
-def _sinkhorn_any(logits, options, backend):
+def _sinkhorn_any(logits, options, choice):
     """``_sinkhorn`` over leading dims ``[..., n, n]`` (none allowed), float32."""
     n = logits.shape[-1]
     flat = logits.reshape(-1, n, n)
     if flat.shape[0] == 0:
         return jnp.zeros(logits.shape, jnp.float32)
-    return _sinkhorn(flat, options, backend).reshape(logits.shape)
+    return _sinkhorn(flat, options, choice).reshape(logits.shape)
+
+
+def _check_sinkhorn_config(desc, config: pallas_sinkhorn.SinkhornConfig) -> None:
+    _op.check_launch(config, "sinkhorn_knopp")
+
+
+SINKHORN_IMPLEMENTATIONS = (
+    _op.Implementation(
+        "pallas_triton", ("pallas", "interpret"), kernel=lambda desc: "bjax_sinkhorn",
+        config_type=pallas_sinkhorn.SinkhornConfig,
+        default_config=lambda desc: pallas_sinkhorn.default_config(
+            math.prod(desc.batch_shape), desc.n),
+        check=_kernel_sinkhorn_rule, check_config=_check_sinkhorn_config,
+        sharding_rules=token_rule),
+    _op.Implementation("xla", ("xla",), kernel=lambda desc: "bjax.xla.hyper_connection.sinkhorn"),
+)
+"""``sinkhorn_knopp``'s implementation table, in order of preference."""
+
+
+def _mhc_table(op: str, kernels) -> tuple[_op.Implementation, ...]:
+    """The table of an mHC op: its kernels (at most :data:`MAX_KERNEL_STREAMS` streams; the
+    Sinkhorn kernel's configuration its heuristic; the others size their tiles from the
+    problem and take none), then the XLA implementation."""
+    return (_op.Implementation("pallas_triton", ("pallas", "interpret"), kernel=kernels,
+                               check=functools.partial(_kernel_streams_rule, op=op),
+                               sharding_rules=token_rule),
+            _op.Implementation("xla", ("xla",),
+                               kernel=lambda desc: f"bjax.xla.hyper_connection.{op}"))
 
 
 def sinkhorn_knopp(logits: ArrayLike, *, iters: int = 20, eps: float = 1e-5,
                    init: SinkhornInit = "exp", order: SinkhornOrder = "columns_first",
-                   backend: _op.Backend = None) -> jax.Array:
+                   backend: _op.Backend = None,
+                   config: pallas_sinkhorn.SinkhornConfig | None = None) -> jax.Array:
     """Sinkhorn-Knopp projection of ``logits [..., n, n]`` (module doc).
 
     Args:
@@ -235,8 +274,11 @@ def sinkhorn_knopp(logits: ArrayLike, *, iters: int = 20, eps: float = 1e-5,
       eps: guard added to every sum, a finite float in (0, 1).
       init: ``"exp"`` starts from ``exp(logits - max)``, the max over each matrix
         (paper, seed); ``"softmax"`` from ``softmax(logits, rows) + eps`` (DeepSeek's).
-      backend: ``None`` (``$BJAX_BACKEND``, else Pallas on CUDA GPUs and XLA
-        elsewhere), ``"pallas"``, ``"interpret"`` or ``"xla"``.
+      backend: ``None`` (``$BJAX_BACKEND``, else the first of
+        :data:`SINKHORN_IMPLEMENTATIONS` that runs the call here: Pallas on CUDA GPUs
+        for n <= 128, XLA elsewhere), ``"pallas"``, ``"interpret"`` or ``"xla"``.
+      config: the kernel's matrices per program and warps, forward and backward;
+        ``None``: the heuristic.
 
     Returns:
       ``M [..., n, n]`` in logits' dtype. Its gradient is exact for the given
@@ -249,13 +291,20 @@ def sinkhorn_knopp(logits: ArrayLike, *, iters: int = 20, eps: float = 1e-5,
 
     Raises:
       InvalidProblemError: a non-square or rank < 2 ``logits``, ``iters`` outside
-        1..1000, ``eps`` not in (0, 1), an unknown ``init`` or ``order``.
-      UnsupportedError: non-float logits; n > 128 on the Pallas backends.
+        1..1000, ``eps`` not in (0, 1), an unknown ``init`` or ``order``; ``config``
+        not a ``SinkhornConfig`` or not launchable.
+      UnsupportedError: non-float logits; n > 128 on the Pallas kernels (an explicit
+        kernel backend, or ``config``); ``backend="pallas"`` without a CUDA GPU.
     """
     logits = jnp.asarray(logits)
-    backend = _op.resolve_backend(backend, "sinkhorn_knopp")
-    desc = SinkhornDescriptor.from_args(logits, iters, eps, init, order, backend)
-    return _sinkhorn_any(logits, desc.options, backend).astype(logits.dtype)
+    desc, choice = _prepare_sinkhorn(logits, iters, eps, init, order, backend, config)
+    return _sinkhorn_any(logits, desc.options, choice).astype(logits.dtype)
+
+
+def _prepare_sinkhorn(logits, iters, eps, init, order, backend, config):
+    desc = SinkhornDescriptor.from_args(logits, iters, eps, init, order)
+    return desc, _op.select(SINKHORN_IMPLEMENTATIONS, desc, backend, config,
+                            op="sinkhorn_knopp")
 
 
 # ---------------------------------------------------------------- the seed's fused op
@@ -270,8 +319,7 @@ class HyperConnectionDescriptor:
     sinkhorn: SinkhornOptions
 
     @classmethod
-    def from_args(cls, x, weight, h_pre, h_post, h_res, sinkhorn_iters, eps, sinkhorn_order,
-                  backend):
+    def from_args(cls, x, weight, h_pre, h_post, h_res, sinkhorn_iters, eps, sinkhorn_order):
         op = "hyper_connection"
         _check_x(x, op, "x_expanded", rank=3)
         batch, n, hidden = map(int, x.shape)
@@ -280,7 +328,6 @@ class HyperConnectionDescriptor:
         _check_float_array(h_pre, op, "h_pre", (n,))
         _check_float_array(h_post, op, "h_post", (n,))
         _check_float_array(h_res, op, "h_res", (n, n))
-        _check_kernel_streams(n, backend, op)
         options = SinkhornOptions.checked(op, sinkhorn_iters, eps, "exp", sinkhorn_order,
                                           ("sinkhorn_iters", "eps", "init", "sinkhorn_order"))
         return cls(batch, n, hidden, jnp.dtype(x.dtype), options)
@@ -291,22 +338,22 @@ _FUSED_OPERANDS = (_STREAMS, ("c",), ("i",), ("i",), ("i", "j"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _fused(x, weight, s_pre, s_post, mix_matrix, eps: float, interpret: bool):
-    return _token_split(pallas_hc.fused_forward, _FUSED_OPERANDS, (_STREAMS,), eps=eps,
-                        interpret=interpret)(x, weight, s_pre, s_post, mix_matrix)
+def _fused(x, weight, s_pre, s_post, mix_matrix, eps: float, choice: _op.Choice):
+    return _token_split(choice, pallas_hc.fused_forward, _FUSED_OPERANDS, (_STREAMS,),
+                        eps=eps)(x, weight, s_pre, s_post, mix_matrix)
 
 
-def _fused_fwd(x, weight, s_pre, s_post, mix_matrix, eps, interpret):
-    return (_fused(x, weight, s_pre, s_post, mix_matrix, eps, interpret),
+def _fused_fwd(x, weight, s_pre, s_post, mix_matrix, eps, choice):
+    return (_fused(x, weight, s_pre, s_post, mix_matrix, eps, choice),
             (x, weight, s_pre, s_post, mix_matrix))
 
 
-def _fused_bwd(eps, interpret, residuals, dout):
+def _fused_bwd(eps, choice, residuals, dout):
     x, weight, s_pre, s_post, mix_matrix = residuals
     dx, dw, d_mix, d_post, d_pre = _token_split(
-        pallas_hc.fused_backward, (_STREAMS, *_FUSED_OPERANDS),
-        (_STREAMS, ("c",), ("i", "j"), ("i",), ("i",)), reduced=True, eps=eps,
-        interpret=interpret)(x, dout, weight, s_pre, s_post, mix_matrix)
+        choice, pallas_hc.fused_backward, (_STREAMS, *_FUSED_OPERANDS),
+        (_STREAMS, ("c",), ("i", "j"), ("i",), ("i",)), reduced=True,
+        eps=eps)(x, dout, weight, s_pre, s_post, mix_matrix)
     return dx, dw.astype(weight.dtype), d_pre, d_post, d_mix
 
 
@@ -335,21 +382,32 @@ def hyper_connection(x_expanded: ArrayLike, rmsnorm_weight: ArrayLike, h_pre: Ar
 
     Raises:
       InvalidProblemError: a bad shape, dtype or option (the message names it).
-      UnsupportedError: ``x`` outside the dtypes above; n > 32 on the Pallas backends;
-        ``backend="pallas"`` without a CUDA GPU.
+      UnsupportedError: ``x`` or a coefficient outside the dtypes above; n > 32 on the
+        Pallas kernels; ``backend="pallas"`` without a CUDA GPU.
     """
     args = tuple(map(jnp.asarray, (x_expanded, rmsnorm_weight, h_pre, h_post, h_res)))
-    backend = _op.resolve_backend(backend, "hyper_connection")
-    desc = HyperConnectionDescriptor.from_args(*args, sinkhorn_iters, eps, sinkhorn_order,
-                                               backend)
+    desc, choice = _prepare_fused(*args, sinkhorn_iters, eps, sinkhorn_order, backend)
     x, weight, h_pre, h_post, h_res = args
     options = desc.sinkhorn
-    if backend == "xla":
+    if choice.on_xla:
         return xla_hc.hyper_connection(x, weight, h_pre, h_post, h_res, iters=options.iters,
                                        eps=options.eps, order=options.order)
     s_pre, s_post, mix_matrix = xla_hc.seed_coefficients(
-        h_pre, h_post, h_res, sinkhorn=lambda logits: _sinkhorn(logits[None], options, backend)[0])
-    return _fused(x, weight, s_pre, s_post, mix_matrix, options.eps, backend == "interpret")
+        h_pre, h_post, h_res, sinkhorn=lambda logits: _sinkhorn(logits[None], options, choice)[0])
+    return _fused(x, weight, s_pre, s_post, mix_matrix, options.eps, choice)
+
+
+HYPER_CONNECTION_IMPLEMENTATIONS = _mhc_table(
+    "hyper_connection", lambda desc: "bjax_sinkhorn + bjax_hyper_connection")
+"""``hyper_connection``'s implementation table, in order of preference."""
+
+
+def _prepare_fused(x, weight, h_pre, h_post, h_res, sinkhorn_iters, eps, sinkhorn_order,
+                   backend):
+    desc = HyperConnectionDescriptor.from_args(x, weight, h_pre, h_post, h_res, sinkhorn_iters,
+                                               eps, sinkhorn_order)
+    return desc, _op.select(HYPER_CONNECTION_IMPLEMENTATIONS, desc, backend,
+                            op="hyper_connection")
 
 
 # ---------------------------------------------------------------- mhc_pre / mhc_post
@@ -377,7 +435,7 @@ class MhcPreDescriptor:
 
     @classmethod
     def from_args(cls, x, phi, alpha, bias, rmsnorm_eps, sinkhorn_iters, sinkhorn_eps,
-                  sinkhorn_init, sinkhorn_order, pre_eps, post_scale, backend):
+                  sinkhorn_init, sinkhorn_order, pre_eps, post_scale):
         op = "mhc_pre"
         _check_x(x, op)
         n, hidden = map(int, x.shape[-2:])
@@ -391,7 +449,6 @@ class MhcPreDescriptor:
             _check_float_array(phi, op, "phi", (n * hidden, count))
             _op.check(alpha is not None, op, "alpha", "an array [3] when phi is given", None)
             _check_float_array(alpha, op, "alpha", (3,))
-        _check_kernel_streams(n, backend, op)
         return cls(
             tuple(map(int, x.shape[:-2])), n, hidden, jnp.dtype(x.dtype), phi is not None,
             _check_eps(rmsnorm_eps, op, "rmsnorm_eps"),
@@ -402,22 +459,22 @@ class MhcPreDescriptor:
                                                      "sinkhorn_init", "sinkhorn_order")))
 
 
-def _coefficients(h_tilde, desc: MhcPreDescriptor, backend):
-    """``(h_pre, h_post, h_res)`` from ``H~ [T, n^2 + 2n]`` (Sinkhorn on ``backend``)."""
+def _coefficients(h_tilde, desc: MhcPreDescriptor, choice):
+    """``(h_pre, h_post, h_res)`` from ``H~ [T, n^2 + 2n]`` (Sinkhorn on ``choice``)."""
     return xla_hc.mhc_coefficients(
-        h_tilde, desc.n, sinkhorn=lambda logits: _sinkhorn_any(logits, desc.sinkhorn, backend),
+        h_tilde, desc.n, sinkhorn=lambda logits: _sinkhorn_any(logits, desc.sinkhorn, choice),
         pre_eps=desc.pre_eps, post_scale=desc.post_scale)
 
 
-def _dynamic_coefficients(proj, squares, alpha, bias, desc: MhcPreDescriptor, backend):
+def _dynamic_coefficients(proj, squares, alpha, bias, desc: MhcPreDescriptor, choice):
     """Coefficients from the projection ``x_flat phi`` and the sums of squares of x_flat."""
     h_tilde = xla_hc.dynamic_h_tilde(proj, squares, alpha, bias, n=desc.n,
                                      flat=desc.n * desc.hidden, rmsnorm_eps=desc.rmsnorm_eps)
-    return _coefficients(h_tilde, desc, backend)
+    return _coefficients(h_tilde, desc, choice)
 
 
-def _static_coefficients(bias, desc, backend):
-    h_pre, h_post, h_res = _coefficients(bias.astype(jnp.float32)[None], desc, backend)
+def _static_coefficients(bias, desc, choice):
+    h_pre, h_post, h_res = _coefficients(bias.astype(jnp.float32)[None], desc, choice)
     shape = (desc.tokens,)
     return (jnp.broadcast_to(h_pre, shape + h_pre.shape[1:]),
             jnp.broadcast_to(h_post, shape + h_post.shape[1:]),
@@ -425,51 +482,48 @@ def _static_coefficients(bias, desc, backend):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _pre(x, phi, alpha, bias, desc: MhcPreDescriptor, backend: str):
-    return _pre_fwd(x, phi, alpha, bias, desc, backend)[0]
+def _pre(x, phi, alpha, bias, desc: MhcPreDescriptor, choice: _op.Choice):
+    return _pre_fwd(x, phi, alpha, bias, desc, choice)[0]
 
 
-def _pre_fwd(x, phi, alpha, bias, desc, backend):
-    interpret = backend == "interpret"
+def _pre_fwd(x, phi, alpha, bias, desc, choice):
     if desc.dynamic:
-        proj, squares = _token_split(pallas_hc.project, (("t", "f"), ("f", "k")),
-                                     (("t", "k"), ("t",)), interpret=interpret)(
+        proj, squares = _token_split(choice, pallas_hc.project, (("t", "f"), ("f", "k")),
+                                     (("t", "k"), ("t",)))(
             x.reshape(desc.tokens, -1), phi.astype(jnp.float32))
-        h_pre, h_post, h_res = _dynamic_coefficients(proj, squares, alpha, bias, desc, backend)
+        h_pre, h_post, h_res = _dynamic_coefficients(proj, squares, alpha, bias, desc, choice)
     else:
         proj = squares = None
-        h_pre, h_post, h_res = _static_coefficients(bias, desc, backend)
-    layer_input = _token_split(pallas_hc.aggregate, (_STREAMS, ("t", "i")), (("t", "c"),),
-                               interpret=interpret)(x, h_pre)
+        h_pre, h_post, h_res = _static_coefficients(bias, desc, choice)
+    layer_input = _token_split(choice, pallas_hc.aggregate, (_STREAMS, ("t", "i")),
+                               (("t", "c"),))(x, h_pre)
     return (layer_input, h_post, h_res), (x, phi, alpha, bias, proj, squares)
 
 
-def _pre_bwd(desc, backend, residuals, cotangents):
+def _pre_bwd(desc, choice, residuals, cotangents):
     x, phi, alpha, bias, proj, squares = residuals
     d_input, d_post, d_res = cotangents
-    interpret = backend == "interpret"
     if not desc.dynamic:
-        (h_pre, _, _), coef_vjp = jax.vjp(lambda b: _static_coefficients(b, desc, backend), bias)
-        dx, d_pre = _token_split(pallas_hc.aggregate_backward,
+        (h_pre, _, _), coef_vjp = jax.vjp(lambda b: _static_coefficients(b, desc, choice), bias)
+        dx, d_pre = _token_split(choice, pallas_hc.aggregate_backward,
                                  (_STREAMS, ("t", "i"), ("t", "c")), (_STREAMS, ("t", "i")),
-                                 with_dx=True, interpret=interpret)(x, h_pre, d_input)
+                                 with_dx=True)(x, h_pre, d_input)
         return dx, None, None, *coef_vjp((d_pre, d_post, d_res))
     # The coefficients are recomputed (a few [T, n^2 + 2n] ops and one Sinkhorn launch)
     # rather than kept: the residuals stay the inputs, proj and squares.
     (h_pre, _, _), coef_vjp = jax.vjp(
-        lambda p, s, a, b: _dynamic_coefficients(p, s, a, b, desc, backend),
+        lambda p, s, a, b: _dynamic_coefficients(p, s, a, b, desc, choice),
         proj, squares, alpha, bias)
-    d_pre = _token_split(pallas_hc.aggregate_backward, (_STREAMS, ("t", "i"), ("t", "c")),
-                         (("t", "i"),), with_dx=False, interpret=interpret)(x, h_pre, d_input)
+    d_pre = _token_split(choice, pallas_hc.aggregate_backward,
+                         (_STREAMS, ("t", "i"), ("t", "c")), (("t", "i"),),
+                         with_dx=False)(x, h_pre, d_input)
     d_proj, d_squares, d_alpha, d_bias = coef_vjp((d_pre, d_post, d_res))
     phi32 = phi.astype(jnp.float32)
-    dx = _token_split(pallas_hc.project_input_grad,
+    dx = _token_split(choice, pallas_hc.project_input_grad,
                       (_STREAMS, ("t", "i"), ("t", "c"), ("t", "k"), ("f", "k"), ("t",)),
-                      (_STREAMS,), interpret=interpret)(x, h_pre, d_input, d_proj, phi32,
-                                                        2 * d_squares)
-    d_phi = _token_split(pallas_hc.project_weight_grad, (("t", "f"), ("t", "k")),
-                         (("f", "k"),), reduced=True, interpret=interpret)(
-        x.reshape(desc.tokens, -1), d_proj)
+                      (_STREAMS,))(x, h_pre, d_input, d_proj, phi32, 2 * d_squares)
+    d_phi = _token_split(choice, pallas_hc.project_weight_grad, (("t", "f"), ("t", "k")),
+                         (("f", "k"),), reduced=True)(x.reshape(desc.tokens, -1), d_proj)
     return dx, d_phi.astype(phi.dtype), d_alpha, d_bias
 
 
@@ -510,17 +564,17 @@ def mhc_pre(x: ArrayLike, *, bias: ArrayLike, phi: ArrayLike | None = None,
         without ``phi`` or the reverse); ``rmsnorm_eps`` not in (0, 1); a negative or
         non-finite ``pre_eps``; a non-finite ``post_scale``; Sinkhorn options as in
         :func:`sinkhorn_knopp`.
-      UnsupportedError: ``x`` not float32, bfloat16 or float16; more than
-        ``MAX_KERNEL_STREAMS`` streams on the Pallas backends; ``backend="pallas"``
-        without a CUDA GPU.
+      UnsupportedError: ``x`` not float32, bfloat16 or float16, or a parameter not
+        float; more than ``MAX_KERNEL_STREAMS`` streams on the Pallas kernels;
+        ``backend="pallas"`` without a CUDA GPU.
     """
     x = jnp.asarray(x)
     phi, alpha, bias = (None if a is None else jnp.asarray(a) for a in (phi, alpha, bias))
-    backend = _op.resolve_backend(backend, "mhc_pre")
     desc = MhcPreDescriptor.from_args(x, phi, alpha, bias, rmsnorm_eps, sinkhorn_iters,
                                       sinkhorn_eps, sinkhorn_init, sinkhorn_order, pre_eps,
-                                      post_scale, backend)
-    if backend == "xla":
+                                      post_scale)
+    choice = _op.select(MHC_PRE_IMPLEMENTATIONS, desc, backend, op="mhc_pre")
+    if choice.on_xla:
         return xla_hc.mhc_pre(x, phi, alpha, bias, rmsnorm_eps=desc.rmsnorm_eps,
                               sinkhorn=functools.partial(xla_hc.sinkhorn,
                                                          **desc.sinkhorn.as_kwargs()),
@@ -530,7 +584,7 @@ def mhc_pre(x: ArrayLike, *, bias: ArrayLike, phi: ArrayLike | None = None,
         return (jnp.zeros((*lead, hidden), x.dtype), jnp.zeros((*lead, n), jnp.float32),
                 jnp.zeros((*lead, n, n), jnp.float32))
     layer_input, h_post, h_res = _pre(x.reshape(desc.tokens, n, hidden), phi, alpha, bias,
-                                      desc, backend)
+                                      desc, choice)
     return (layer_input.reshape(*lead, hidden), h_post.reshape(*lead, n),
             h_res.reshape(*lead, n, n))
 
@@ -549,7 +603,7 @@ class MhcPostDescriptor:
         return math.prod(self.batch_shape)
 
     @classmethod
-    def from_args(cls, x, f_out, h_post, h_res, transpose_res, backend):
+    def from_args(cls, x, f_out, h_post, h_res, transpose_res):
         op = "mhc_post"
         _check_x(x, op)
         lead, (n, hidden) = tuple(x.shape[:-2]), tuple(map(int, x.shape[-2:]))
@@ -561,7 +615,6 @@ class MhcPostDescriptor:
         _check_float_array(h_res, op, "h_res", (*lead, n, n))
         _op.check(isinstance(transpose_res, (bool, np.bool_)), op, "transpose_res", "a bool",
                   repr(transpose_res))
-        _check_kernel_streams(n, backend, op)
         return cls(tuple(map(int, lead)), n, hidden, jnp.dtype(x.dtype), bool(transpose_res))
 
 
@@ -569,20 +622,20 @@ _POST_OPERANDS = (_STREAMS, ("t", "c"), ("t", "i"), ("t", "i", "j"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _post(x, f_out, h_post, h_res, transpose: bool, interpret: bool):
-    return _token_split(pallas_hc.mix, _POST_OPERANDS, (_STREAMS,), transpose=transpose,
-                        interpret=interpret)(x, f_out, h_post, h_res)
+def _post(x, f_out, h_post, h_res, transpose: bool, choice: _op.Choice):
+    return _token_split(choice, pallas_hc.mix, _POST_OPERANDS, (_STREAMS,),
+                        transpose=transpose)(x, f_out, h_post, h_res)
 
 
-def _post_fwd(x, f_out, h_post, h_res, transpose, interpret):
-    return _post(x, f_out, h_post, h_res, transpose, interpret), (x, f_out, h_post, h_res)
+def _post_fwd(x, f_out, h_post, h_res, transpose, choice):
+    return _post(x, f_out, h_post, h_res, transpose, choice), (x, f_out, h_post, h_res)
 
 
-def _post_bwd(transpose, interpret, residuals, dout):
+def _post_bwd(transpose, choice, residuals, dout):
     x, f_out, h_post, h_res = residuals
     dx, df, d_post, d_res = _token_split(
-        pallas_hc.mix_backward, (*_POST_OPERANDS, _STREAMS), _POST_OPERANDS,
-        transpose=transpose, interpret=interpret)(x, f_out, h_post, h_res, dout)
+        choice, pallas_hc.mix_backward, (*_POST_OPERANDS, _STREAMS), _POST_OPERANDS,
+        transpose=transpose)(x, f_out, h_post, h_res, dout)
     return dx, df, d_post.astype(h_post.dtype), d_res.astype(h_res.dtype)
 
 
@@ -609,69 +662,70 @@ def mhc_post(x: ArrayLike, f_out: ArrayLike, h_post: ArrayLike, h_res: ArrayLike
       InvalidProblemError: ``x`` of rank < 2 or with no streams or channels; ``f_out``,
         ``h_post`` or ``h_res`` of the wrong shape or dtype (``f_out`` in x's dtype, the
         coefficients float); a non-bool ``transpose_res``.
-      UnsupportedError: ``x`` not float32, bfloat16 or float16; more than
-        ``MAX_KERNEL_STREAMS`` streams on the Pallas backends; ``backend="pallas"``
-        without a CUDA GPU.
+      UnsupportedError: ``x`` not float32, bfloat16 or float16, or a coefficient not
+        float; more than ``MAX_KERNEL_STREAMS`` streams on the Pallas kernels;
+        ``backend="pallas"`` without a CUDA GPU.
     """
     x, f_out, h_post, h_res = map(jnp.asarray, (x, f_out, h_post, h_res))
-    backend = _op.resolve_backend(backend, "mhc_post")
-    desc = MhcPostDescriptor.from_args(x, f_out, h_post, h_res, transpose_res, backend)
-    if backend == "xla":
+    desc = MhcPostDescriptor.from_args(x, f_out, h_post, h_res, transpose_res)
+    choice = _op.select(MHC_POST_IMPLEMENTATIONS, desc, backend, op="mhc_post")
+    if choice.on_xla:
         return xla_hc.mhc_post(x, f_out, h_post, h_res, transpose_res=desc.transpose_res)
     if desc.tokens == 0:
         return jnp.zeros(x.shape, x.dtype)
     t, n, hidden = desc.tokens, desc.n, desc.hidden
     out = _post(x.reshape(t, n, hidden), f_out.reshape(t, hidden), h_post.reshape(t, n),
-                h_res.reshape(t, n, n), desc.transpose_res, backend == "interpret")
+                h_res.reshape(t, n, n), desc.transpose_res, choice)
     return out.reshape(x.shape)
+
+
+MHC_PRE_IMPLEMENTATIONS = _mhc_table(
+    "mhc_pre", lambda desc: ("bjax_mhc_projection + " if desc.dynamic else "")
+    + "bjax_sinkhorn + bjax_mhc_pre")
+"""``mhc_pre``'s implementation table, in order of preference."""
+
+MHC_POST_IMPLEMENTATIONS = _mhc_table("mhc_post", lambda desc: "bjax_mhc_post")
+"""``mhc_post``'s implementation table, in order of preference."""
 
 
 # ---------------------------------------------------------------- plans
 
-def _plan(op, desc, backend, kernels):
-    on_xla = backend == "xla"
-    return _op.Plan(
-        op=op, descriptor=desc, backend=backend,
-        kernel=f"bjax.xla.hyper_connection.{op}" if on_xla else kernels, block_config=None,
-        precision=_op.PrecisionGuarantee(
-            math_precision="float32", accumulator="float32", deterministic=True,
-            bit_stable_on_same_hardware=True,
-            notes="partial sums reduced in a fixed order (no atomics); the Sinkhorn backward "
-                  "walks the iterations in reverse"))
+_PRECISION = _op.PrecisionGuarantee(
+    math_precision="float32", accumulator="float32", deterministic=True,
+    bit_stable_on_same_hardware=True,
+    notes="partial sums reduced in a fixed order (no atomics); the Sinkhorn backward "
+          "walks the iterations in reverse")
 
 
 @_op.register_planner(sinkhorn_knopp)
 def _plan_sinkhorn(logits, *, iters=20, eps=1e-5, init="exp", order="columns_first",
-                   backend=None):
-    backend = _op.resolve_backend(backend, "sinkhorn_knopp")
-    desc = SinkhornDescriptor.from_args(logits, iters, eps, init, order, backend)
-    return _plan("sinkhorn_knopp", desc, backend, "bjax_sinkhorn")
+                   backend=None, config=None):
+    desc, choice = _prepare_sinkhorn(logits, iters, eps, init, order, backend, config)
+    return _op.Plan.of("sinkhorn_knopp", desc, choice, _PRECISION)
 
 
 @_op.register_planner(hyper_connection)
 def _plan_hyper_connection(x_expanded, rmsnorm_weight, h_pre, h_post, h_res, *,
                            sinkhorn_iters=20, eps=1e-5, sinkhorn_order="columns_first",
                            backend=None):
-    backend = _op.resolve_backend(backend, "hyper_connection")
-    desc = HyperConnectionDescriptor.from_args(x_expanded, rmsnorm_weight, h_pre, h_post, h_res,
-                                               sinkhorn_iters, eps, sinkhorn_order, backend)
-    return _plan("hyper_connection", desc, backend, "bjax_sinkhorn + bjax_hyper_connection")
+    desc, choice = _prepare_fused(x_expanded, rmsnorm_weight, h_pre, h_post, h_res,
+                                  sinkhorn_iters, eps, sinkhorn_order, backend)
+    return _op.Plan.of("hyper_connection", desc, choice, _PRECISION)
 
 
 @_op.register_planner(mhc_pre)
 def _plan_mhc_pre(x, *, bias, phi=None, alpha=None, rmsnorm_eps=1e-6, sinkhorn_iters=20,
                   sinkhorn_eps=1e-5, sinkhorn_init="exp", sinkhorn_order="columns_first",
                   pre_eps=0.0, post_scale=2.0, backend=None):
-    backend = _op.resolve_backend(backend, "mhc_pre")
     desc = MhcPreDescriptor.from_args(x, phi, alpha, bias, rmsnorm_eps, sinkhorn_iters,
                                       sinkhorn_eps, sinkhorn_init, sinkhorn_order, pre_eps,
-                                      post_scale, backend)
-    kernels = ("bjax_mhc_projection + " if desc.dynamic else "") + "bjax_sinkhorn + bjax_mhc_pre"
-    return _plan("mhc_pre", desc, backend, kernels)
+                                      post_scale)
+    choice = _op.select(MHC_PRE_IMPLEMENTATIONS, desc, backend, op="mhc_pre")
+    return _op.Plan.of("mhc_pre", desc, choice, _PRECISION)
 
 
 @_op.register_planner(mhc_post)
 def _plan_mhc_post(x, f_out, h_post, h_res, *, transpose_res=False, backend=None):
-    backend = _op.resolve_backend(backend, "mhc_post")
-    desc = MhcPostDescriptor.from_args(x, f_out, h_post, h_res, transpose_res, backend)
-    return _plan("mhc_post", desc, backend, "bjax_mhc_post")
+    desc = MhcPostDescriptor.from_args(x, f_out, h_post, h_res, transpose_res)
+    choice = _op.select(MHC_POST_IMPLEMENTATIONS, desc, backend, op="mhc_post")
+    return _op.Plan.of("mhc_post", desc, choice, _PRECISION)

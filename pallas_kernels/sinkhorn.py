@@ -277,13 +277,14 @@ def _call(kernel, operands, out_shape, count, config, interpret, name):
 
 
 @functools.partial(jax.jit, static_argnames=("iters", "eps", "init", "order", "with_scales",
-                                             "interpret"))
+                                             "config", "interpret"))
 def sinkhorn(logits, *, iters: int, eps: float, init: str, order: str, with_scales: bool = False,
-             interpret: bool = False):
+             config: SinkhornConfig | None = None, interpret: bool = False):
     """``M [count, n, n]`` float32 (and, ``with_scales``, each step's
-    ``D = log(sum + eps)``, ``[count, steps, n]`` float32, which the backward needs)."""
+    ``D = log(sum + eps)``, ``[count, steps, n]`` float32, which the backward needs);
+    ``config``: ``None`` for :func:`default_config`."""
     count, n, _ = logits.shape
-    config = default_config(count, n)
+    config = config or default_config(count, n)
     kernel = functools.partial(_forward_kernel, n=n, count=count, iters=iters, eps=eps,
                                init=init, order=order, block_count=config.block_count)
     out_shape = [jax.ShapeDtypeStruct((count, n, n), jnp.float32)]
@@ -294,13 +295,14 @@ def sinkhorn(logits, *, iters: int, eps: float, init: str, order: str, with_scal
     return tuple(outs) if with_scales else outs[0]
 
 
-@functools.partial(jax.jit, static_argnames=("iters", "eps", "init", "order", "interpret"))
+@functools.partial(jax.jit, static_argnames=("iters", "eps", "init", "order", "config",
+                                             "interpret"))
 def sinkhorn_backward(logits, scales, grad, *, iters: int, eps: float, init: str,
-                      order: str, interpret: bool = False):
+                      order: str, config: SinkhornConfig | None = None, interpret: bool = False):
     """``dL [count, n, n]`` in logits' dtype from ``grad = dLoss/dM`` and the forward's
-    ``scales`` (each step's ``D``)."""
+    ``scales`` (each step's ``D``); ``config`` as in :func:`sinkhorn`."""
     count, n, _ = logits.shape
-    config = default_config(count, n)
+    config = config or default_config(count, n)
     kernel = functools.partial(_backward_kernel, n=n, count=count, iters=iters, eps=eps,
                                init=init, order=order, block_count=config.block_count)
     return _call(kernel, [logits, scales, grad],

@@ -411,7 +411,7 @@ def _step_kernel(*refs, dims, has_bias, has_d, has_z, softplus, limit, config):
         jax.lax.fori_loop(jnp.int32(0), jnp.int32(config.heads_per_program), one_head, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("softplus", "limit", "interpret"))
+@functools.partial(jax.jit, static_argnames=("softplus", "limit", "config", "interpret"))
 def step(state, x, dt, a, b, c, bias=None, d=None, z=None, *, softplus: bool,
          limit: tuple[float, float], config: StepConfig | None = None,
          interpret: bool = False):
@@ -420,7 +420,7 @@ def step(state, x, dt, a, b, c, bias=None, d=None, z=None, *, softplus: bool,
     ``state`` float32 ``[batch, heads, head_dim, state_dim]``; ``x``, ``z``
     ``[batch, heads, head_dim]``; ``dt`` ``[batch, heads]``; ``a``, ``bias``
     float32 ``[heads]``; ``b``, ``c`` ``[batch, groups, state_dim]``; ``d``
-    float32 ``[heads, head_dim]``.
+    float32 ``[heads, head_dim]``. ``config``: ``None`` for :func:`step_config`.
     """
     batch, heads, head_dim, state_dim = state.shape
     dims = (heads // b.shape[1], head_dim, state_dim)

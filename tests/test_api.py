@@ -2,10 +2,19 @@
 import inspect
 import typing
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import bjax
 from bjax import _op
+from pallas_kernels import cascade as pallas_cascade
+from pallas_kernels import sinkhorn as pallas_sinkhorn
+from pallas_kernels import ssd as pallas_ssd
+from pallas_kernels import ssd_backward as pallas_ssd_backward
+from pallas_kernels.tiling import TileConfig
+from tests.conftest import KERNEL_BACKEND, random
 
 OPS = [getattr(bjax, name) for name in dir(bjax)
        if not name.startswith("_") and inspect.isfunction(getattr(bjax, name))]
@@ -21,3 +30,109 @@ def test_every_public_function_documents_what_it_raises(op):
 def test_backend_is_typed_with_its_choices(op):
     assert typing.get_type_hints(op)["backend"] == _op.Backend
     assert typing.get_args(_op.BackendName) == _op.BACKENDS
+
+
+# ---------------------------------------------------------------- implementation tables
+
+def _refuse(desc):
+    raise bjax.UnsupportedError("toy: refuses every call")
+
+
+_TOY = (_op.Implementation("refusing", ("interpret",), kernel=lambda d: "none", check=_refuse),
+        _op.Implementation("taking", ("interpret", "xla"), kernel=lambda d: "toy_kernel"))
+
+
+def test_select_falls_through_to_the_next_candidate_and_says_why():
+    choice = _op.select(_TOY, None, "interpret", op="toy")
+    assert choice.implementation.name == "taking" and choice.backend == "interpret"
+    assert choice.rejected == (("refusing", "toy: refuses every call"),)
+
+
+def test_select_names_each_candidate_when_none_accepts():
+    with pytest.raises(bjax.UnsupportedError, match="toy: refuses every call"):
+        _op.select(_TOY[:1], None, "interpret", op="toy")
+    with pytest.raises(bjax.UnsupportedError, match=r"refusing: runs on interpret, not "
+                                                    r"backend='xla'"):
+        _op.select(_TOY[:1], None, "xla", op="toy")
+
+
+@pytest.mark.skipif(KERNEL_BACKEND == "pallas", reason="the automatic choice on a CPU")
+def test_automatic_choice_without_a_gpu_passes_the_kernels_over():
+    p = bjax.plan(bjax.swiglu, jax.ShapeDtypeStruct((4, 8), jnp.float32))
+    assert (p.implementation, p.backend, p.block_config, p.config_source) == (
+        "xla", "xla", None, None)
+    assert p.rejected[0][0] == "pallas_triton" and "CUDA GPU" in p.rejected[0][1]
+
+
+def test_config_of_a_type_no_candidate_takes_is_invalid():
+    with pytest.raises(bjax.InvalidProblemError,
+                       match=r"swiglu|gated_activation: config must be TileConfig "
+                             r"\(pallas_triton\), or None; got 3"):
+        bjax.swiglu(jnp.ones((4, 8), jnp.float32), config=3)
+
+
+def test_config_is_never_dropped_silently():
+    """The XLA implementation takes no config: asking for both is an error, not a no-op."""
+    with pytest.raises(bjax.UnsupportedError, match="config must be None for xla"):
+        bjax.swiglu(jnp.ones((4, 8), jnp.float32), backend="xla", config=TileConfig(1, 128, 4))
+
+
+@pytest.mark.parametrize("config, message", [
+    (TileConfig(3, 128, 4), "config.block_rows must be a power of 2; got 3"),
+    (TileConfig(1, 128, 64), "config.num_warps must be at most 32"),
+    (TileConfig(1, 128.0, 4), "config.block_cols must be a Python int"),
+])
+def test_unlaunchable_config_is_invalid(config, message):
+    with pytest.raises(bjax.InvalidProblemError, match=message):
+        bjax.swiglu(jnp.ones((4, 8), jnp.float32), backend=KERNEL_BACKEND, config=config)
+
+
+def test_ssd_config_must_divide_the_chunk_and_the_group():
+    x, dt = jnp.ones((1, 16, 4, 8), jnp.float32), jnp.ones((1, 16, 4), jnp.float32)
+    A, B = -jnp.ones((4,), jnp.float32), jnp.ones((1, 16, 1, 8), jnp.float32)
+    bad = pallas_ssd_backward.ChunkScanConfig(forward=pallas_ssd.SsdConfig(
+        block_q=16, block_t=16, block_s=16, block_p=16, block_h=8))
+    with pytest.raises(bjax.InvalidProblemError,
+                       match=r"config.forward.block_h must be a divisor of heads per group = 4"):
+        bjax.ssd_chunk_scan(x, dt, A, B, B, chunk_size=16, backend=KERNEL_BACKEND, config=bad)
+
+
+def _small_cases():
+    """(op, args, kwargs, a config other than the heuristic) for every op that takes one."""
+    x = random(0, (6, 40), jnp.float32)
+    v, s = random(1, (5, 3, 2, 16), jnp.float32), random(2, (5, 3, 2), jnp.float32)
+    dest, src = random(3, (4, 64, 8), jnp.float32), random(4, (4, 3, 8), jnp.float32)
+    sx = random(5, (1, 24, 4, 8), jnp.float32)
+    sdt = jax.nn.softplus(random(6, (1, 24, 4), jnp.float32))
+    sa, sb = -jnp.arange(1.0, 5.0), random(7, (1, 24, 2, 16), jnp.float32)
+    state = random(8, (1, 4, 8, 16), jnp.float32)
+    logits = random(9, (5, 4, 4), jnp.float32)
+    return [
+        (bjax.swiglu, (x,), {}, TileConfig(2, 16, 1)),
+        (bjax.merge_states, (v, s), {}, pallas_cascade.MergeConfig(TileConfig(2, 1, 2),
+                                                                   TileConfig(1, 2, 1))),
+        (bjax.write_slice, (dest, src, (0, 7, 0)), {}, TileConfig(1, 8, 1)),
+        (bjax.ssd_chunk_scan, (sx, sdt, sa, sb, sb), {"chunk_size": 16},
+         pallas_ssd_backward.ChunkScanConfig(
+             pallas_ssd.SsdConfig(block_q=8, block_t=8, block_s=4, block_p=16, block_h=1),
+             pallas_ssd_backward.SsdBackwardConfig(block_q=8, block=8, block_p=16,
+                                                   block_h=1))),
+        (bjax.ssd_step, (state, sx[:, 0], sdt[:, 0], sa, sb[:, 0], sb[:, 0]), {},
+         pallas_ssd.StepConfig(block_p=2, heads_per_program=1, num_warps=2)),
+        (bjax.sinkhorn_knopp, (logits,), {}, pallas_sinkhorn.SinkhornConfig(2, 1)),
+    ]
+
+
+@pytest.mark.parametrize("op, args, kwargs, config", _small_cases(),
+                         ids=lambda v: getattr(v, "__name__", ""))
+def test_caller_config_runs_the_same_function_and_is_reported(op, args, kwargs, config):
+    plan = bjax.plan(op, *args, **kwargs, backend=KERNEL_BACKEND, config=config)
+    assert plan.config_source == "caller" and plan.block_config == config
+    default_plan = bjax.plan(op, *args, **kwargs, backend=KERNEL_BACKEND)
+    assert default_plan.config_source == "heuristic" and default_plan.block_config != config
+    run = jax.jit(lambda *a, config=None: op(*a, **kwargs, backend=KERNEL_BACKEND,
+                                             config=config), static_argnames="config")
+    ours, default = run(*args, config=config), run(*args)
+    # Other tiles sum the same terms in another order: a few float32 ulp apart.
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(default)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=2e-6)

@@ -397,6 +397,18 @@ def test_step_in_place_and_vmap(backend):
                                atol=1e-6)
 
 
+def test_xla_runs_dims_past_the_kernels_limit():
+    """head_dim and state_dim over MAX_DIM: the XLA implementation takes them, and the
+    automatic choice passes the Pallas kernels over with that reason where they run."""
+    problem_args = problem(8, 1, 20, 2, 300, 1, 260, jnp.float32)
+    check(*problem_args, "xla", chunk_size=16)
+    p = bjax.plan(bjax.ssd_chunk_scan, *problem_args, chunk_size=16)
+    assert p.implementation == "xla"
+    assert p.rejected[0][0] == "pallas_triton"
+    if KERNEL_BACKEND == "pallas":
+        assert "must be <= 256 for the Pallas kernels" in p.rejected[0][1]
+
+
 def test_plan():
     x, dt, A, B, C = problem(0, 1, 8, 2, 64, 1, 128, jnp.bfloat16)
     p = bjax.plan(bjax.ssd_chunk_scan, x, dt, A, B, C, backend="interpret")

@@ -38,8 +38,9 @@ from bjax import _op, _partition
 from bjax.errors import UnsupportedError
 from bjax.xla import cascade as xla_cascade
 from pallas_kernels import cascade as pallas_cascade
+from pallas_kernels.formulas import cascade as formulas_cascade
 
-LSE_BASES = pallas_cascade.BASES
+LSE_BASES = formulas_cascade.BASES
 LseBase = Literal[2, "e"]
 _V_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
@@ -404,7 +405,7 @@ _PRECISION_NOTES = ("weights by exp2 (base 2) or exp (base e) in the math dtype;
 
 
 def _plan(desc: CascadeMergeDescriptor, backend, config) -> _op.Plan:
-    math = pallas_cascade.compute_dtype(desc.v_dtype).name
+    math = formulas_cascade.compute_dtype(desc.v_dtype).name
     return _op.Plan.of(desc.op, desc, _op.select(IMPLEMENTATIONS, desc, backend, config,
                                                  op=desc.op),
                        _op.PrecisionGuarantee(math_precision=math, accumulator=math,

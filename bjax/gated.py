@@ -40,6 +40,7 @@ from bjax import _op, _partition
 from bjax.errors import UnsupportedError
 from bjax.xla import gated as xla_gated
 from pallas_kernels import gated as pallas_gated
+from pallas_kernels.formulas import gated as formulas_gated
 
 Kind = Literal["glu", "reglu", "swiglu", "geglu"]
 Gate = Literal["second", "first"]
@@ -259,12 +260,12 @@ geglu = _shortcut("geglu")
 def _precision(desc: GatedActivationDescriptor) -> _op.PrecisionGuarantee:
     notes = ""
     if desc.kind == "geglu" and not desc.approximate:
-        notes = ("Phi from an erfc fit (pallas_kernels/special.py): relative error at most "
+        notes = ("Phi from an erfc fit (pallas_kernels/formulas/special.py): relative error at most "
                  "4 max(1, u^2/2) ulp of the math dtype (6 in compiled float32 kernels, "
                  "which use rcp.approx and ex2.approx); for 16-bit outputs a shorter fit "
                  "within 5e-6 relative, a hundredth of a float16 ulp.")
     return _op.PrecisionGuarantee(
-        math_precision=pallas_gated.compute_dtype(desc.dtype).name, accumulator=None,
+        math_precision=formulas_gated.compute_dtype(desc.dtype).name, accumulator=None,
         deterministic=True, bit_stable_on_same_hardware=True, notes=notes)
 
 

@@ -49,9 +49,10 @@ from bjax.errors import UnsupportedError
 from bjax.xla import hyper_connection as xla_hc
 from pallas_kernels import hyper_connection as pallas_hc
 from pallas_kernels import sinkhorn as pallas_sinkhorn
+from pallas_kernels.formulas import sinkhorn as formulas_sinkhorn
 
-SINKHORN_INITS = pallas_sinkhorn.INITS
-SINKHORN_ORDERS = tuple(pallas_sinkhorn.SCHEDULES)
+SINKHORN_INITS = formulas_sinkhorn.INITS
+SINKHORN_ORDERS = tuple(formulas_sinkhorn.SCHEDULES)
 SinkhornInit = Literal["exp", "softmax"]
 SinkhornOrder = Literal["columns_first", "rows_first", "deepseek"]
 MAX_SINKHORN_ITERS = 1000

@@ -40,6 +40,7 @@ from bjax import _op, _partition
 from bjax.errors import UnsupportedError
 from bjax.xla import ssd as xla_ssd
 from pallas_kernels import ssd as pallas_ssd
+from pallas_kernels.formulas import ssd as formulas_ssd
 from pallas_kernels import ssd_backward as pallas_ssd_backward
 
 _FLOATS = ("float32", "float16", "bfloat16")
@@ -360,7 +361,7 @@ def _scan_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, d
     # dt_bias per batch row, so that its gradient comes per row (summed by the caller).
     rows_bias = None if dt_bias is None else jnp.broadcast_to(dt_bias,
                                                              (desc.batch, *dt_bias.shape))
-    _, dt_vjp = jax.vjp(lambda dt, bias: pallas_ssd.process_dt(
+    _, dt_vjp = jax.vjp(lambda dt, bias: formulas_ssd.process_dt(
         dt, None if bias is None else bias[:, None, :], desc.options.dt_softplus,
         desc.options.dt_limit), dt, rows_bias)
     d_dt, d_bias = dt_vjp(d_dtp)

@@ -22,13 +22,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.approx import approx_exp2_f32, approx_reciprocal_f32
 from pallas_kernels.blocks import result_type
-from pallas_kernels.special import approx_exp2_f32, approx_reciprocal_f32, normal_cdf_and_pdf
+from pallas_kernels.formulas.gated import compute_dtype, gated_math, normal_cdf_options
 from pallas_kernels.tiling import TileConfig, fit_tile
-
-_SQRT_2_OVER_PI = 0.7978845608028654
-_GELU_TANH_CUBIC = 0.044715
-
 
 # Programs to launch at least, so that small problems still fill a GPU
 # (132 multiprocessors on an H100/H200, a few programs each).
@@ -42,53 +39,13 @@ def default_config(rows: int, cols: int) -> TileConfig:
     return fit_tile(rows, cols, tile_elements=_TILE_ELEMENTS, min_programs=_MIN_PROGRAMS)
 
 
-def compute_dtype(dtype) -> jnp.dtype:
-    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
-
-
-def normal_cdf_options(out_dtype, interpret: bool = True) -> dict:
-    """Keyword options of ``normal_cdf_and_pdf`` for results stored as ``out_dtype``:
-    the shorter fit for 16-bit outputs, hardware approximations in compiled float32 kernels."""
-    options = {"for_16bit_output": jnp.dtype(out_dtype).itemsize == 2}
+def kernel_cdf_options(out_dtype, interpret: bool) -> dict:
+    """:func:`normal_cdf_options`, with the GPU's approximate reciprocal and exp2 in
+    compiled float32 kernels."""
+    options = normal_cdf_options(out_dtype)
     if compute_dtype(out_dtype) == jnp.float32 and not interpret:
         options.update(reciprocal=approx_reciprocal_f32, exp2=approx_exp2_f32)
     return options
-
-
-def _activation(u, kind: str, approximate: bool, cdf_options: dict):
-    """act(u) and act'(u) for the gate input ``u`` (``cdf_options``: see :func:`normal_cdf_options`)."""
-    if kind == "glu":
-        s = jax.nn.sigmoid(u)
-        return s, s * (1.0 - s)
-    if kind == "reglu":
-        positive = u > 0
-        return jnp.where(positive, u, 0.0), positive.astype(u.dtype)
-    if kind == "swiglu":
-        s = jax.nn.sigmoid(u)
-        return u * s, s * (1.0 + u * (1.0 - s))
-    if kind == "geglu" and approximate:
-        inner = _SQRT_2_OVER_PI * (u + _GELU_TANH_CUBIC * u * u * u)
-        th = jnp.tanh(inner)
-        d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * u * u)
-        return 0.5 * u * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * u * (1.0 - th * th) * d_inner
-    if kind == "geglu":
-        cdf, pdf = normal_cdf_and_pdf(u, **cdf_options)
-        return u * cdf, cdf + u * pdf
-    raise ValueError(kind)
-
-
-def gated_math(first, second, kind: str, gate: str, approximate: bool, cdf_options: dict,
-               dy=None):
-    """``y`` (``dy is None``) or ``(d first, d second)`` from the two halves.
-
-    ``gate="second"``: y = first * act(second); ``gate="first"``: y = act(first) * second.
-    """
-    value, gate_in = (first, second) if gate == "second" else (second, first)
-    act, d_act = _activation(gate_in, kind, approximate, cdf_options)
-    if dy is None:
-        return value * act
-    d_value, d_gate_in = dy * act, dy * value * d_act
-    return (d_value, d_gate_in) if gate == "second" else (d_gate_in, d_value)
 
 
 def _program_tile(rows, cols, config: TileConfig):
@@ -115,7 +72,7 @@ def _forward_kernel(x_ref, y_ref, *, rows, cols, kind, gate, approximate, config
     first = _load(x_ref, rs, cs, mask, dtype)
     second = _load(x_ref, rs, cs_second, mask, dtype)
     y = gated_math(first, second, kind, gate, approximate,
-                   normal_cdf_options(y_ref.dtype, interpret))
+                   kernel_cdf_options(y_ref.dtype, interpret))
     plgpu.store(y_ref.at[rs, cs], y.astype(y_ref.dtype), mask=mask)
 
 
@@ -127,7 +84,7 @@ def _backward_kernel(dy_ref, x_ref, dx_ref, *, rows, cols, kind, gate, approxima
     first = _load(x_ref, rs, cs, mask, dtype)
     second = _load(x_ref, rs, cs_second, mask, dtype)
     d_first, d_second = gated_math(first, second, kind, gate, approximate,
-                                   normal_cdf_options(dx_ref.dtype, interpret), dy=dy)
+                                   kernel_cdf_options(dx_ref.dtype, interpret), dy=dy)
     plgpu.store(dx_ref.at[rs, cs], d_first.astype(dx_ref.dtype), mask=mask)
     plgpu.store(dx_ref.at[rs, cs_second], d_second.astype(dx_ref.dtype), mask=mask)
 

@@ -44,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.blocks import all_of, block_loop, columns, dot, load, padded, rows_cols
+from pallas_kernels.formulas.ssd import process_dt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,20 +105,6 @@ def snapshot_dtype(x_dtype) -> jnp.dtype:
         jnp.float32)
 
 
-def process_dt(dt, bias, softplus: bool, limit: tuple[float, float]):
-    """Step sizes in float32: ``clip(softplus?(dt + bias), *limit)``.
-
-    Softplus is ``log1p(exp(u))``, and ``u`` itself above 20 (where the two agree
-    in float32). Used by the kernels and the XLA backend alike.
-    """
-    u = dt.astype(jnp.float32)
-    if bias is not None:
-        u = u + bias.astype(jnp.float32)
-    if softplus:
-        u = jnp.where(u > 20.0, u, jnp.log1p(jnp.exp(jnp.minimum(u, 20.0))))
-    return jnp.minimum(jnp.maximum(u, limit[0]), limit[1])
-
-
 def segment_before(seg_ref, row, start):
     """Segment number of the step before ``start`` (0, the initial state's, for step 0)."""
     return jnp.where(start == 0, 0, seg_ref[row, jnp.maximum(start - 1, 0)])
@@ -141,7 +128,7 @@ def _time_kernel(*refs, seq_len, chunk, has_bias, softplus, limit):
 def time_terms(dt, a, bias=None, *, chunk_size: int, softplus: bool,
                limit: tuple[float, float], interpret: bool = False):
     """``(dt', a_cs)``, float32 ``[batch, heads, chunks * chunk_size]``: the processed
-    step sizes (:func:`process_dt`; 0 past seqlen) and the inclusive cumsum of
+    step sizes (:func:`~pallas_kernels.formulas.ssd.process_dt`; 0 past seqlen) and the inclusive cumsum of
     ``dt' * a`` inside each chunk, from ``dt`` ``[batch, seqlen, heads]`` and
     float32 ``a``, ``bias`` ``[heads]``."""
     batch, seq_len, heads = dt.shape

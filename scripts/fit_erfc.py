@@ -1,4 +1,4 @@
-"""Derive the coefficient tables of ``pallas_kernels/special.py``.
+"""Derive the coefficient tables of ``pallas_kernels/formulas/special.py``.
 
 For z >= 0 we write erfc(z) = t * exp(-z^2) * S(t) with t = 1 / (1 + z / 2), so
 t runs over (0, 1] and S is smooth there (S(0) = 1 / (2 sqrt(pi))). S is fitted

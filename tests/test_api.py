@@ -1,5 +1,7 @@
 """The public API as a whole: what every op's docstring and signature promise."""
+import ast
 import inspect
+import pathlib
 import typing
 
 import jax
@@ -136,3 +138,33 @@ def test_caller_config_runs_the_same_function_and_is_reported(op, args, kwargs, 
     # Other tiles sum the same terms in another order: a few float32 ulp apart.
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(default)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=2e-6)
+
+
+# ---------------------------------------------------------------- one source of math
+
+def _imports(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((_ROOT / "bjax" / "xla").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_the_xla_implementation_takes_no_math_from_the_kernels(path):
+    kernel_imports = [m for m in _imports(path) if m.startswith("pallas_kernels")
+                      and not m.startswith("pallas_kernels.formulas")]
+    assert kernel_imports == [], kernel_imports
+
+
+@pytest.mark.parametrize("path", sorted((_ROOT / "pallas_kernels" / "formulas").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_the_shared_formulas_hold_no_pallas(path):
+    pallas = [m for m in _imports(path) if "pallas" in m and "formulas" not in m]
+    assert pallas == [], pallas

@@ -12,7 +12,7 @@ import pytest
 import bjax
 from bjax.hyper_connection import (SINKHORN_INITS, SINKHORN_ORDERS, SinkhornInit,
                                    SinkhornOrder)
-from pallas_kernels import sinkhorn as sinkhorn_math
+from pallas_kernels.formulas import sinkhorn as sinkhorn_math
 from tests import oracles
 from tests.conftest import BACKENDS, KERNEL_BACKEND, assert_close
 

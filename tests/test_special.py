@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from bjax._op import cuda_available
-from pallas_kernels.special import (approx_exp2_f32, approx_reciprocal_f32, normal_cdf,
-                                    normal_cdf_and_pdf)
+from pallas_kernels.approx import approx_exp2_f32, approx_reciprocal_f32
+from pallas_kernels.formulas.special import normal_cdf, normal_cdf_and_pdf
 
 
 def normal_pdf(x, **options):

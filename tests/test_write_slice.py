@@ -12,7 +12,7 @@ from jax.test_util import check_grads
 
 import bjax
 from tests import oracles
-from tests.conftest import BACKENDS, KERNEL_BACKEND, copies_of, random
+from tests.conftest import BACKENDS, KERNEL_BACKEND, random
 
 _BYTE_DTYPES = (
     jnp.int8, jnp.uint8, jnp.int16, jnp.uint16, jnp.int32, jnp.uint32, jnp.int64, jnp.uint64,

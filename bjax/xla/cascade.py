@@ -1,12 +1,12 @@
 """Cascade merge in plain ``jax.numpy`` (the ``"xla"`` backend), on whole arrays.
 
-The formulas are the kernels' own (``pallas_kernels.cascade.merge_math`` and
+The formulas are the kernels' own (``pallas_kernels.formulas.cascade.merge_math`` and
 ``merge_grad_math``), evaluated with the states as separate arrays, which XLA
 fuses into one pass.
 """
 import jax.numpy as jnp
 
-from pallas_kernels.cascade import compute_dtype, merge_grad_math, merge_math
+from pallas_kernels.formulas.cascade import compute_dtype, merge_grad_math, merge_math
 
 
 def _pair(v_a, s_a, v_b, s_b):

@@ -2,12 +2,12 @@
 
 Works on ``x`` as given, split along ``axis`` (no reshape, so XLA partitions it
 along every other axis as the caller sharded them), and evaluates the very same
-elementwise formulas as the kernels (``pallas_kernels.gated.gated_math``): the two
+elementwise formulas as the kernels (``pallas_kernels.formulas.gated.gated_math``): the two
 backends differ only by rounding and fusion.
 """
 import jax.numpy as jnp
 
-from pallas_kernels.gated import compute_dtype, gated_math, normal_cdf_options
+from pallas_kernels.formulas.gated import compute_dtype, gated_math, normal_cdf_options
 
 
 def gated_forward(x, *, axis, kind, gate, approximate):

@@ -11,14 +11,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import sinkhorn as sk
+from pallas_kernels.formulas import sinkhorn as sk
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _F32 = jnp.float32
 
 
 def sinkhorn(logits, *, iters: int, eps: float, init: str, order: str):
-    """Sinkhorn-Knopp of ``logits [..., n, n]``, float32 out: ``pallas_kernels.sinkhorn``'s
+    """Sinkhorn-Knopp of ``logits [..., n, n]``, float32 out: ``pallas_kernels.formulas.sinkhorn``'s
     formula and log-domain steps, differentiated by autodiff."""
     logits = logits.astype(_F32)
     u = sk.log_start(logits, sk.matrix_shift(logits), init, eps)

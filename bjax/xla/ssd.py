@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ssd import process_dt
+from pallas_kernels.formulas.ssd import process_dt
 
 
 def _pad_time(x, length, axis=1, mode="constant"):

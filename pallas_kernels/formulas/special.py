@@ -1,7 +1,6 @@
-"""Special functions for kernel bodies, where the Triton lowering has no rule.
+"""The normal CDF from ``exp`` and polynomials (the Triton lowering has no ``erf``).
 
-The Triton lowering of Pallas has no ``erf``/``erfc``, so the normal CDF that
-the exact GELU needs is built here from ``exp`` and polynomials.
+The exact GELU needs ``Phi``; kernels and the XLA implementation both take it from here.
 
 For z >= 0, ``erfc(z) = t * exp(-z^2) * S(t)`` with ``t = 1 / (1 + z / 2)``; S is
 smooth on t in (0, 1] and is fitted by Chebyshev interpolation
@@ -18,13 +17,11 @@ bound was measured against 30-digit mpmath over |x| <= 38): at most
 stored in a 16-bit type use a shorter float32 fit, within 5e-6 relative (one
 percent of a float16 ulp), which keeps the kernels that need it at the memory
 bound. Compiled GPU kernels may pass the hardware's ``rcp.approx`` and
-``ex2.approx`` (:func:`approx_reciprocal_f32`, :func:`approx_exp2_f32`); the
+``ex2.approx`` (``pallas_kernels.approx``); the
 bound is then ``6 * max(1, x^2 / 2)`` ulp (``tests/test_special.py`` measures it
 on the GPU).
 """
-import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import triton as plgpu
 
 # S(t) ~ sum_k a_k t^k (Horner): float32 resolution, and 5e-6 for 16-bit results.
 _S_MONOMIAL_F32 = (
@@ -53,22 +50,6 @@ _INV_SQRT_2PI = 0.3989422804014327
 _HALF_LOG2_E = 0.7213475204444817
 
 
-def _inline_f32(instruction, u):
-    return plgpu.elementwise_inline_asm(
-        f"{instruction} $0, $1;", args=[u], constraints="=r,r", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(u.shape, u.dtype)])[0]
-
-
-def approx_reciprocal_f32(u):
-    """1 / u by the GPU's ``rcp.approx`` (within 1 ulp; compiled float32 kernels only)."""
-    return _inline_f32("rcp.approx.ftz.f32", u)
-
-
-def approx_exp2_f32(u):
-    """2^u by the GPU's ``ex2.approx`` (within 2 ulp; compiled float32 kernels only)."""
-    return _inline_f32("ex2.approx.ftz.f32", u)
-
-
 def _s_of_t(t, for_16bit_output):
     if t.dtype == jnp.float64:
         u = 2.0 * t - 1.0
@@ -91,10 +72,10 @@ def normal_cdf_and_pdf(x, *, for_16bit_output=False, reciprocal=None, exp2=None)
       x: float32 or float64 array.
       for_16bit_output: float32 ``x`` whose results will be rounded to a 16-bit
         type: use the shorter fit (5e-6 relative).
-      reciprocal: optional ``u -> 1 / u`` for u >= 1 (:func:`approx_reciprocal_f32`);
-        ``None`` divides.
-      exp2: optional ``u -> 2^u`` for u <= 0 (:func:`approx_exp2_f32`); ``None``
-        uses ``exp``.
+      reciprocal: optional ``u -> 1 / u`` for u >= 1
+        (``pallas_kernels.approx.approx_reciprocal_f32``); ``None`` divides.
+      exp2: optional ``u -> 2^u`` for u <= 0 (``pallas_kernels.approx.approx_exp2_f32``);
+        ``None`` uses ``exp``.
     """
     ax = jnp.abs(x)
     gauss = jnp.exp(-0.5 * ax * ax) if exp2 is None else exp2(-_HALF_LOG2_E * (ax * ax))

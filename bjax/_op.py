@@ -205,6 +205,10 @@ def select(table: tuple[Implementation, ...], desc: Any, backend: str | None = N
             continue
         runs_on = requested or impl.backends[0]
         try:
+            if requested is None and runs_on == "pallas" and not cuda_available():
+                platforms = sorted({d.platform for d in jax.devices()})
+                raise UnsupportedError(f"{op}: compiled Pallas kernels need a CUDA GPU; the "
+                                       f"devices here are on {platforms}")
             check_available(runs_on, op, source)
             if config is not None:
                 check(impl.config_type is not None and isinstance(config, impl.config_type),

@@ -2,7 +2,7 @@
 
     python -m benchmarks.hyper_connection [--backend pallas]
 
-* ``hyper_connection`` (the seed's fused static op) on x [8192, 4, 4096] float32,
+* ``hyper_connection`` (the fused static op of HyperConnectionPlan) on x [8192, 4, 4096] float32,
   20 Sinkhorn iterations.
 * ``mhc_pre`` + ``mhc_post`` at 16384 tokens, n = 4, C = 2560, bfloat16, dynamic H
   (phi [n C, n^2 + 2n]), the sublayer taken as the identity; the backward gives

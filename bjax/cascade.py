@@ -339,7 +339,7 @@ def merge_state(v_a: ArrayLike, s_a: ArrayLike, v_b: ArrayLike, s_b: ArrayLike, 
       mask: optional bool ``[seq_len]``; rows where it is False return
         ``(v_a, s_a)`` unchanged (and are not read from ``b``).
       lse_base: 2 (default) or ``"e"``: the base of every ``s``, in and out.
-      in_place: the seed's ``merge_in_place``: the Pallas kernel writes the
+      in_place: as baracuda-kernels' ``CascadeAttentionPlan::merge_in_place``: the Pallas kernel writes the
         result over ``v_a, s_a``, saving a buffer when they are donated to the
         enclosing ``jit`` or computed inside it and not used afterwards (the
         prefix attention's output). Where ``v_a`` stays alive (a jit argument

@@ -173,7 +173,7 @@ def ssd_rows(backend, shape):
 
 
 def hyper_connection_rows(backend, shape):
-    """The seed's fused op on float32 x (forward, and gradients of all five inputs), and an
+    """The fused static mHC op (baracuda-kernels' ``HyperConnectionPlan``) on float32 x (forward, and gradients of all five inputs), and an
     mHC layer (dynamic mhc_pre, identity sublayer, mhc_post) in bfloat16 with its
     gradients, against the XLA backend on float32 copies."""
     batch, n, hidden = shape
@@ -186,7 +186,7 @@ def hyper_connection_rows(backend, shape):
                   0.02 * jax.random.normal(k[6], (n * hidden, count)),
                   jnp.array([0.8, 0.6, 1.1]), jax.random.normal(k[7], (count,)))
 
-    def seed_op(*a, backend=backend):
+    def fused_op(*a, backend=backend):
         return bjax.hyper_connection(*a, backend=backend)
 
     def layer(x, phi, alpha, bias, backend=backend):
@@ -201,7 +201,7 @@ def hyper_connection_rows(backend, shape):
         return run
 
     rows = []
-    for name, fn, fargs, dtype in (("hyper_connection", seed_op, args, "float32"),
+    for name, fn, fargs, dtype in (("hyper_connection", fused_op, args, "float32"),
                                    ("mhc_pre+mhc_post", layer, layer_args, "bfloat16")):
         f32_args = [a.astype(jnp.float32) for a in fargs]
         ref = functools.partial(fn, backend="xla")

@@ -17,7 +17,7 @@ A layer keeps ``n`` residual streams ``x [..., n, C]`` and replaces
 * :func:`mhc_post` computes ``x_next_i = sum_j h_res_ij x_j + h_post_i f_out``.
 * :data:`DEEPSEEK_MHC_PRE` / :data:`DEEPSEEK_MHC_POST` are the options that reproduce
   DeepSeek's released mHC kernels (README: mHC).
-* :func:`hyper_connection` is the seed's fused static op with ``F = RMSNorm``:
+* :func:`hyper_connection` is baracuda-kernels' ``HyperConnectionPlan``, a fused static op with ``F = RMSNorm``:
   ``M = SK(h_res)``, ``agg = sum_i sigmoid(h_pre_i) x_i``,
   ``y = agg / sqrt(mean_c agg^2 + eps) * rmsnorm_weight``,
   ``out_i = sum_j M_ij x_j + 2 sigmoid(h_post_i) y``.
@@ -308,7 +308,7 @@ def _prepare_sinkhorn(logits, iters, eps, init, order, backend, config):
                             op="sinkhorn_knopp")
 
 
-# ---------------------------------------------------------------- the seed's fused op
+# ---------------------------------------------------------------- the fused static op
 
 @dataclasses.dataclass(frozen=True)
 class HyperConnectionDescriptor:
@@ -365,7 +365,7 @@ def hyper_connection(x_expanded: ArrayLike, rmsnorm_weight: ArrayLike, h_pre: Ar
                      h_post: ArrayLike, h_res: ArrayLike, *, sinkhorn_iters: int = 20,
                      eps: float = 1e-5, sinkhorn_order: SinkhornOrder = "columns_first",
                      backend: _op.Backend = None) -> jax.Array:
-    """The seed's fused static mHC op (module doc): ``out [B, n, C]``.
+    """The fused static mHC op of baracuda-kernels' ``HyperConnectionPlan`` (module doc): ``out [B, n, C]``.
 
     ``out[b, i, c] = sum_j M[i, j] x[b, j, c] + 2 sigmoid(h_post[i]) y[b, c]`` with
     ``M = SK(h_res)`` (exp init), ``y = RMSNorm(sum_i sigmoid(h_pre[i]) x[b, i, :]) *
@@ -393,7 +393,7 @@ def hyper_connection(x_expanded: ArrayLike, rmsnorm_weight: ArrayLike, h_pre: Ar
     if choice.on_xla:
         return xla_hc.hyper_connection(x, weight, h_pre, h_post, h_res, iters=options.iters,
                                        eps=options.eps, order=options.order)
-    s_pre, s_post, mix_matrix = xla_hc.seed_coefficients(
+    s_pre, s_post, mix_matrix = xla_hc.fused_coefficients(
         h_pre, h_post, h_res, sinkhorn=lambda logits: _sinkhorn(logits[None], options, choice)[0])
     return _fused(x, weight, s_pre, s_post, mix_matrix, options.eps, choice)
 

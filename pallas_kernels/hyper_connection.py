@@ -1,6 +1,6 @@
 """mHC stream kernels over ``x [rows, n, C]`` (n residual streams of C channels).
 
-* :func:`fused_forward` / :func:`fused_backward`: the seed's static op,
+* :func:`fused_forward` / :func:`fused_backward`: the fused static op (``bjax.hyper_connection``),
   ``out_i = sum_j M_ij x_j + s_post_i y`` with ``y = RMSNorm(sum_i s_pre_i x_i) * w``.
 * :func:`mix` / :func:`mix_backward`: ``out_i = sum_j R_ij x_j + h_post_i f``, with
   per-row coefficients (``mhc_post``).
@@ -104,7 +104,7 @@ def _program_tile(rows, hidden, config):
                  pl.program_id(1) * config.block_cols, config)
 
 
-# ---------------------------------------------------------------- the seed's fused op
+# ---------------------------------------------------------------- the fused static op
 
 def _fused_forward_kernel(x_ref, w_ref, pre_ref, post_ref, mix_ref, out_ref, *, n, rows, hidden,
                           eps, config):

@@ -20,7 +20,7 @@ def _phi_pdf(u):
 
 
 def gated_activation_act(u, kind, approximate=False):
-    """act(u) and act'(u) of the seed's table, in float64."""
+    """act(u) and act'(u) of baracuda-kernels' gated-activation table, in float64."""
     if kind == "glu":
         s = _sigmoid(u)
         return s, s * (1 - s)
@@ -200,7 +200,7 @@ def _sigmoid64(u):
 
 
 def hyper_connection(x, weight, h_pre, h_post, h_res, iters, eps, order="columns_first"):
-    """The seed's formula in float64: out_i = sum_j M_ij x_j + 2 sigmoid(h_post_i) y,
+    """HyperConnectionPlan's formula in float64: out_i = sum_j M_ij x_j + 2 sigmoid(h_post_i) y,
     y = agg / sqrt(mean agg^2 + eps) * weight, agg = sum_i sigmoid(h_pre_i) x_i."""
     import jax.numpy as jnp
     x, weight, h_pre, h_post, h_res = (jnp.asarray(a, jnp.float64)

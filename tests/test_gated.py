@@ -73,7 +73,7 @@ def test_check_grads_float64(backend, kind, approximate, gate):
 
 
 def test_reglu_derivative_at_zero_is_zero(backend):
-    # The seed's rule: d/db relu(b) = (b > 0), so 0 at b == 0.
+    # GatedActivationBackwardPlan's rule: d/db relu(b) = (b > 0), so 0 at b == 0.
     x = jnp.array([[1.5, -2.0, 0.0, 0.0]], jnp.float32)  # a = [1.5, -2], b = [0, 0]
     dx = jax.grad(lambda x: bjax.reglu(x, backend=backend).sum())(x)
     np.testing.assert_array_equal(np.asarray(dx), [[0.0, 0.0, 0.0, 0.0]])

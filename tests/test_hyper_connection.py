@@ -1,5 +1,5 @@
 """mHC against float64 oracles: Sinkhorn (values, exact gradient vs finite differences),
-the seed's fused op, mhc_pre / mhc_post as the paper's layer, transforms, errors."""
+the fused static op (HyperConnectionPlan), mhc_pre / mhc_post as the paper's layer, transforms, errors."""
 import math
 import re
 import typing
@@ -191,7 +191,7 @@ def test_hyper_connection_large_h_res(backend):
         assert_close(out, ref, jnp.float32, SCALE[jnp.dtype(jnp.float32)])
 
 
-# ---------------------------------------------------------------- the seed's fused op
+# ---------------------------------------------------------------- the fused static op
 
 def hc_problem(seed, batch, n, hidden, dtype):
     k = seed * 10

@@ -39,15 +39,15 @@ def rms_normalize(v, eps: float):
     return v * jax.lax.rsqrt(jnp.mean(v * v, axis=-1, keepdims=True) + eps)
 
 
-def seed_coefficients(h_pre, h_post, h_res, *, sinkhorn):
-    """The seed op's ``(sigmoid(h_pre), 2 sigmoid(h_post), sinkhorn(h_res))``, float32."""
+def fused_coefficients(h_pre, h_post, h_res, *, sinkhorn):
+    """The fused static op's ``(sigmoid(h_pre), 2 sigmoid(h_post), sinkhorn(h_res))``, float32."""
     return (jax.nn.sigmoid(h_pre.astype(_F32)), 2 * jax.nn.sigmoid(h_post.astype(_F32)),
             sinkhorn(h_res))
 
 
 def hyper_connection(x, weight, h_pre, h_post, h_res, *, iters: int, eps: float, order: str):
-    """The seed's fused op on ``x [B, n, C]``; ``out`` in x's dtype."""
-    s_pre, s_post, mix = seed_coefficients(h_pre, h_post, h_res, sinkhorn=functools.partial(
+    """The fused static op (``bjax.hyper_connection``) on ``x [B, n, C]``; ``out`` in x's dtype."""
+    s_pre, s_post, mix = fused_coefficients(h_pre, h_post, h_res, sinkhorn=functools.partial(
         sinkhorn, iters=iters, eps=eps, init="exp", order=order))
     xf = x.astype(_F32)
     agg = jnp.einsum("i,bic->bc", s_pre, xf, precision=_HIGHEST)

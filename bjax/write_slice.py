@@ -143,7 +143,7 @@ class WriteSliceDescriptor:
         """Largest start on axis ``d`` at which the window fits."""
         return self.dest_shape[d] - self.source_shape[d]
 
-    def route(self, backend: str) -> str:
+    def route(self, backend: str, configured: bool = False) -> str:
         """``"noop"``, ``"whole"``, ``"dus"`` (one guarded lax.dynamic_update_slice),
         ``"rows"`` (a loop of them, a row each) or ``"kernel"`` (Pallas).
 
@@ -151,8 +151,9 @@ class WriteSliceDescriptor:
         ``"rows"`` for per-row positions (in place on every backend). Pallas, one
         position for a window of at most ``_DUS_MAX_WINDOW_BYTES``: ``"dus"`` too,
         since there a launch costs more than the copy and XLA fuses the position
-        arithmetic into the update (BENCHMARKS.md). Everything else: the kernel,
-        which the ``"interpret"`` backend always runs.
+        arithmetic into the update (BENCHMARKS.md), unless the caller ``configured``
+        the kernel. Everything else: the kernel, which the ``"interpret"`` backend
+        always runs.
         """
         if self.empty:
             return "noop"
@@ -161,7 +162,9 @@ class WriteSliceDescriptor:
         if backend == "xla" or self.kernel_view() is None:
             return "rows" if self.per_row else "dus"
         small = math.prod(self.source_shape) * self.dtype.itemsize <= _DUS_MAX_WINDOW_BYTES
-        return "dus" if backend == "pallas" and small and not self.per_row else "kernel"
+        if backend == "pallas" and small and not self.per_row and not configured:
+            return "dus"
+        return "kernel"
 
     def full(self, d: int) -> bool:
         """Axis ``d`` is covered whole, from a static 0."""
@@ -315,7 +318,7 @@ def _kernel_positions(desc: WriteSliceDescriptor, traced):
 
 
 def _write_impl(dest, source, table, traced, desc: WriteSliceDescriptor, choice: _op.Choice):
-    route = desc.route(choice.backend)
+    route = desc.route(choice.backend, configured=choice.config is not None)
     if route == "whole":
         return source
     if route in ("dus", "rows"):
@@ -433,7 +436,7 @@ def _prepare(dest, source, start, backend, config):
     desc, traced = WriteSliceDescriptor.from_args(dest, source, start)
     choice = _op.select(IMPLEMENTATIONS, desc, backend, config, op=_OP)
     if config is not None:
-        route = desc.route(choice.backend)
+        route = desc.route(choice.backend, configured=True)
         _op.check(route == "kernel", _OP, "config",
                   "None for this call, which the kernel does not run", f"a config, and the "
                   f"call runs {route!r} (WriteSliceDescriptor.route)", UnsupportedError)
@@ -458,8 +461,8 @@ def write_slice(dest: ArrayLike, source: ArrayLike, start: Sequence[int | ArrayL
         ``"interpret"`` or ``"xla"``. The Pallas implementation hands windows of at
         most 1 MiB at one position, and dtypes with no bit view (bool, complex), to
         ``lax.dynamic_update_slice`` (:meth:`WriteSliceDescriptor.route`).
-      config: the kernel's tile over the window's last two (merged) axes; only for
-        calls the kernel runs. ``None``: the heuristic.
+      config: the kernel's tile over the window's last two (merged) axes; the kernel
+        then runs every window it can (small ones too). ``None``: the heuristic.
 
     Returns:
       The updated array (``dest``'s buffer when donated). Rows whose positions
@@ -474,7 +477,8 @@ def write_slice(dest: ArrayLike, source: ArrayLike, start: Sequence[int | ArrayL
         non-integer start, a per-row vector on axis 0 or of the wrong length.
         ``config`` not a ``TileConfig`` or not launchable.
       UnsupportedError: a dtype outside the list above; ``backend="pallas"``
-        without a CUDA GPU; ``config`` for a call the kernel does not run.
+        without a CUDA GPU; ``config`` for a call the kernel cannot run (bool and
+        complex dtypes, odd int4 windows, empty or whole windows).
     """
     dest, source = jnp.asarray(dest), jnp.asarray(source)
     desc, traced, choice = _prepare(dest, source, start, backend, config)
@@ -493,7 +497,7 @@ _PRECISION = _op.PrecisionGuarantee(
 @_op.register_planner(write_slice)
 def _plan_write_slice(dest, source, start, *, backend=None, config=None):
     desc, _, choice = _prepare(dest, source, start, backend, config)
-    route = desc.route(choice.backend)
+    route = desc.route(choice.backend, configured=config is not None)
     kernel = {"noop": "none (empty window)", "whole": "none (source replaces dest)",
               "dus": "lax.dynamic_update_slice (guarded)",
               "rows": "lax.dynamic_update_slice per row (guarded, in a loop)",

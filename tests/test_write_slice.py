@@ -11,6 +11,7 @@ from jax.experimental import checkify
 from jax.test_util import check_grads
 
 import bjax
+from pallas_kernels.tiling import TileConfig
 from tests import oracles
 from tests.conftest import BACKENDS, KERNEL_BACKEND, random
 
@@ -396,3 +397,15 @@ def test_large_window_through_the_kernel(start):
     assert bjax.plan(bjax.write_slice, dest, window, traced,
                      backend=KERNEL_BACKEND).kernel == "bjax_write_slice"
     check(dest.shape, window.shape, start, jnp.float32, KERNEL_BACKEND)
+
+
+def test_config_runs_the_kernel_even_where_the_heuristic_would_not():
+    """A caller's config asks for the kernel: small windows, which Pallas otherwise hands
+    to dynamic_update_slice, run it; a dtype it cannot view as bits is refused."""
+    dest, src = jnp.zeros((4, 64, 8), jnp.float32), jnp.ones((4, 3, 8), jnp.float32)
+    desc = bjax.plan(bjax.write_slice, dest, src, (0, 5, 0), backend="xla").descriptor
+    assert desc.route("pallas") == "dus"
+    assert desc.route("pallas", configured=True) == "kernel"
+    with pytest.raises(bjax.UnsupportedError, match="config must be None for this call"):
+        bjax.write_slice(dest.astype(bool), src.astype(bool), (0, 5, 0),
+                         backend=KERNEL_BACKEND, config=TileConfig(1, 8, 1))

@@ -132,7 +132,10 @@ def test_caller_config_runs_the_same_function_and_is_reported(op, args, kwargs, 
     plan = bjax.plan(op, *args, **kwargs, backend=KERNEL_BACKEND, config=config)
     assert plan.config_source == "caller" and plan.block_config == config
     default_plan = bjax.plan(op, *args, **kwargs, backend=KERNEL_BACKEND)
-    assert default_plan.config_source == "heuristic" and default_plan.block_config != config
+    # Compiled, write_slice hands this small window to dynamic_update_slice unless configured.
+    heuristic = "heuristic" if default_plan.block_config is not None else None
+    assert default_plan.config_source == heuristic and default_plan.block_config != config
+    assert op is bjax.write_slice or heuristic == "heuristic"
     run = jax.jit(lambda *a, config=None: op(*a, **kwargs, backend=KERNEL_BACKEND,
                                              config=config), static_argnames="config")
     ours, default = run(*args, config=config), run(*args)

@@ -13,6 +13,9 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import bjax
+from pallas_kernels import cascade as pallas_cascade
+from pallas_kernels import sinkhorn as pallas_sinkhorn
+from pallas_kernels.tiling import TileConfig
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
 
@@ -423,3 +426,34 @@ def test_shard_map_with_checks_on_the_xla_backend(op, backend="xla"):
     grad = jax.jit(jax.grad(lambda *a: jnp.sum(mapped(*a)), argnums=0))(*args)
     np.testing.assert_allclose(grad, jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=0)(*args),
                                rtol=1e-5, atol=1e-5)
+
+
+def _configured_cases():
+    """(name, fn, args, specs, out_specs): ops called with a caller's kernel config."""
+    key = jax.random.split(jax.random.key(21), 5)
+    x = jax.random.normal(key[0], (16, 12, 64), jnp.float32)
+    v, s = merge_problem(22, (16, 3, 4, 32), (16, 3, 4))
+    logits = jax.random.normal(key[1], (16, 4, 4), jnp.float32)
+    dest = jax.random.normal(key[2], (8, 64, 8), jnp.float32)
+    source = jax.random.normal(key[3], (8, 3, 8), jnp.float32)
+    merge = pallas_cascade.MergeConfig(TileConfig(2, 1, 1), TileConfig(1, 2, 1))
+    return [
+        ("swiglu", lambda x: bjax.swiglu(x, backend="interpret", config=TileConfig(2, 16, 1)),
+         (x,), (P("data"),), (P("data"),)),
+        ("merge_states", lambda v, s: bjax.merge_states(v, s, backend="interpret", config=merge),
+         (v, s), (P("data"), P("data")), (P("data"), P("data"))),
+        ("sinkhorn_knopp", lambda m: bjax.sinkhorn_knopp(
+            m, backend="interpret", config=pallas_sinkhorn.SinkhornConfig(2, 1)),
+         (logits,), (P("data"),), (P("data"),)),
+        ("write_slice", lambda d, w: bjax.write_slice(d, w, (0, 5, 0), backend="interpret",
+                                                      config=TileConfig(1, 8, 1)),
+         (dest, source), (P("data"), P("data")), (P("data"),)),
+    ]
+
+
+@pytest.mark.parametrize("case", _configured_cases(), ids=lambda c: c[0])
+def test_a_callers_config_keeps_the_sharding(case):
+    """A caller's config= goes to every device's kernel call: still no collective, the
+    shardings kept, the values those of the unsharded call with the same config."""
+    _, fn, args, specs, out_specs = case
+    check_partitioned(fn, args, specs, mesh_of((8,)), out_specs)

@@ -92,31 +92,22 @@ def requested_backend(backend: str | None, op: str) -> tuple[str | None, str]:
     return backend, source
 
 
-def check_available(backend: str, op: str, source: str = "backend") -> None:
+def check_available(backend: str, op: str, source: str | None = "backend") -> None:
     """Raises :class:`UnsupportedError` unless this process can run ``backend``
-    (``"pallas"`` needs a CUDA GPU)."""
-    if backend == "pallas" and not cuda_available():
-        platforms = sorted({d.platform for d in jax.devices()})
-        fail(op, source, "'pallas' only where a CUDA GPU is present (use 'interpret' to run the "
-             "Pallas kernels on CPU, or 'xla')", f"'pallas' with devices on {platforms}",
-             UnsupportedError)
+    (``"pallas"`` needs a CUDA GPU).
 
-
-def resolve_backend(backend: str | None, op: str) -> str:
-    """The backend a call of an op whose kernels accept it runs on.
-
-    ``None`` reads ``$BJAX_BACKEND``; if that is unset too, Pallas where a CUDA
-    GPU is present and XLA elsewhere.
-
-    Raises:
-      InvalidProblemError: an unknown backend name.
-      UnsupportedError: ``"pallas"`` without a CUDA GPU.
+    ``source`` names the argument that asked for ``backend`` (``"backend"`` or
+    ``"$BJAX_BACKEND"``); ``None``: it was chosen automatically, and the message says so.
     """
-    name, source = requested_backend(backend, op)
-    if name is None:
-        return "pallas" if cuda_available() else "xla"
-    check_available(name, op, source)
-    return name
+    if backend != "pallas" or cuda_available():
+        return
+    platforms = sorted({d.platform for d in jax.devices()})
+    if source is None:
+        raise UnsupportedError(f"{op}: compiled Pallas kernels need a CUDA GPU; the devices "
+                               f"here are on {platforms}")
+    fail(op, source, "'pallas' only where a CUDA GPU is present (use 'interpret' to run the "
+         "Pallas kernels on CPU, or 'xla')", f"'pallas' with devices on {platforms}",
+         UnsupportedError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,11 +196,7 @@ def select(table: tuple[Implementation, ...], desc: Any, backend: str | None = N
             continue
         runs_on = requested or impl.backends[0]
         try:
-            if requested is None and runs_on == "pallas" and not cuda_available():
-                platforms = sorted({d.platform for d in jax.devices()})
-                raise UnsupportedError(f"{op}: compiled Pallas kernels need a CUDA GPU; the "
-                                       f"devices here are on {platforms}")
-            check_available(runs_on, op, source)
+            check_available(runs_on, op, source if requested is not None else None)
             if config is not None:
                 check(impl.config_type is not None and isinstance(config, impl.config_type),
                       op, "config", f"None for {impl.name}, which takes "

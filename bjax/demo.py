@@ -25,7 +25,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bjax  # noqa: E402
-from bjax._op import resolve_backend  # noqa: E402
 
 
 def _time_ms(fn, *args, repeats=5):
@@ -215,7 +214,8 @@ def hyper_connection_rows(backend, shape):
 
 
 def main() -> int:
-    default = resolve_backend(None, "demo")
+    # The backend an op call without backend= runs on here.
+    default = bjax.plan(bjax.swiglu, jax.ShapeDtypeStruct((8, 64), jnp.float32)).backend
     on_gpu = default == "pallas"
     runs = [(default, (4096, 8192) if on_gpu else (256, 1024),
              (8, 4096, 8, 128) if on_gpu else (4, 256, 4, 64),

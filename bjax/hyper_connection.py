@@ -531,6 +531,14 @@ def _pre_bwd(desc, choice, residuals, cotangents):
 _pre.defvjp(_pre_fwd, _pre_bwd)
 
 
+def _prepare_pre(x, phi, alpha, bias, rmsnorm_eps, sinkhorn_iters, sinkhorn_eps,
+                 sinkhorn_init, sinkhorn_order, pre_eps, post_scale, backend):
+    desc = MhcPreDescriptor.from_args(x, phi, alpha, bias, rmsnorm_eps, sinkhorn_iters,
+                                      sinkhorn_eps, sinkhorn_init, sinkhorn_order, pre_eps,
+                                      post_scale)
+    return desc, _op.select(MHC_PRE_IMPLEMENTATIONS, desc, backend, op="mhc_pre")
+
+
 def mhc_pre(x: ArrayLike, *, bias: ArrayLike, phi: ArrayLike | None = None,
             alpha: ArrayLike | None = None, rmsnorm_eps: float = 1e-6, sinkhorn_iters: int = 20,
             sinkhorn_eps: float = 1e-5, sinkhorn_init: SinkhornInit = "exp",
@@ -571,10 +579,8 @@ def mhc_pre(x: ArrayLike, *, bias: ArrayLike, phi: ArrayLike | None = None,
     """
     x = jnp.asarray(x)
     phi, alpha, bias = (None if a is None else jnp.asarray(a) for a in (phi, alpha, bias))
-    desc = MhcPreDescriptor.from_args(x, phi, alpha, bias, rmsnorm_eps, sinkhorn_iters,
-                                      sinkhorn_eps, sinkhorn_init, sinkhorn_order, pre_eps,
-                                      post_scale)
-    choice = _op.select(MHC_PRE_IMPLEMENTATIONS, desc, backend, op="mhc_pre")
+    desc, choice = _prepare_pre(x, phi, alpha, bias, rmsnorm_eps, sinkhorn_iters, sinkhorn_eps,
+                                sinkhorn_init, sinkhorn_order, pre_eps, post_scale, backend)
     if choice.on_xla:
         return xla_hc.mhc_pre(x, phi, alpha, bias, rmsnorm_eps=desc.rmsnorm_eps,
                               sinkhorn=functools.partial(xla_hc.sinkhorn,
@@ -643,6 +649,11 @@ def _post_bwd(transpose, choice, residuals, dout):
 _post.defvjp(_post_fwd, _post_bwd)
 
 
+def _prepare_post(x, f_out, h_post, h_res, transpose_res, backend):
+    desc = MhcPostDescriptor.from_args(x, f_out, h_post, h_res, transpose_res)
+    return desc, _op.select(MHC_POST_IMPLEMENTATIONS, desc, backend, op="mhc_post")
+
+
 def mhc_post(x: ArrayLike, f_out: ArrayLike, h_post: ArrayLike, h_res: ArrayLike, *,
              transpose_res: bool = False, backend: _op.Backend = None) -> jax.Array:
     """mHC after the sublayer: ``x_next[..., i, c] = sum_j h_res[..., i, j] x[..., j, c]
@@ -668,8 +679,7 @@ def mhc_post(x: ArrayLike, f_out: ArrayLike, h_post: ArrayLike, h_res: ArrayLike
         ``backend="pallas"`` without a CUDA GPU.
     """
     x, f_out, h_post, h_res = map(jnp.asarray, (x, f_out, h_post, h_res))
-    desc = MhcPostDescriptor.from_args(x, f_out, h_post, h_res, transpose_res)
-    choice = _op.select(MHC_POST_IMPLEMENTATIONS, desc, backend, op="mhc_post")
+    desc, choice = _prepare_post(x, f_out, h_post, h_res, transpose_res, backend)
     if choice.on_xla:
         return xla_hc.mhc_post(x, f_out, h_post, h_res, transpose_res=desc.transpose_res)
     if desc.tokens == 0:
@@ -718,15 +728,12 @@ def _plan_hyper_connection(x_expanded, rmsnorm_weight, h_pre, h_post, h_res, *,
 def _plan_mhc_pre(x, *, bias, phi=None, alpha=None, rmsnorm_eps=1e-6, sinkhorn_iters=20,
                   sinkhorn_eps=1e-5, sinkhorn_init="exp", sinkhorn_order="columns_first",
                   pre_eps=0.0, post_scale=2.0, backend=None):
-    desc = MhcPreDescriptor.from_args(x, phi, alpha, bias, rmsnorm_eps, sinkhorn_iters,
-                                      sinkhorn_eps, sinkhorn_init, sinkhorn_order, pre_eps,
-                                      post_scale)
-    choice = _op.select(MHC_PRE_IMPLEMENTATIONS, desc, backend, op="mhc_pre")
+    desc, choice = _prepare_pre(x, phi, alpha, bias, rmsnorm_eps, sinkhorn_iters, sinkhorn_eps,
+                                sinkhorn_init, sinkhorn_order, pre_eps, post_scale, backend)
     return _op.Plan.of("mhc_pre", desc, choice, _PRECISION)
 
 
 @_op.register_planner(mhc_post)
 def _plan_mhc_post(x, f_out, h_post, h_res, *, transpose_res=False, backend=None):
-    desc = MhcPostDescriptor.from_args(x, f_out, h_post, h_res, transpose_res)
-    choice = _op.select(MHC_POST_IMPLEMENTATIONS, desc, backend, op="mhc_post")
+    desc, choice = _prepare_post(x, f_out, h_post, h_res, transpose_res, backend)
     return _op.Plan.of("mhc_post", desc, choice, _PRECISION)

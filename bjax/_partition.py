@@ -11,6 +11,12 @@ kernel on its own shards, with no collective.
 
 The rule drives both partitioners: Shardy's ``sharding_rule`` (JAX's default)
 and, for GSPMD, the shardings the partition callbacks derive from it.
+
+Inside ``jax.shard_map`` (with its default ``check_vma``) every value's type says
+which mesh axes it varies over. A kernel's results vary over every axis an operand
+does (``pallas_kernels.blocks.pallas_call``); :func:`vary_like` and
+:func:`typed_like_primals` give the ops' own values and gradients the types JAX
+expects of them.
 """
 from __future__ import annotations
 
@@ -207,3 +213,33 @@ def kernel_call(kernel: Callable, rule: ShardingRule, batched: Callable,
         return out, True if single_result else tuple(True for _ in out)
 
     return call
+
+
+def varying_axes(value) -> frozenset[str]:
+    """The mesh axes ``value`` varies over inside ``jax.shard_map`` (none outside)."""
+    manual = getattr(jax.typeof(value), "manual_axis_type", None)
+    return frozenset() if manual is None else frozenset(manual.varying)
+
+
+def vary_like(value, *like):
+    """``value`` typed as varying over every mesh axis one of ``like`` varies over (its
+    values unchanged): a per-token result computed from parameters alone."""
+    missing = frozenset().union(*map(varying_axes, like)) - varying_axes(value)
+    return jax.lax.pcast(value, tuple(sorted(missing)), to="varying") if missing else value
+
+
+def typed_like_primals(grads, primals) -> tuple:
+    """A ``custom_vjp`` backward's gradients with their primals' types inside
+    ``jax.shard_map``: a gradient is summed over the mesh axes it varies over and its
+    primal does not (a parameter every shard used whole gets the sum of every shard's
+    part: the transpose of the broadcast JAX inserted) and marked varying where its
+    primal is. Outside ``shard_map``: unchanged. ``None`` entries pass through."""
+    typed = []
+    for grad, primal in zip(grads, primals, strict=True):
+        if grad is not None and primal is not None:
+            extra = varying_axes(grad) - varying_axes(primal)
+            if extra:
+                grad = jax.lax.psum(grad, tuple(sorted(extra)))
+            grad = vary_like(grad, primal)
+        typed.append(grad)
+    return tuple(typed)

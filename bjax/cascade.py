@@ -271,7 +271,7 @@ def _merge_pair_bwd(desc, choice, residuals, cotangents):
         return dv, ds, jnp.zeros_like(v_b), jnp.zeros_like(s_b), None
     masks = () if mask is None else (mask,)
     grads = _call(desc, choice, 1)(v_a, s_a, v_b, s_b, *masks, dv, ds)
-    return (*grads, None)
+    return (*_partition.typed_like_primals(grads, (v_a, s_a, v_b, s_b)), None)
 
 
 _merge_pair.defvjp(_merge_pair_fwd, _merge_pair_bwd)
@@ -292,7 +292,7 @@ def _merge_many_bwd(desc, choice, residuals, cotangents):
     v, s = residuals
     if desc.seq_len == 0:
         return jnp.zeros_like(v), jnp.zeros_like(s)
-    return tuple(_call(desc, choice, 1)(v, s, *cotangents))
+    return _partition.typed_like_primals(_call(desc, choice, 1)(v, s, *cotangents), (v, s))
 
 
 _merge_many.defvjp(_merge_many_fwd, _merge_many_bwd)

@@ -176,7 +176,7 @@ def _gated_fwd(x, desc, choice):
 def _gated_bwd(desc, choice, x, dy):
     if desc.rows * desc.cols == 0:
         return (jnp.zeros(desc.shape, desc.dtype),)
-    return (_kernel_call(desc, choice, 1)(dy, x),)
+    return _partition.typed_like_primals((_kernel_call(desc, choice, 1)(dy, x),), (x,))
 
 
 _gated.defvjp(_gated_fwd, _gated_bwd)

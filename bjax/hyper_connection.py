@@ -215,9 +215,9 @@ def _sinkhorn_fwd(logits, options, choice):
 def _sinkhorn_bwd(options, choice, residuals, grad):
     if choice.on_xla:
         return residuals[0](grad)
-    return (_token_split(choice, pallas_sinkhorn.sinkhorn_backward, (_MATRIX, _STEPS, _MATRIX),
-                         (_MATRIX,), **options.as_kwargs(),
-                         config=choice.config)(*residuals, grad),)
+    grad = _token_split(choice, pallas_sinkhorn.sinkhorn_backward, (_MATRIX, _STEPS, _MATRIX),
+                        (_MATRIX,), **options.as_kwargs(), config=choice.config)(*residuals, grad)
+    return _partition.typed_like_primals((grad,), residuals[:1])
 
 
 _sinkhorn.defvjp(_sinkhorn_fwd, _sinkhorn_bwd)
@@ -355,7 +355,8 @@ def _fused_bwd(eps, choice, residuals, dout):
         choice, pallas_hc.fused_backward, (_STREAMS, *_FUSED_OPERANDS),
         (_STREAMS, ("c",), ("i", "j"), ("i",), ("i",)), reduced=True,
         eps=eps)(x, dout, weight, s_pre, s_post, mix_matrix)
-    return dx, dw.astype(weight.dtype), d_pre, d_post, d_mix
+    return _partition.typed_like_primals((dx, dw.astype(weight.dtype), d_pre, d_post, d_mix),
+                                         residuals)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -474,12 +475,13 @@ def _dynamic_coefficients(proj, squares, alpha, bias, desc: MhcPreDescriptor, ch
     return _coefficients(h_tilde, desc, choice)
 
 
-def _static_coefficients(bias, desc, choice):
+def _static_coefficients(bias, x, desc, choice):
+    """Static H: the coefficients of ``bias``, the same for every token of ``x`` (and,
+    inside ``jax.shard_map``, varying as x's tokens do)."""
     h_pre, h_post, h_res = _coefficients(bias.astype(jnp.float32)[None], desc, choice)
     shape = (desc.tokens,)
-    return (jnp.broadcast_to(h_pre, shape + h_pre.shape[1:]),
-            jnp.broadcast_to(h_post, shape + h_post.shape[1:]),
-            jnp.broadcast_to(h_res, shape + h_res.shape[1:]))
+    return tuple(_partition.vary_like(jnp.broadcast_to(h, shape + h.shape[1:]), x)
+                 for h in (h_pre, h_post, h_res))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -495,7 +497,7 @@ def _pre_fwd(x, phi, alpha, bias, desc, choice):
         h_pre, h_post, h_res = _dynamic_coefficients(proj, squares, alpha, bias, desc, choice)
     else:
         proj = squares = None
-        h_pre, h_post, h_res = _static_coefficients(bias, desc, choice)
+        h_pre, h_post, h_res = _static_coefficients(bias, x, desc, choice)
     layer_input = _token_split(choice, pallas_hc.aggregate, (_STREAMS, ("t", "i")),
                                (("t", "c"),))(x, h_pre)
     return (layer_input, h_post, h_res), (x, phi, alpha, bias, proj, squares)
@@ -505,11 +507,12 @@ def _pre_bwd(desc, choice, residuals, cotangents):
     x, phi, alpha, bias, proj, squares = residuals
     d_input, d_post, d_res = cotangents
     if not desc.dynamic:
-        (h_pre, _, _), coef_vjp = jax.vjp(lambda b: _static_coefficients(b, desc, choice), bias)
+        (h_pre, _, _), coef_vjp = jax.vjp(lambda b: _static_coefficients(b, x, desc, choice), bias)
         dx, d_pre = _token_split(choice, pallas_hc.aggregate_backward,
                                  (_STREAMS, ("t", "i"), ("t", "c")), (_STREAMS, ("t", "i")),
                                  with_dx=True)(x, h_pre, d_input)
-        return dx, None, None, *coef_vjp((d_pre, d_post, d_res))
+        return _partition.typed_like_primals((dx, None, None, *coef_vjp((d_pre, d_post, d_res))),
+                                             residuals[:4])
     # The coefficients are recomputed (a few [T, n^2 + 2n] ops and one Sinkhorn launch)
     # rather than kept: the residuals stay the inputs, proj and squares.
     (h_pre, _, _), coef_vjp = jax.vjp(
@@ -525,7 +528,8 @@ def _pre_bwd(desc, choice, residuals, cotangents):
                       (_STREAMS,))(x, h_pre, d_input, d_proj, phi32, 2 * d_squares)
     d_phi = _token_split(choice, pallas_hc.project_weight_grad, (("t", "f"), ("t", "k")),
                          (("f", "k"),), reduced=True)(x.reshape(desc.tokens, -1), d_proj)
-    return dx, d_phi.astype(phi.dtype), d_alpha, d_bias
+    return _partition.typed_like_primals((dx, d_phi.astype(phi.dtype), d_alpha, d_bias),
+                                         residuals[:4])
 
 
 _pre.defvjp(_pre_fwd, _pre_bwd)
@@ -643,7 +647,8 @@ def _post_bwd(transpose, choice, residuals, dout):
     dx, df, d_post, d_res = _token_split(
         choice, pallas_hc.mix_backward, (*_POST_OPERANDS, _STREAMS), _POST_OPERANDS,
         transpose=transpose)(x, f_out, h_post, h_res, dout)
-    return dx, df, d_post.astype(h_post.dtype), d_res.astype(h_res.dtype)
+    return _partition.typed_like_primals(
+        (dx, df, d_post.astype(h_post.dtype), d_res.astype(h_res.dtype)), residuals)
 
 
 _post.defvjp(_post_fwd, _post_bwd)

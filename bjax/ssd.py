@@ -508,7 +508,7 @@ def _chunk_scan_bwd(desc, choice, residuals, cotangents):
     grads = [next(grads) if v is not None else None for v in args[:9]]
     for k in _PARAMS:   # summed over the batch rows (an all-reduce where the batch is split)
         grads[k] = None if grads[k] is None else grads[k].sum(0)
-    return (*grads, None)
+    return (*_partition.typed_like_primals(grads, args[:9]), None)
 
 
 _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)

@@ -18,12 +18,23 @@ def result_type(shape, dtype, *operands):
     ``jax.shard_map`` it varies over every mesh axis one of them varies over (what
     ``check_vma`` needs to know; outside, there are none)."""
     manual = [t for t in (getattr(jax.typeof(v), "manual_axis_type", None) for v in operands)
-              if t is not None and t.varying]
+              if t is not None]
     if not manual:
         return jax.ShapeDtypeStruct(shape, dtype)
     varying = frozenset().union(*(t.varying for t in manual))
     return jax.ShapeDtypeStruct(shape, dtype,
                                 manual_axis_type=manual[0].update(varying=varying))
+
+
+def pallas_call(kernel, *, out_shape, **options):
+    """``pl.pallas_call(kernel, out_shape=..., **options)`` whose results are typed by
+    :func:`result_type` from the operands it is called with, so that a kernel runs inside
+    ``jax.shard_map`` with its default checks. ``out_shape``: a pytree of
+    ``jax.ShapeDtypeStruct``."""
+    def call(*operands):
+        typed = jax.tree.map(lambda s: result_type(s.shape, s.dtype, *operands), out_shape)
+        return pl.pallas_call(kernel, out_shape=typed, **options)(*operands)
+    return call
 
 
 def all_of(*masks):

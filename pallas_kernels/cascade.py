@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import all_of, load
+from pallas_kernels.blocks import all_of, load, pallas_call
 from pallas_kernels.formulas.cascade import compute_dtype, merge_grad_math, merge_math
 from pallas_kernels.tiling import TileConfig, fit_tile
 
@@ -189,7 +189,7 @@ def _many_backward_kernel(v_ref, s_ref, dv_ref, ds_ref, dv_out, ds_out, *, shape
 
 def _call(kernel, operands, out_shapes, shape, config, interpret, name, aliases=None):
     seq_len, num_heads, _ = shape
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         out_shape=out_shapes,
         grid=(pl.cdiv(num_heads, config.block_cols), pl.cdiv(seq_len, config.block_rows)),

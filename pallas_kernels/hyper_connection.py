@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import bf16_pieces, columns, load, rows_cols, split_bf16, split_dot
+from pallas_kernels.blocks import (bf16_pieces, columns, load, pallas_call, rows_cols, split_bf16,
+                                   split_dot)
 from pallas_kernels.tiling import TileConfig, fit_tile
 
 # Elements a program holds across its streams (x tiles), and programs to launch at least.
@@ -152,7 +153,7 @@ def fused_forward(x, weight, s_pre, s_post, mix_matrix, *, eps: float, interpret
     config = row_config(rows, n, hidden)
     kernel = functools.partial(_fused_forward_kernel, n=n, rows=rows, hidden=hidden, eps=eps,
                                config=config)
-    return pl.pallas_call(
+    return pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         grid=(pl.cdiv(rows, config.block_rows),), compiler_params=_params(config),
         interpret=interpret, name="bjax_hyper_connection")(x, weight, s_pre, s_post, mix_matrix)
@@ -215,14 +216,14 @@ def fused_backward(x, dout, weight, s_pre, s_post, mix_matrix, *, eps: float,
     kernel = functools.partial(_row_terms_kernel, n=n, rows=rows, hidden=hidden, eps=eps,
                                config=rows_conf)
     row_vector = jax.ShapeDtypeStruct((rows,), jnp.float32)
-    rstd, slope = pl.pallas_call(
+    rstd, slope = pallas_call(
         kernel, out_shape=(row_vector, row_vector), grid=(pl.cdiv(rows, rows_conf.block_rows),),
         compiler_params=_params(rows_conf), interpret=interpret,
         name="bjax_hyper_connection_row_terms")(x, dout, weight, s_pre, s_post)
     config = stream_config(rows, n, hidden, tiles_per_stream=2)
     grid = (pl.cdiv(rows, config.block_rows), pl.cdiv(hidden, config.block_cols))
     kernel = functools.partial(_fused_grads_kernel, n=n, rows=rows, hidden=hidden, config=config)
-    dx, dw, stats = pl.pallas_call(
+    dx, dw, stats = pallas_call(
         kernel, out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                            jax.ShapeDtypeStruct((grid[0], hidden), jnp.float32),
                            jax.ShapeDtypeStruct((*grid, n * n + 2 * n), jnp.float32)),
@@ -252,7 +253,7 @@ def mix(x, f_out, h_post, h_res, *, transpose: bool, interpret: bool = False):
     config = stream_config(rows, n, hidden)
     kernel = functools.partial(_mix_kernel, n=n, rows=rows, hidden=hidden, transpose=transpose,
                                config=config)
-    return pl.pallas_call(
+    return pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         grid=(pl.cdiv(rows, config.block_rows), pl.cdiv(hidden, config.block_cols)),
         compiler_params=_params(config), interpret=interpret,
@@ -288,7 +289,7 @@ def mix_backward(x, f_out, h_post, h_res, dout, *, transpose: bool, interpret: b
     grid = (pl.cdiv(rows, config.block_rows), pl.cdiv(hidden, config.block_cols))
     kernel = functools.partial(_mix_backward_kernel, n=n, rows=rows, hidden=hidden,
                                transpose=transpose, config=config)
-    dx, df, stats = pl.pallas_call(
+    dx, df, stats = pallas_call(
         kernel, out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                            jax.ShapeDtypeStruct(f_out.shape, f_out.dtype),
                            jax.ShapeDtypeStruct((rows, grid[1], n * n + n), jnp.float32)),
@@ -312,7 +313,7 @@ def aggregate(x, h_pre, *, interpret: bool = False):
     rows, n, hidden = x.shape
     config = stream_config(rows, n, hidden)
     kernel = functools.partial(_aggregate_kernel, n=n, rows=rows, hidden=hidden, config=config)
-    return pl.pallas_call(
+    return pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((rows, hidden), x.dtype),
         grid=(pl.cdiv(rows, config.block_rows), pl.cdiv(hidden, config.block_cols)),
         compiler_params=_params(config), interpret=interpret, name="bjax_mhc_pre")(x, h_pre)
@@ -341,7 +342,7 @@ def aggregate_backward(x, h_pre, dout, *, with_dx: bool, interpret: bool = False
     out_shape = [jax.ShapeDtypeStruct((rows, grid[1], n), jnp.float32)]
     if with_dx:
         out_shape.insert(0, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    outs = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, compiler_params=_params(config),
+    outs = pallas_call(kernel, out_shape=out_shape, grid=grid, compiler_params=_params(config),
                           interpret=interpret, name="bjax_mhc_pre_backward")(x, h_pre, dout)
     dh_pre = jnp.sum(outs[-1], axis=1)
     return (outs[0], dh_pre) if with_dx else dh_pre
@@ -411,7 +412,7 @@ def project(x_flat, phi, *, interpret: bool = False):
     config, stages = projection_config(rows, flat, width, jnp.dtype(x_flat.dtype).itemsize)
     kernel = functools.partial(_project_kernel, rows=rows, flat=flat, width=width, count=count,
                                config=config)
-    return pl.pallas_call(
+    return pallas_call(
         kernel, out_shape=(jax.ShapeDtypeStruct((rows, count), jnp.float32),
                            jax.ShapeDtypeStruct((rows,), jnp.float32)),
         grid=(pl.cdiv(rows, config.block_rows),),
@@ -459,7 +460,7 @@ def project_input_grad(x, h_pre, dout, dproj, phi, x_scale, *, interpret: bool =
     config = input_grad_config(rows, hidden)
     kernel = functools.partial(_input_grad_kernel, n=n, rows=rows, hidden=hidden, width=width,
                                count=count, config=config)
-    return pl.pallas_call(
+    return pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         grid=(pl.cdiv(rows, config.block_rows), pl.cdiv(hidden, config.block_cols)),
         compiler_params=_params(config), interpret=interpret,
@@ -501,7 +502,7 @@ def project_weight_grad(x_flat, dproj, *, interpret: bool = False):
     chunks = pl.cdiv(rows, chunk)
     kernel = functools.partial(_weight_grad_kernel, rows=rows, flat=flat, width=width,
                                count=count, chunk=chunk, config=config)
-    partial = pl.pallas_call(
+    partial = pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((chunks, flat, count), jnp.float32),
         grid=(tiles, chunks), compiler_params=_params(config), interpret=interpret,
         name="bjax_mhc_projection_weight_grad")(x_flat, dproj)

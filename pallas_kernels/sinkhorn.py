@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import all_of, columns, load
+from pallas_kernels.blocks import all_of, columns, load, pallas_call
 from pallas_kernels.formulas.sinkhorn import (FLOOR, log_normalize, log_start, num_steps, schedule,
                                               start_grad, tied_cells)
 
@@ -145,7 +145,7 @@ def _scale(scales_ref, m_slice, slot, i_slice, vectors):
 
 
 def _call(kernel, operands, out_shape, count, config, interpret, name):
-    return pl.pallas_call(
+    return pallas_call(
         kernel, out_shape=out_shape, grid=(pl.cdiv(count, config.block_count),),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1),
         interpret=interpret, name=name)(*operands)

@@ -43,7 +43,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import all_of, block_loop, columns, dot, load, padded, rows_cols
+from pallas_kernels.blocks import (all_of, block_loop, columns, dot, load, padded, pallas_call,
+                                   rows_cols)
 from pallas_kernels.formulas.ssd import process_dt
 
 
@@ -136,7 +137,7 @@ def time_terms(dt, a, bias=None, *, chunk_size: int, softplus: bool,
     kernel = functools.partial(_time_kernel, seq_len=seq_len, chunk=chunk_size,
                                has_bias=bias is not None, softplus=softplus, limit=limit)
     out = jax.ShapeDtypeStruct((batch, heads, chunks * chunk_size), jnp.float32)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         out_shape=(out, out),
         grid=(chunks, heads, batch),
@@ -301,7 +302,7 @@ def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: i
                                has_seg=seg is not None, has_init=initial_states is not None,
                                dot_dtype=x.dtype)
     operands = [x, b, dt, a_cs] + [v for v in (seg, initial_states) if v is not None]
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_dim),
                                         states_dtype or snapshot_dtype(x.dtype)),
@@ -330,7 +331,7 @@ def chunk_scan(x, b, c, dt, a_cs, states, seg=None, d=None, z=None, *, chunk_siz
                                has_d=d is not None, has_z=z is not None, dot_dtype=x.dtype)
     operands = [x, b, c, dt, a_cs, states] + [v for v in (seg, d, z) if v is not None]
     tiles = (chunk_size // config.block_t) * pl.cdiv(head_dim, config.block_p)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         grid=(tiles, heads // config.block_h, chunks, batch),
@@ -416,7 +417,7 @@ def step(state, x, dt, a, b, c, bias=None, d=None, z=None, *, softplus: bool,
                                has_d=d is not None, has_z=z is not None, softplus=softplus,
                                limit=limit, config=config)
     operands = [state, x, dt, a, b, c] + [v for v in (bias, d, z) if v is not None]
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct(state.shape, state.dtype)),

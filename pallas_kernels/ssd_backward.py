@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import block_loop, columns, dot, load, padded, rows_cols
+from pallas_kernels.blocks import block_loop, columns, dot, load, padded, pallas_call, rows_cols
 from pallas_kernels.ssd import SsdConfig, segment_before, snapshot_dtype, state_piece
 
 
@@ -347,7 +347,7 @@ def state_grads(dy, c, a_cs, states, seg=None, dfinal=None, *, chunk_size: int,
                                has_seg=seg is not None, has_dfinal=dfinal is not None,
                                dot_dtype=dy.dtype)
     state = (batch, heads, head_dim, state_dim)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_dim), jnp.float32),
                    jax.ShapeDtypeStruct(state, jnp.float32),
@@ -370,7 +370,7 @@ def target_grads(x, dy, b, c, dt, a_cs, states, seg=None, *, chunk_size: int,
     p_blocks = pl.cdiv(head_dim, config.block_p)
     kernel = functools.partial(_target_kernel, dims=_dims(x, b, chunk_size), config=config,
                                has_seg=seg is not None, dot_dtype=x.dtype)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(
             (batch, seq_len, p_blocks * heads // config.block_h, state_dim), jnp.float32),
@@ -398,7 +398,7 @@ def source_grads(x, dy, b, c, dt, a_cs, gends, seg=None, d=None, *, chunk_size: 
     kernel = functools.partial(_source_kernel, dims=_dims(x, b, chunk_size), config=config,
                                has_seg=seg is not None, has_d=d is not None, dot_dtype=x.dtype)
     per_step = jax.ShapeDtypeStruct((batch, p_blocks, heads, length), jnp.float32)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct(

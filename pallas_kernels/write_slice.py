@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.blocks import pallas_call
 from pallas_kernels.tiling import TileConfig, fit_tile
 
 
@@ -110,7 +111,7 @@ def write_window(dest, source, positions, *, axes: tuple[AxisStart, ...], config
     kernel = functools.partial(_window_kernel, window=window, axes=axes, config=config)
     grid = (pl.cdiv(window[-1], config.block_cols), pl.cdiv(window[-2], config.block_rows),
             math.prod(window[:-2]))
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(dest.shape, dest.dtype),
         grid=grid,

@@ -382,52 +382,6 @@ def test_gated_mlp_trains_tensor_parallel(backend):
         np.testing.assert_allclose(np.asarray(new), np.asarray(ref), rtol=0, atol=1e-6)
 
 
-# One call of each op on arrays split along their first axis (n = 4 streams, C = 8
-# channels for mHC): (function, operands).
-_N, _C = 4, 8
-SHARD_MAP_CASES = {
-    "swiglu": (lambda b: lambda x: bjax.swiglu(x, backend=b), [(16, 32)]),
-    "merge_state": (lambda b: lambda v, s: bjax.merge_state(v, s, 2 * v, s + 1, backend=b)[0],
-                    [(16, 4, 8), (16, 4)]),
-    "merge_states": (lambda b: lambda v, s: bjax.merge_states(v, s, backend=b)[0],
-                     [(16, 3, 4, 8), (16, 3, 4)]),
-    "write_slice": (lambda b: lambda c, t: bjax.write_slice(c, t, (0, 3, 0), backend=b),
-                    [(16, 10, 8), (16, 1, 8)]),
-    "sinkhorn_knopp": (lambda b: lambda l: bjax.sinkhorn_knopp(l, backend=b), [(16, 4, 4)]),
-    "ssd_chunk_scan": (lambda b: lambda x, dt, B, C: bjax.ssd_chunk_scan(
-        x, 0.1 * jax.nn.sigmoid(dt), -jnp.ones((2,)), B, C, chunk_size=16, backend=b),
-        [(8, 16, 2, 4), (8, 16, 2), (8, 16, 1, 8), (8, 16, 1, 8)]),
-    "ssd_step": (lambda b: lambda st, x, dt, B, C: bjax.ssd_step(
-        st, x, 0.1 * jax.nn.sigmoid(dt), -jnp.ones((2,)), B, C, backend=b)[0],
-        [(8, 2, 4, 8), (8, 2, 4), (8, 2), (8, 1, 8), (8, 1, 8)]),
-    "mhc_pre": (lambda b: lambda x: bjax.mhc_pre(x, bias=jnp.zeros((_N * _N + 2 * _N,)),
-                                                 backend=b)[0], [(16, _N, _C)]),
-    "mhc_post": (lambda b: lambda x, f, hp, hr: bjax.mhc_post(x, f, hp, hr, backend=b),
-                 [(16, _N, _C), (16, _C), (16, _N), (16, _N, _N)]),
-    "hyper_connection": (lambda b: lambda x: bjax.hyper_connection(
-        x, jnp.ones((_C,)), jnp.zeros((_N,)), jnp.zeros((_N,)), jnp.zeros((_N, _N)),
-        backend=b), [(16, _N, _C)]),
-}
-
-
-@pytest.mark.parametrize("op", SHARD_MAP_CASES)
-def test_shard_map_with_checks_on_the_xla_backend(op, backend="xla"):
-    """Every op inside ``jax.shard_map`` with its default checks (``check_vma``), forward
-    and gradient, equal to the call outside. The Pallas backends are not covered yet: the
-    kernels' results do not declare their varying axes (gated's alone do), and JAX's Pallas
-    interpreter pads with arrays that vary over no axis, which ``check_vma`` refuses."""
-    make, shapes = SHARD_MAP_CASES[op]
-    fn = make(backend)
-    keys = jax.random.split(jax.random.key(11), len(shapes))
-    args = [jax.random.normal(k, shape, jnp.float32) for k, shape in zip(keys, shapes)]
-    mapped = jax.shard_map(fn, mesh=mesh_of((8,)), in_specs=tuple(P("data") for _ in args),
-                           out_specs=P("data"))
-    np.testing.assert_allclose(jax.jit(mapped)(*args), fn(*args), rtol=1e-6, atol=1e-6)
-    grad = jax.jit(jax.grad(lambda *a: jnp.sum(mapped(*a)), argnums=0))(*args)
-    np.testing.assert_allclose(grad, jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=0)(*args),
-                               rtol=1e-5, atol=1e-5)
-
-
 def _configured_cases():
     """(name, fn, args, specs, out_specs): ops called with a caller's kernel config."""
     key = jax.random.split(jax.random.key(21), 5)

@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 
 import bjax
-from benchmarks import harness
+from benchmarks import cases, harness
 
-PREFILL, DECODE = 16384, 64
-NUM_STATES, NUM_HEADS, HEAD_DIM = 4, 32, 128
+PREFILL, DECODE = cases.MERGE_PREFILL, cases.MERGE_DECODE
+NUM_STATES = cases.MERGE_STATES
 
 
 def jnp_merge_states(v, s):
@@ -49,11 +49,9 @@ def jnp_merge_state(v_a, s_a, v_b, s_b):
 
 
 def _states(seq_len, num_states):
-    v = jax.random.normal(jax.random.key(0), (seq_len, num_states, NUM_HEADS, HEAD_DIM),
-                          jnp.bfloat16)
-    s = 10 * jax.random.normal(jax.random.key(1), (seq_len, num_states, NUM_HEADS), jnp.float32)
-    dv = jax.random.normal(jax.random.key(2), (seq_len, NUM_HEADS, HEAD_DIM), jnp.bfloat16)
-    ds = jax.random.normal(jax.random.key(3), (seq_len, NUM_HEADS), jnp.float32)
+    v, s = cases.merge_inputs(seq_len, num_states)
+    dv = jax.random.normal(jax.random.key(2), (seq_len, *v.shape[2:]), jnp.bfloat16)
+    ds = jax.random.normal(jax.random.key(3), (seq_len, s.shape[2]), jnp.float32)
     return v, s, dv, ds
 
 

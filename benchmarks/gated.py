@@ -20,11 +20,9 @@ import jax
 import jax.numpy as jnp
 
 import bjax
-from benchmarks import harness
+from benchmarks import cases, harness
 from pallas_kernels import gated as kernels
 
-SHAPES = [((8192, 28672), jnp.bfloat16), ((8192, 28672), jnp.float32), ((16, 28672), jnp.bfloat16)]
-KINDS = ("glu", "reglu", "swiglu", "geglu")
 _ACT = {
     "glu": jax.nn.sigmoid,
     "reglu": jax.nn.relu,
@@ -46,8 +44,8 @@ def _backward(fn):
 def run(backend: str, sweep: bool) -> str:
     ceiling, ceiling_how = harness.copy_ceiling_tbps()
     rows = []
-    for (shape, dtype), kind in itertools.product(SHAPES, KINDS):
-        x = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(dtype)
+    for (shape, dtype), kind in itertools.product(cases.GATED_SHAPES, cases.GATED_KINDS):
+        x = cases.gated_input(shape, dtype)
         out_shape = shape[:-1] + (shape[-1] // 2,)
         dy = jax.random.normal(jax.random.key(1), out_shape, jnp.float32).astype(dtype)
         mine = lambda x, kind=kind: bjax.gated_activation(x, kind, backend=backend)  # noqa: E731

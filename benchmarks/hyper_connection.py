@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 
 import bjax
-from benchmarks import harness
+from benchmarks import cases, harness
 
-SEED_SHAPE = (8192, 4, 4096)
-TOKENS, STREAMS, HIDDEN = 16384, 4, 2560
+SEED_SHAPE = cases.HYPER_CONNECTION_SHAPE
+TOKENS, STREAMS, HIDDEN = cases.MHC_TOKENS, cases.MHC_STREAMS, cases.MHC_HIDDEN
 
 
 def _fwd_bwd(fn, argnums):
@@ -37,12 +37,9 @@ def _fwd_bwd(fn, argnums):
 
 
 def seed_rows(backend, ceiling):
-    k = jax.random.split(jax.random.key(0), 6)
-    batch, n, hidden = SEED_SHAPE
-    x = jax.random.normal(k[0], SEED_SHAPE, jnp.float32)
-    args = (x, jax.random.normal(k[1], (hidden,)), jax.random.normal(k[2], (n,)),
-            jax.random.normal(k[3], (n,)), jax.random.normal(k[4], (n, n)))
-    dout = jax.random.normal(k[5], SEED_SHAPE, jnp.float32)
+    args = cases.hyper_connection_inputs()
+    x = args[0]
+    dout = jax.random.normal(jax.random.key(5), SEED_SHAPE, jnp.float32)
     ops = {name: (lambda *a, b=b: bjax.hyper_connection(*a, backend=b))
            for name, b in (("bjax", backend), ("xla", "xla"))}
     fwd = {name: harness.device_time_ms(jax.jit(f), *args, calls=20) for name, f in ops.items()}
@@ -53,22 +50,12 @@ def seed_rows(backend, ceiling):
             _row("hyper_connection", "fwd+bwd", shape, both, 5 * x.nbytes, ceiling)]
 
 
-def _layer(backend):
-    def layer(x, phi, alpha, bias):
-        layer_input, h_post, h_res = bjax.mhc_pre(x, phi=phi, alpha=alpha, bias=bias,
-                                                  backend=backend)
-        return bjax.mhc_post(x, layer_input, h_post, h_res, backend=backend)
-    return layer
-
-
 def layer_rows(backend, ceiling):
-    n, count = STREAMS, STREAMS * STREAMS + 2 * STREAMS
-    k = jax.random.split(jax.random.key(1), 5)
-    x = jax.random.normal(k[0], (TOKENS, n, HIDDEN), jnp.bfloat16)
-    args = (x, 0.02 * jax.random.normal(k[1], (n * HIDDEN, count)),
-            jnp.array([0.8, 0.6, 1.1], jnp.float32), jax.random.normal(k[2], (count,)))
-    dout = jax.random.normal(k[3], x.shape, jnp.bfloat16)
-    ops = {name: _layer(b) for name, b in (("bjax", backend), ("xla", "xla"))}
+    n = STREAMS
+    args = cases.mhc_layer_inputs()
+    x = args[0]
+    dout = jax.random.normal(jax.random.key(3), x.shape, jnp.bfloat16)
+    ops = {name: cases.mhc_layer(b) for name, b in (("bjax", backend), ("xla", "xla"))}
     fwd = {name: harness.device_time_ms(jax.jit(f), *args, calls=20) for name, f in ops.items()}
     both = {name: harness.device_time_ms(_fwd_bwd(f, range(4)), *args, dout, calls=10)
             for name, f in ops.items()}
@@ -80,7 +67,7 @@ def layer_rows(backend, ceiling):
 
 
 def sinkhorn_rows(backend, ceiling):
-    logits = jax.random.normal(jax.random.key(2), (TOKENS, STREAMS, STREAMS), jnp.float32)
+    logits, = cases.sinkhorn_inputs()
     dm = jax.random.normal(jax.random.key(3), logits.shape, jnp.float32)
     ops = {name: (lambda l, b=b: bjax.sinkhorn_knopp(l, backend=b))
            for name, b in (("bjax", backend), ("xla", "xla"))}

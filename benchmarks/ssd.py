@@ -32,25 +32,9 @@ import jax
 import jax.numpy as jnp
 
 import bjax
-from benchmarks import harness
+from benchmarks import cases, harness
 
-SCAN_SHAPES = [  # batch, seqlen, heads, head_dim, groups, state_dim, chunk
-    (4, 4096, 64, 64, 1, 128, 256),
-    (1, 2048, 80, 64, 1, 128, 256),
-    (2, 8192, 128, 64, 8, 128, 128),
-]
-STEP_SHAPE = (64, 64, 64, 1, 128)  # batch, heads, head_dim, groups, state_dim
-
-
-def inputs(shape, seed=0):
-    batch, seq_len, heads, head_dim, groups, state_dim, _ = shape
-    k = jax.random.split(jax.random.key(seed), 5)
-    x = jax.random.normal(k[0], (batch, seq_len, heads, head_dim), jnp.bfloat16)
-    dt = jax.random.uniform(k[1], (batch, seq_len, heads), jnp.float32, 0.001, 0.1)
-    A = -jax.random.uniform(k[2], (heads,), jnp.float32, 1.0, 16.0)
-    B = jax.random.normal(k[3], (batch, seq_len, groups, state_dim), jnp.bfloat16)
-    C = jax.random.normal(k[4], (batch, seq_len, groups, state_dim), jnp.bfloat16)
-    return x, dt, A, B, C
+SCAN_SHAPES, STEP_SHAPE, inputs = cases.SSD_SCAN_SHAPES, cases.SSD_STEP_SHAPE, cases.ssd_inputs
 
 
 def floors_ms(shape, copy_tbps, matmul_tflops):
@@ -181,14 +165,7 @@ def backward_rows(backend, mamba):
 
 
 def step_row(backend, copy_tbps):
-    batch, heads, head_dim, groups, state_dim = STEP_SHAPE
-    k = jax.random.split(jax.random.key(1), 6)
-    state = jax.random.normal(k[0], (batch, heads, head_dim, state_dim), jnp.float32)
-    x = jax.random.normal(k[1], (batch, heads, head_dim), jnp.bfloat16)
-    dt = jax.random.uniform(k[2], (batch, heads), jnp.float32, 0.001, 0.1)
-    A = -jax.random.uniform(k[3], (heads,), jnp.float32, 1.0, 16.0)
-    B = jax.random.normal(k[4], (batch, groups, state_dim), jnp.bfloat16)
-    C = jax.random.normal(k[5], (batch, groups, state_dim), jnp.bfloat16)
+    state, x, dt, A, B, C = cases.ssd_step_inputs()
     # The carry is (y, state): y stays live, so neither side can drop its computation.
     fns = {name: jax.jit(lambda carry, *a, b=b: bjax.ssd_step(carry[1], *a, backend=b),
                          donate_argnums=0)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import bjax
-from benchmarks import harness
+from benchmarks import cases, harness
 
 def _decode_cases() -> list[tuple]:
     """(dtype, appends per call, cache sizes in MiB) of the decode loop on this device."""
@@ -65,8 +65,7 @@ def decode_rows(backend: str) -> list[list]:
         itemsize = jnp.dtype(dtype).itemsize
         for mib in sizes:
             seq = mib * 2**20 // (8 * 8 * 128 * itemsize)
-            caches = {name: jax.random.normal(jax.random.key(0), (8, seq, 8, 128)).astype(dtype)
-                      for name in appends}
+            caches = {name: cases.decode_cache(seq, dtype) for name in appends}
             ms = harness.chained_times_ms(
                 {name: _decode(a, steps) for name, a in appends.items()}, caches, tokens,
                 jnp.int32(seq // 2), calls=10 if steps > 16 else 2, rounds=7 if steps > 16 else 3)
@@ -80,14 +79,9 @@ def decode_rows(backend: str) -> list[list]:
 
 
 def window_rows(backend: str, ceiling: float) -> list[list]:
-    cases = [
-        # Windows well over the 50 MB L2, so that the figures are HBM traffic.
-        ("generic 3-d", (64, 1024, 4096), (48, 768, 3000), (7, 100, 200), jnp.bfloat16),
-        ("int4 even window", (16384, 32768), (12288, 24576), (1000, 2048), jnp.int4),
-    ]
     rows = []
-    for name, dest_shape, window, start, dtype in cases:
-        source = jax.random.randint(jax.random.key(1), window, -7, 7).astype(dtype)
+    for name, dest_shape, window, start, dtype in cases.WRITE_WINDOWS:
+        source = cases.window_source(window, dtype)
         updates = {
             "bjax": lambda d, s: bjax.write_slice(d, s, start, backend=backend),
             "dynamic_update_slice": lambda d, s: lax.dynamic_update_slice(d, s, start),
@@ -95,7 +89,7 @@ def window_rows(backend: str, ceiling: float) -> list[list]:
         }
         times = {}
         for label, update in updates.items():
-            dest = jax.random.randint(jax.random.key(0), dest_shape, -7, 7).astype(dtype)
+            dest = cases.window_dest(dest_shape, dtype)
             times[label] = harness.kernel_time_ms(jax.jit(update, donate_argnums=0), dest,
                                                   source, chain=True)
             del dest

@@ -63,6 +63,14 @@ def _loss(fn):
     return lambda *args: sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(fn(*args)))
 
 
+def _values_and_grads(fn):
+    """One program: ``fn``'s outputs and the gradients of :func:`_loss` in every argument."""
+    def run(*args):
+        out, vjp = jax.vjp(fn, *args)
+        return out, vjp(jax.tree.map(lambda v: 2 * v, out))
+    return jax.jit(run)
+
+
 def _mapped(fn, specs):
     mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(AxisType.Auto,))
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P("data"))
@@ -73,15 +81,14 @@ def _mapped(fn, specs):
 def test_shard_map_with_checks(op, backend):
     make, args, specs = _problem(op)
     fn = make(backend)
-    mapped = _mapped(fn, specs)
+    (outs, grads), (refs, ref_grads) = (_values_and_grads(f)(*args)
+                                        for f in (_mapped(fn, specs), fn))
     # The same rows in other programs: XLA may fuse and sum them in another order.
-    for out, ref in zip(jax.tree.leaves(jax.jit(mapped)(*args)), jax.tree.leaves(fn(*args))):
+    for out, ref in zip(jax.tree.leaves(outs), jax.tree.leaves(refs)):
         ref = np.asarray(ref)
         np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
-    argnums = tuple(range(len(args)))
-    grads = jax.jit(jax.grad(_loss(mapped), argnums=argnums))(*args)
     # A replicated parameter's gradient is every device's part, summed: in another order.
-    for grad, ref in zip(grads, jax.grad(_loss(fn), argnums=argnums)(*args)):
+    for grad, ref in zip(grads, ref_grads, strict=True):
         ref = np.asarray(ref)
         np.testing.assert_allclose(np.asarray(grad), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 

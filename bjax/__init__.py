@@ -10,6 +10,8 @@ from bjax import errors
 from bjax._op import BACKENDS, Plan, PrecisionGuarantee, plan
 from bjax.cascade import (CascadeMergeDescriptor, MergeStateDescriptor, MergeStatesDescriptor,
                           merge_state, merge_states)
+from bjax.conv import (CausalConv1dDescriptor, CausalConv1dStepDescriptor, causal_conv1d,
+                       causal_conv1d_step)
 from bjax.errors import BjaxError, InvalidProblemError, UnsupportedError
 from bjax.hyper_connection import (DEEPSEEK_MHC_POST, DEEPSEEK_MHC_PRE,
                                     HyperConnectionDescriptor, MhcPostDescriptor,
@@ -30,7 +32,8 @@ def __getattr__(name):
 
 
 __all__ = [
-    "BACKENDS", "BjaxError", "CascadeMergeDescriptor", "DEEPSEEK_MHC_POST", "DEEPSEEK_MHC_PRE",
+    "BACKENDS", "BjaxError", "CausalConv1dDescriptor", "CausalConv1dStepDescriptor",
+    "causal_conv1d", "causal_conv1d_step", "CascadeMergeDescriptor", "DEEPSEEK_MHC_POST", "DEEPSEEK_MHC_PRE",
     "GatedActivationDescriptor", "MergeStateDescriptor", "MergeStatesDescriptor",
     "HyperConnectionDescriptor", "MhcPostDescriptor", "MhcPreDescriptor", "SinkhornDescriptor",
     "hyper_connection", "mhc_post", "mhc_pre", "sinkhorn_knopp",

@@ -38,6 +38,12 @@ SSD_STEP_SHAPE = (64, 64, 64, 1, 128)  # batch, heads, head_dim, groups, state_d
 HYPER_CONNECTION_SHAPE = (8192, 4, 4096)           # tokens, streams, channels (float32)
 MHC_TOKENS, MHC_STREAMS, MHC_HIDDEN = 16384, 4, 2560  # mhc_pre + mhc_post (bf16), Sinkhorn
 
+CONV_SHAPES = [  # batch, seqlen, channels, taps: Mamba-2 2.7B's conv (5120 + 2 x 128 channels)
+    ((4, 2048, 5376, 4), jnp.bfloat16),
+    ((4, 2048, 5376, 4), jnp.float32),
+]
+CONV_STEP_SHAPE = (64, 5376, 4)   # batch, channels, taps
+
 WRITE_WINDOWS = [  # name, dest, window, start, dtype: well over the H200's 50 MB L2
     ("generic 3-d", (64, 1024, 4096), (48, 768, 3000), (7, 100, 200), jnp.bfloat16),
     ("int4 even window", (16384, 32768), (12288, 24576), (1000, 2048), jnp.int4),
@@ -113,6 +119,22 @@ def mhc_layer(backend):
 def sinkhorn_inputs():
     return (jax.random.normal(jax.random.key(2), (MHC_TOKENS, MHC_STREAMS, MHC_STREAMS),
                               jnp.float32),)
+
+
+def conv_inputs(shape, dtype, seed=0):
+    """``(x, weight, bias)`` of a causal_conv1d problem ``(b, l, d, k)``."""
+    batch, length, channels, taps = shape
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(keys[0], (batch, length, channels), jnp.float32).astype(dtype),
+            (jax.random.normal(keys[1], (channels, taps), jnp.float32) / taps).astype(dtype),
+            jax.random.normal(keys[2], (channels,), jnp.float32).astype(dtype))
+
+
+def conv_step_inputs(seed=0):
+    """``(conv_state, x, weight, bias)`` of a causal_conv1d_step problem."""
+    batch, channels, taps = CONV_STEP_SHAPE
+    x, weight, bias = conv_inputs((batch, taps, channels, taps), jnp.bfloat16, seed)
+    return x[:, 1:], x[:, 0], weight, bias
 
 
 def decode_cache(seq_len: int, dtype, seed=0):
@@ -192,6 +214,16 @@ def _mhc_cases():
                lambda b: lambda l: bjax.sinkhorn_knopp(l, backend=b), sinkhorn_inputs, (0,))
 
 
+def _conv_cases():
+    for shape, dtype in CONV_SHAPES:
+        yield Case("causal_conv1d b{} l{} d{} k{} silu ".format(*shape) + jnp.dtype(dtype).name,
+                   lambda b: lambda *a: bjax.causal_conv1d(*a, activation="silu", backend=b),
+                   lambda shape=shape, dtype=dtype: conv_inputs(shape, dtype), (0, 1, 2))
+    yield Case("causal_conv1d_step b{} d{} k{} bfloat16".format(*CONV_STEP_SHAPE),
+               lambda b: lambda *a: bjax.causal_conv1d_step(*a, activation="silu", backend=b),
+               conv_step_inputs, (0, 1, 2, 3))
+
+
 def _write_cases():
     for name, dest_shape, window, start, dtype in WRITE_WINDOWS:
         yield Case(name, lambda b, start=start: lambda d, s: bjax.write_slice(d, s, start,
@@ -209,5 +241,5 @@ def _write_cases():
 
 
 CASES: dict[str, Case] = {case.name: case for case in itertools.chain(
-    _gated_cases(), _merge_cases(), _ssd_cases(), _mhc_cases(), _write_cases())}
+    _gated_cases(), _merge_cases(), _ssd_cases(), _mhc_cases(), _conv_cases(), _write_cases())}
 """Every benchmarked problem, by name."""

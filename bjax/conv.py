@@ -293,8 +293,12 @@ def final_states(x, initial_states, seq_idx, taps: int):
 
 
 def _check_config(desc, config: pallas_conv.ConvConfig) -> None:
-    del desc   # the kernels mask partial blocks: any launchable config runs any shape
-    _op.check_launch(config, "causal_conv1d")
+    """Launchable, with pieces of whole steps (the kernels mask partial blocks: any such
+    config runs any shape)."""
+    op = "causal_conv1d" if isinstance(desc, CausalConv1dDescriptor) else "causal_conv1d_step"
+    _op.check_launch(config, op)
+    _op.check(config.piece_len % config.unroll == 0, op, "config.piece_len",
+              f"a multiple of config.unroll = {config.unroll}", config.piece_len)
 
 
 IMPLEMENTATIONS = (

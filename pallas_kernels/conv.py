@@ -15,14 +15,14 @@ the rows before the start belong to the first sequence. The backward, with
 (each term where both rows are in one sequence), and ``dinit`` is ``dx`` of the rows
 before the start.
 
-* :func:`forward`: one program per ``[block_l, block_d]`` tile of ``y`` reads ``k``
-  row-shifted tiles of ``x`` (one from memory, the rest from cache).
-* :func:`backward`: a tile cannot shift its rows, and ``dx[s]`` needs ``du`` of the
-  ``k - 1`` rows after ``s``. One program walks ``lanes`` pieces of ``piece`` rows side
-  by side, one row of each a step, carrying the last ``k - 1`` rows of ``x`` and of
-  pending ``dx`` in registers, so that ``act'`` is evaluated once a row; each piece
-  runs ``k - 1`` rows past its end (recomputing ``du`` there) to finish its last rows.
-  ``dw`` and ``dbias`` come out per program, summed by the caller.
+* :func:`forward` and :func:`backward`: a tile cannot shift its rows, and ``dx[s]``
+  needs ``du`` of the ``k - 1`` rows after ``s``. So one program walks ``lanes`` pieces
+  of ``piece`` rows side by side, ``unroll`` rows of each a step (their loads issued
+  together), carrying the last ``k - 1`` rows of ``x`` (and, backward, of pending
+  ``dx``) in registers: every row is read once and ``act'`` evaluated once a row. Each
+  piece starts from the ``k - 1`` rows before it; the backward runs ``k - 1`` rows past
+  its end (recomputing ``du`` there) to finish its last rows. ``dw`` and ``dbias`` come
+  out per program, summed by the caller.
 * :func:`step`: one token into a ``[b, k - 1, d]`` state, written in place.
 
 Math in float32; results in the dtypes of the arrays they belong to.
@@ -48,34 +48,34 @@ _MIN_PROGRAMS = 512
 class ConvConfig:
     """Launch configuration of the convolution kernels.
 
+    A program walks ``block_lanes`` pieces of ``piece_len`` rows side by side, over
+    ``block_d`` channels, ``unroll`` rows of every lane a step.
+
     Attributes:
-      block_l: forward: rows of ``y`` per program.
-      block_d: channels per program (forward, backward and step).
-      block_lanes: backward: pieces of the sequence a program walks side by side.
-      piece_len: backward: rows of each piece (more rows: less recomputation past
-        each piece's end, fewer programs).
+      block_d: channels per program (the step kernel's too).
+      block_lanes: pieces of the sequence a program walks side by side.
+      piece_len: rows of each piece, a multiple of ``unroll`` (more rows: less
+        recomputation past each piece's end in the backward, fewer programs).
+      unroll: rows of every lane loaded together at each step of the walk.
       num_warps: warps per program.
     """
-    block_l: int = 16
-    block_d: int = 256
-    block_lanes: int = 4
+    block_d: int = 128
+    block_lanes: int = 2
     piece_len: int = 64
+    unroll: int = 8
     num_warps: int = 4
 
 
 def default_config(batch: int, length: int, channels: int) -> ConvConfig:
-    """Tiles of 4096 elements forward, 1024 lanes x channels backward, 256 channels wide
-    when the channels allow, shrunk along the sequence until the grid fills the GPU."""
-    block_d = min(256, pl.next_power_of_2(max(channels, 1)))
-    block_l = max(1, 4096 // block_d)
-    lanes, piece = max(1, 1024 // block_d), 64
-    grid_d = batch * pl.cdiv(channels, block_d)
-    while block_l > 1 and grid_d * pl.cdiv(length, block_l) < _MIN_PROGRAMS:
-        block_l //= 2
-    while piece > 8 and grid_d * pl.cdiv(length, lanes * piece) < _MIN_PROGRAMS:
+    """128 channels and 2 lanes a program, 8 rows a step, pieces of 64 rows shortened (to
+    8) until the grid fills the GPU or a piece covers a short sequence (BENCHMARKS.md)."""
+    block_d = min(128, pl.next_power_of_2(max(channels, 1)))
+    lanes, piece = 2, 64
+    programs = batch * pl.cdiv(channels, block_d)
+    while piece > 8 and (programs * pl.cdiv(length, lanes * piece) < _MIN_PROGRAMS
+                         or lanes * piece // 2 >= length):
         piece //= 2
-    block_l = min(block_l, pl.next_power_of_2(max(length, 1)))
-    return ConvConfig(block_l, block_d, lanes, piece, num_warps=4)
+    return ConvConfig(block_d, lanes, piece, unroll=8, num_warps=4)
 
 
 def _tap(ref, j, cols, col_mask):
@@ -155,21 +155,66 @@ def _program_cols(channels, config):
     return cols, (cols < channels) if channels % config.block_d else None
 
 
+def _lane_starts(config):
+    """First row of each of this program's lanes (int32 ``[lanes]``)."""
+    lanes, piece = config.block_lanes, config.piece_len
+    return pl.program_id(1) * (lanes * piece) + jnp.arange(lanes, dtype=jnp.int32) * piece
+
+
+def _window(rows, starts, taps):
+    """The ``k - 1`` rows before each lane's start (oldest first) and their sequence ids
+    (``[]`` without seq_idx)."""
+    before = [starts - (taps - 1) + m for m in range(taps - 1)]
+    return [rows.x(r) for r in before], [] if rows.seq_ref is None else [rows.seq(r)
+                                                                          for r in before]
+
+
+def _sources(window, window_seq, x_t, seq_t):
+    """The ``k`` rows row ``t`` reads (oldest first, rows of other sequences zeroed) and
+    their masks (None: same sequence)."""
+    same = ([_same(s, seq_t) for s in window_seq] if seq_t is not None
+            else [None] * len(window)) + [None]
+    return [_keep(v, m) for v, m in zip(window, same)] + [x_t], same
+
+
+def _shifted(window, window_seq, x_t, seq_t):
+    """The window one row on."""
+    return [*window[1:], x_t], (window_seq if seq_t is None else [*window_seq[1:], seq_t])
+
+
+def _walk(steps, first, config, starts, load_row, row_step, carry):
+    """``steps`` steps of ``config.unroll`` rows of every lane from row ``first`` of the
+    piece: a step's loads (``load_row(t)``) are issued together, then ``row_step(t,
+    loaded, carry) -> carry`` runs row by row."""
+    def body(i, carry):
+        t0 = starts + first + i * config.unroll
+        loaded = [load_row(t0 + r) for r in range(config.unroll)]
+        for r in range(config.unroll):
+            carry = row_step(t0 + r, loaded[r], carry)
+        return carry
+    return jax.lax.fori_loop(0, steps, body, carry)
+
+
 def _forward_kernel(*refs, has_init, has_seq, activation, config):
     x_ref, w_ref, bias_ref, init_ref, seq_ref, (y_ref,) = _operands(refs, has_init, has_seq)
     taps, (_, length, channels) = w_ref.shape[0], x_ref.shape
     cols, col_mask = _program_cols(channels, config)
-    batch = pl.program_id(2)
-    rows = _Rows(x_ref, init_ref, seq_ref, batch, cols, col_mask, taps)
-    t = pl.program_id(1) * config.block_l + jnp.arange(config.block_l, dtype=jnp.int32)
-    seq_t = rows.seq(t)
-    u = jnp.broadcast_to(_tap(bias_ref, None, cols, col_mask)[None, :],
-                         (config.block_l, config.block_d))
-    for j in range(taps):
-        source = t - (taps - 1) + j
-        tap = _tap(w_ref, j, cols, col_mask)[None, :]
-        u = u + tap * _keep(rows.x(source), _same(rows.seq(source), seq_t))
-    rows.write(y_ref, t, t < length, activate(u, activation))
+    rows = _Rows(x_ref, init_ref, seq_ref, pl.program_id(2), cols, col_mask, taps)
+    starts = _lane_starts(config)
+    w = [_tap(w_ref, j, cols, col_mask)[None, :] for j in range(taps)]
+    bias = _tap(bias_ref, None, cols, col_mask)[None, :]
+
+    def row_step(t, loaded, carry):
+        (window, window_seq), (x_t, seq_t) = carry, loaded
+        u = bias
+        for tap, source in zip(w, _sources(window, window_seq, x_t, seq_t)[0]):
+            u = u + tap * source
+        rows.write(y_ref, t, (t < starts + config.piece_len) & (t < length),
+                   activate(u, activation))
+        return _shifted(window, window_seq, x_t, seq_t)
+
+    _walk(config.piece_len // config.unroll, 0, config, starts,
+          lambda t: (rows.x(t), rows.seq(t)), row_step, _window(rows, starts, taps))
 
 
 def _backward_kernel(*refs, has_init, has_seq, activation, config):
@@ -177,13 +222,11 @@ def _backward_kernel(*refs, has_init, has_seq, activation, config):
     dy_ref, dx_ref, dw_ref, dbias_ref, *dinit_ref = rest
     taps, (_, length, channels) = w_ref.shape[0], x_ref.shape
     cols, col_mask = _program_cols(channels, config)
-    batch = pl.program_id(2)
-    rows = _Rows(x_ref, init_ref, seq_ref, batch, cols, col_mask, taps)
-    lanes, piece = config.block_lanes, config.piece_len
-    starts = pl.program_id(1) * (lanes * piece) + jnp.arange(lanes, dtype=jnp.int32) * piece
+    rows = _Rows(x_ref, init_ref, seq_ref, pl.program_id(2), cols, col_mask, taps)
+    starts, piece = _lane_starts(config), config.piece_len
     w = [_tap(w_ref, j, cols, col_mask)[None, :] for j in range(taps)]
     bias = _tap(bias_ref, None, cols, col_mask)[None, :]
-    zeros = jnp.zeros((lanes, config.block_d), jnp.float32)
+    zeros = jnp.zeros((config.block_lanes, config.block_d), jnp.float32)
 
     def store_finished(row, value):
         """Row ``row`` of dx (those of this piece) or of dinit (before the start)."""
@@ -192,33 +235,30 @@ def _backward_kernel(*refs, has_init, has_seq, activation, config):
         if dinit_ref:
             rows.write(dinit_ref[0], row + taps - 1, (row < 0) & (starts == 0), value)
 
-    def step(i, carry, accumulate):
-        window, window_seq, pending, dw, dbias = carry
-        t = starts + i
-        x_t, seq_t = rows.x(t), rows.seq(t)
-        same = ([_same(s, seq_t) for s in window_seq] if seq_t is not None
-                else [None] * (taps - 1)) + [None]
-        sources = [_keep(v, m) for v, m in zip(window, same)] + [x_t]
+    def row_step(t, loaded, carry, accumulate):
+        (window, window_seq, pending, dw, dbias), (x_t, seq_t, dy_t) = carry, loaded
+        sources, same = _sources(window, window_seq, x_t, seq_t)
         u = bias
         for tap, source in zip(w, sources):
             u = u + tap * source
-        du = activation_grad(u, rows.read(dy_ref, t), activation)
+        du = activation_grad(u, dy_t, activation)
         if accumulate:
             dw = [acc + du * source for acc, source in zip(dw, sources)]
             dbias = dbias + du
         pending = [p + _keep(tap * du, m) for p, tap, m in zip([*pending, zeros], w, same)]
         store_finished(t - (taps - 1), pending[0])
-        window_seq = window_seq if seq_t is None else [*window_seq[1:], seq_t]
-        return [*window[1:], x_t], window_seq, pending[1:], dw, dbias
+        return (*_shifted(window, window_seq, x_t, seq_t), pending[1:], dw, dbias)
 
-    first = [starts - (taps - 1) + m for m in range(taps - 1)]
-    window = [rows.x(r) for r in first]
-    window_seq = [] if seq_ref is None else [rows.seq(r) for r in first]
-    carry = (window, window_seq, [zeros] * (taps - 1), [zeros] * taps, zeros)
-    carry = jax.lax.fori_loop(0, piece, functools.partial(step, accumulate=True), carry)
-    carry = jax.lax.fori_loop(piece, piece + taps - 1, functools.partial(step, accumulate=False),
-                              carry)
-    _, _, _, dw, dbias = carry
+    def load_row(t):
+        return rows.x(t), rows.seq(t), rows.read(dy_ref, t)
+
+    carry = (*_window(rows, starts, taps), [zeros] * (taps - 1), [zeros] * taps, zeros)
+    carry = _walk(piece // config.unroll, 0, config, starts, load_row,
+                  functools.partial(row_step, accumulate=True), carry)
+    # Past the piece's end: du of the next k - 1 rows finishes its last rows of dx.
+    carry = _walk(pl.cdiv(taps - 1, config.unroll), piece, config, starts, load_row,
+                  functools.partial(row_step, accumulate=False), carry)
+    dw, dbias = carry[3], carry[4]
     program = pl.program_id(2) * pl.num_programs(1) + pl.program_id(1)
     for j in range(taps):
         plgpu.store(dw_ref.at[program, jnp.int32(j), cols], dw[j].sum(axis=0), mask=col_mask)
@@ -246,6 +286,11 @@ def _optional(init, seq):
                  if v is not None)
 
 
+def _grid(batch, length, channels, config):
+    per_program = config.block_lanes * config.piece_len
+    return (pl.cdiv(channels, config.block_d), pl.cdiv(length, per_program), batch)
+
+
 _STATIC = ("activation", "config", "interpret")
 
 
@@ -260,7 +305,7 @@ def forward(x, w, bias, init, seq, *, activation, config: ConvConfig, interpret=
     kernel, operands, aliases = _with_out(kernel, (x, w, bias, *_optional(init, seq)), out, 1)
     return pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-        grid=(pl.cdiv(channels, config.block_d), pl.cdiv(length, config.block_l), batch),
+        grid=_grid(batch, length, channels, config),
         input_output_aliases=aliases, compiler_params=_params(config), interpret=interpret,
         name="bjax_causal_conv1d_forward")(*operands)
 
@@ -272,8 +317,7 @@ def backward(x, w, bias, init, seq, dy, *, activation, config: ConvConfig, inter
     in init's dtype, or None without init); dx written into ``out`` if given."""
     batch, length, channels = x.shape
     taps = w.shape[0]
-    per_program = config.block_lanes * config.piece_len
-    grid = (pl.cdiv(channels, config.block_d), pl.cdiv(length, per_program), batch)
+    grid = _grid(batch, length, channels, config)
     programs = grid[1] * batch
     shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype),
               jax.ShapeDtypeStruct((programs, taps, channels), jnp.float32),

@@ -270,3 +270,27 @@ def deepseek_mhc_layer(residual, fn, scale, base, norm_weight, sublayer):
     out = (jnp.swapaxes(comb, 1, 2)[:, :, :, None] * x[:, None, :, :]).sum(2) \
         + post[:, :, None] * sublayer(layer_input)[:, None, :]
     return out, layer_input, post, comb
+
+
+def causal_conv1d(x, weight, bias=None, *, activation=None, initial_states=None, seq_idx=None):
+    """``y[b, t, c] = act(bias[c] + sum_j weight[c, j] x[b, t - (k - 1) + j, c])`` in float64
+    ``jax.numpy`` (x64 on; JAX only for its autodiff): rows before the start are
+    ``initial_states`` (or zeros); a row of another sequence than t's (``seq_idx``) is zero,
+    the rows before the start counting as the first sequence's."""
+    import jax
+    import jax.numpy as jnp
+
+    x, weight = jnp.asarray(x, jnp.float64), jnp.asarray(weight, jnp.float64)
+    batch, length, channels = x.shape
+    taps = weight.shape[1]
+    before = (jnp.zeros((batch, taps - 1, channels)) if initial_states is None
+              else jnp.asarray(initial_states, jnp.float64))
+    rows = jnp.concatenate([before, x], axis=1)          # row s of x at s + k - 1
+    ids = jnp.zeros((batch, length), jnp.int32) if seq_idx is None else jnp.asarray(seq_idx)
+    row_ids = jnp.concatenate([jnp.repeat(ids[:, :1], taps - 1, axis=1), ids], axis=1)
+    y = jnp.zeros(x.shape) if bias is None else jnp.broadcast_to(
+        jnp.asarray(bias, jnp.float64), x.shape)
+    for j in range(taps):   # the rows t - (k - 1) + j for every t at once
+        same = row_ids[:, j:j + length] == ids
+        y = y + weight[:, j] * jnp.where(same[..., None], rows[:, j:j + length], 0.0)
+    return jax.nn.silu(y) if activation == "silu" else y

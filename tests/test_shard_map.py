@@ -39,6 +39,11 @@ CASES = {
     "ssd_step": (lambda b: lambda st, x, dt, B, C, a, D, bias: bjax.ssd_step(
         st, x, dt, -jnp.exp(a), B, C, D=D, dt_bias=bias, dt_softplus=True, backend=b),
         [(8, 2, 4, 8), (8, 2, 4), (8, 2), (8, 1, 8), (8, 1, 8)], [(2,), (2,), (2,)]),
+    "causal_conv1d": (lambda b: lambda x, init, w, bias: bjax.causal_conv1d(
+        x, w, bias, activation="silu", initial_states=init, return_final_states=True,
+        backend=b), [(8, 12, 16), (8, 3, 16)], [(16, 4), (16,)]),
+    "causal_conv1d_step": (lambda b: lambda st, x, w, bias: bjax.causal_conv1d_step(
+        st, x, w, bias, activation="silu", backend=b), [(8, 3, 16), (8, 16)], [(16, 4), (16,)]),
     "mhc_pre_static": (lambda b: lambda x, bias: bjax.mhc_pre(x, bias=bias, backend=b),
                        [(16, _N, _C)], [(_N * _N + 2 * _N,)]),
     "mhc_pre_dynamic": (lambda b: lambda x, phi, alpha, bias: bjax.mhc_pre(

@@ -274,6 +274,36 @@ def test_ssd_step_keeps_its_sharding(batch_axis, heads_axis, mesh_shape, backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_axis, channel_axis, mesh_shape",
+                         [("data", None, (8,)), ("data", "model", (4, 2))], ids=str)
+def test_causal_conv1d_keeps_its_sharding(batch_axis, channel_axis, mesh_shape, backend):
+    """Batch and channels split, the sequence whole; the weight's and bias's gradients are
+    summed over the batch's devices, the only collective. The step splits the same way."""
+    k = jax.random.split(jax.random.key(12), 5)
+    x = jax.random.normal(k[0], (8, 20, 16), jnp.float32)
+    weight = jax.random.normal(k[1], (16, 4), jnp.float32)
+    bias = jax.random.normal(k[2], (16,), jnp.float32)
+    initial = jax.random.normal(k[3], (8, 3, 16), jnp.float32)
+    seq_idx = jnp.cumsum(jax.random.bernoulli(k[4], 0.2, (8, 20)), axis=1).astype(jnp.int32)
+    rows, params = P(batch_axis, None, channel_axis), P(channel_axis)
+
+    def fn(x, weight, bias, initial):
+        return bjax.causal_conv1d(x, weight, bias, activation="silu", initial_states=initial,
+                                  seq_idx=seq_idx, return_final_states=True, backend=backend)
+
+    check_partitioned(fn, (x, weight, bias, initial), (rows, params, params, rows),
+                      mesh_of(mesh_shape), (rows, rows), exact=False, reduced_grads=(1, 2))
+
+    def step(state, x_t, weight, bias):
+        return bjax.causal_conv1d_step(state, x_t, weight, bias, activation="silu",
+                                       backend=backend)
+
+    check_partitioned(step, (initial, x[:, 0], weight, bias),
+                      (rows, P(batch_axis, channel_axis), params, params), mesh_of(mesh_shape),
+                      (P(batch_axis, channel_axis), rows), exact=False, reduced_grads=(2, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lead, spec, mesh_shape",
                          [((16,), P("data"), (8,)), ((4, 8), P("data", "model"), (4, 2))],
                          ids=str)

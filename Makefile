@@ -22,7 +22,7 @@ test: $(SETUP)
 	$(PY) -m pytest tests -q -n auto --durations=15
 
 bench: $(SETUP)
-	for b in gated write_slice cascade ssd hyper_connection; do $(PY) -m benchmarks.$$b || exit 1; done
+	for b in gated write_slice cascade ssd hyper_connection conv; do $(PY) -m benchmarks.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -4,7 +4,7 @@ On a CUDA GPU the default backend is Pallas; elsewhere it is XLA, and the
 Pallas kernels also run through the Pallas interpreter (on smaller shapes: the
 interpreter runs the grid one program at a time). Gated activations and
 cascade merges are compared with the XLA implementation evaluated in
-float64, the SSD scan and step with it in float32 (its matmuls at full float32
+float64, the SSD scan and step and the causal convolution with it in float32 (its matmuls at full float32
 precision) (the table gives the largest error relative to the reference's largest
 magnitude, bound 2^-7 for bf16 results); write_slice with NumPy, bit for bit
 (the error is the fraction of elements whose bits differ; bound 0). Times are the
@@ -171,6 +171,44 @@ def ssd_rows(backend, shape):
              _time_ms(step_fn, *step_args), _GATED_BOUND)]
 
 
+def conv_rows(backend, shape):
+    """causal_conv1d (bf16, silu, bias; 4 taps), its gradients for x, weight and bias, and
+    16 causal_conv1d_steps from its final state, against the XLA backend on float32 copies."""
+    batch, length, channels = shape
+    k = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(k[0], shape, jnp.bfloat16)
+    weight = jax.random.normal(k[1], (channels, 4), jnp.bfloat16)
+    bias = jax.random.normal(k[2], (channels,), jnp.bfloat16)
+    f32 = lambda *vs: [v.astype(jnp.float32) for v in vs]  # noqa: E731
+
+    def conv(x, weight, bias, backend=backend):
+        return bjax.causal_conv1d(x, weight, bias, activation="silu", return_final_states=True,
+                                  backend=backend)
+
+    def grads(x, weight, bias, backend=backend):
+        out, vjp = jax.vjp(lambda *a: conv(*a, backend=backend)[0], x, weight, bias)
+        return vjp(out)
+
+    def steps(state, x, weight, bias, backend=backend):
+        for t in range(16):
+            y, state = bjax.causal_conv1d_step(state, x[:, t], weight, bias, activation="silu",
+                                               backend=backend)
+        return y, state
+
+    fn, grad_fn, step_fn = jax.jit(conv), jax.jit(grads), jax.jit(steps)
+    args, ref_args = (x, weight, bias), f32(x, weight, bias)
+    final = fn(*args)[1]
+    step_args = (final, *args)
+    ref_steps = steps(final.astype(jnp.float32), *ref_args, backend="xla")
+    return [(name, shape, "bfloat16", backend,
+             max(_relative_error(o, r) for o, r in zip(mine(*margs), ref)),
+             _time_ms(mine, *margs), _GATED_BOUND)
+            for name, mine, margs, ref in (
+                ("causal_conv1d fwd", fn, args, conv(*ref_args, backend="xla")),
+                ("causal_conv1d fwd+bwd", grad_fn, args, grads(*ref_args, backend="xla")),
+                ("causal_conv1d_step x16", step_fn, step_args, ref_steps))]
+
+
 def hyper_connection_rows(backend, shape):
     """The fused static mHC op (baracuda-kernels' ``HyperConnectionPlan``) on float32 x (forward, and gradients of all five inputs), and an
     mHC layer (dynamic mhc_pre, identity sublayer, mhc_post) in bfloat16 with its
@@ -221,19 +259,21 @@ def main() -> int:
              (8, 4096, 8, 128) if on_gpu else (4, 256, 4, 64),
              (4096, 4, 32, 128) if on_gpu else (256, 4, 8, 64),
              (4, 4096, 64, 64, 1, 128, 256) if on_gpu else (1, 256, 4, 32, 1, 32, 64),
-             (8192, 4, 4096) if on_gpu else (64, 4, 256))]
+             (8192, 4, 4096) if on_gpu else (64, 4, 256),
+             (4, 2048, 5376) if on_gpu else (2, 256, 128))]
     if not on_gpu:
         runs.append(("interpret", (64, 256), (4, 64, 2, 32), (16, 3, 4, 32),
-                     (1, 70, 4, 16, 2, 16, 32), (9, 4, 40)))
+                     (1, 70, 4, 16, 2, 16, 32), (9, 4, 40), (2, 37, 24)))
     print(f"bjax {bjax.__version__} on {jax.devices()[0].device_kind}; default backend: {default}")
     header = (f"{'op':<26} {'shape':<18} {'dtype':<9} {'backend':<10} {'error':>12} "
               f"{'bound':>9} {'ms':>9}")
     print(header + "\n" + "-" * len(header))
     failures = 0
-    for backend, gated_shape, cache_shape, cascade_shape, ssd_shape, hc_shape in runs:
+    for backend, gated_shape, cache_shape, cascade_shape, ssd_shape, hc_shape, conv_shape in runs:
         rows = (gated_rows(backend, gated_shape, jnp.bfloat16)
                 + write_slice_rows(backend, cache_shape) + cascade_rows(backend, cascade_shape)
-                + ssd_rows(backend, ssd_shape) + hyper_connection_rows(backend, hc_shape))
+                + ssd_rows(backend, ssd_shape) + hyper_connection_rows(backend, hc_shape)
+                + conv_rows(backend, conv_shape))
         for name, shp, dtype, be, err, ms, bound in rows:
             failures += err > bound
             print(f"{name:<26} {str(shp):<18} {dtype:<9} {be:<10} {err:>12.2e} {bound:>9.2e} "

@@ -9,8 +9,8 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BJAX_COMMIT=${
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 python3 -m pytest tests -q -n ${WORKERS:-8} -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$out/pytest.log" | tail -25
-for bench in ${BENCHES:-gated write_slice cascade ssd hyper_connection}; do
+for bench in ${BENCHES:-gated write_slice cascade ssd hyper_connection conv}; do
   python3 -m benchmarks.$bench ${BENCH_ARGS:-} > "$out/bench_$bench.log" 2>&1 || tail -30 "$out/bench_$bench.log"
 done
 echo; grep -h "passed\|failed" "$out/pytest.log" | tail -2
-for bench in ${BENCHES:-gated write_slice cascade ssd hyper_connection}; do sed -n '/^20/,$p' "$out/bench_$bench.log"; done
+for bench in ${BENCHES:-gated write_slice cascade ssd hyper_connection conv}; do sed -n '/^20/,$p' "$out/bench_$bench.log"; done

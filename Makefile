@@ -1,9 +1,10 @@
 # make demo / make test set up .venv on first use (pip install -e ".[$(EXTRAS)]").
-# On a CUDA 13 machine: make demo EXTRAS=test,flax,cuda13
+# On a CUDA 13 machine: make demo EXTRAS=test,flax,cuda13 (interop: torch's CPU build and
+# transformers, for the tests that compare with transformers' modules)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,flax
+EXTRAS ?= test,flax,interop
 comma := ,
 SETUP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 

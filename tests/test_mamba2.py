@@ -1,0 +1,114 @@
+"""bjax.nn.Mamba2: transformers' Mamba2Mixer on the same weights, prefill and decode,
+packed sequences, gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+nnx = pytest.importorskip("flax.nnx")
+
+import bjax  # noqa: E402
+from tests.conftest import BACKENDS, KERNEL_BACKEND  # noqa: E402
+
+CONFIG = dict(hidden_size=32, num_heads=4, head_dim=16, state_size=8, n_groups=2, expand=2,
+              conv_kernel=4, chunk_size=16)
+
+
+def mixer(backend, seed=0, **overrides):
+    return bjax.nn.Mamba2(**{**CONFIG, **overrides}, backend=backend, rngs=nnx.Rngs(seed))
+
+
+def relative_error(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+def torch_mixer(seed, **config):
+    """transformers' Mamba2Mixer with random weights (every parameter drawn, so that no
+    default initialisation hides a mistake), and its state dict as NumPy arrays."""
+    torch = pytest.importorskip("torch")
+    # Before 5.23, transformers' gated RMSNorm ran over all channels, not per group as
+    # mamba_ssm's (and this module's).
+    transformers = pytest.importorskip("transformers", minversion="5.23")
+    from transformers.models.mamba2 import modeling_mamba2
+    torch.manual_seed(seed)
+    hf_config = transformers.Mamba2Config(num_hidden_layers=1, vocab_size=16, **config)
+    module = modeling_mamba2.Mamba2Mixer(hf_config, layer_idx=0).eval()
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            param.copy_(0.3 * torch.randn_like(param))
+            if name == "A_log":
+                param.copy_(torch.log(torch.rand_like(param) * 4 + 0.5))
+    return module, {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("use_bias", [False, True], ids=["no-bias", "bias"])
+def test_matches_transformers(use_bias, backend):
+    torch = pytest.importorskip("torch")
+    config = {**CONFIG, "use_bias": use_bias, "layer_norm_epsilon": 1e-5}
+    module, state_dict = torch_mixer(1, **config)
+    x = np.asarray(jax.random.normal(jax.random.key(2), (2, 37, 32), jnp.float32))
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    ours = bjax.nn.Mamba2.from_torch_state_dict(state_dict, **config, backend=backend)
+    with jax.default_matmul_precision("highest"):   # float32 projections, no TF32 on a GPU
+        y = ours(jnp.asarray(x))
+    assert relative_error(y, want) <= 1e-4
+
+
+def test_from_torch_state_dict_checks_names_and_shapes():
+    good = {"in_proj.weight": np.zeros((2 * 64 + 2 * 2 * 8 + 4, 32), np.float32),
+            "conv1d.weight": np.zeros((64 + 32, 1, 4), np.float32),
+            "conv1d.bias": np.zeros((96,), np.float32), "dt_bias": np.zeros(4, np.float32),
+            "A_log": np.zeros(4, np.float32), "D": np.zeros(4, np.float32),
+            "norm.weight": np.zeros(64, np.float32), "out_proj.weight": np.zeros((32, 64),
+                                                                                 np.float32)}
+    bjax.nn.Mamba2.from_torch_state_dict(good, **CONFIG)
+    with pytest.raises(bjax.InvalidProblemError, match="state_dict must be the names"):
+        bjax.nn.Mamba2.from_torch_state_dict({**good, "extra": np.zeros(1)}, **CONFIG)
+    with pytest.raises(bjax.InvalidProblemError, match=r"state_dict\['D'\].shape must be"):
+        bjax.nn.Mamba2.from_torch_state_dict({**good, "D": np.zeros(5)}, **CONFIG)
+    with pytest.raises(bjax.InvalidProblemError, match="num_heads \\* head_dim must be"):
+        bjax.nn.Mamba2(**{**CONFIG, "head_dim": 8}, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_then_steps_equal_the_whole_sequence(backend):
+    model = mixer(backend, 3)
+    x = jax.random.normal(jax.random.key(4), (2, 21, 32), jnp.float32)
+    whole = model(x)
+    y, cache = model(x[:, :17], cache=model.init_cache(2))
+    ys = [y]
+    step = nnx.jit(lambda m, x_t, c: m.step(x_t, c), donate_argnums=2)
+    for t in range(17, 21):
+        y_t, cache = step(model, x[:, t], cache)
+        ys.append(y_t[:, None])
+    # The chunked scan and the step sum the same terms in another order.
+    assert relative_error(jnp.concatenate(ys, axis=1), whole) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_sequences(backend):
+    """seq_idx reaches the convolution and the scan: two sequences packed in one row give
+    what each gives alone."""
+    model = mixer(backend, 5)
+    x = jax.random.normal(jax.random.key(6), (1, 30, 32), jnp.float32)
+    seq_idx = (jnp.arange(30) >= 11).astype(jnp.int32)[None]
+    packed = model(x, seq_idx=seq_idx)
+    alone = jnp.concatenate([model(x[:, :11]), model(x[:, 11:])], axis=1)
+    assert relative_error(packed, alone) <= 1e-5
+
+
+def test_gradients_through_the_module(backend=KERNEL_BACKEND):
+    """Every parameter's gradient from the kernels equals the XLA backend's."""
+    x = jax.random.normal(jax.random.key(7), (2, 19, 32), jnp.float32)
+
+    def grads(backend):
+        model = mixer(backend, 8)
+        return nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(model)
+    ours, ref = (jax.tree.leaves(nnx.state(grads(b))) for b in (backend, "xla"))
+    assert len(ours) == 8
+    for g, r in zip(ours, ref):
+        assert np.isfinite(np.asarray(g)).all()
+        assert relative_error(g, r) <= 1e-5

@@ -273,18 +273,22 @@ def test_ssd_step_keeps_its_sharding(batch_axis, heads_axis, mesh_shape, backend
                       reduced_grads=(3, 6, 8))
 
 
+def conv_problem():
+    k = jax.random.split(jax.random.key(12), 5)
+    return (jax.random.normal(k[0], (8, 12, 16), jnp.float32),
+            jax.random.normal(k[1], (16, 4), jnp.float32),
+            jax.random.normal(k[2], (16,), jnp.float32),
+            jax.random.normal(k[3], (8, 3, 16), jnp.float32),
+            jnp.cumsum(jax.random.bernoulli(k[4], 0.2, (8, 12)), axis=1).astype(jnp.int32))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch_axis, channel_axis, mesh_shape",
                          [("data", None, (8,)), ("data", "model", (4, 2))], ids=str)
 def test_causal_conv1d_keeps_its_sharding(batch_axis, channel_axis, mesh_shape, backend):
     """Batch and channels split, the sequence whole; the weight's and bias's gradients are
-    summed over the batch's devices, the only collective. The step splits the same way."""
-    k = jax.random.split(jax.random.key(12), 5)
-    x = jax.random.normal(k[0], (8, 20, 16), jnp.float32)
-    weight = jax.random.normal(k[1], (16, 4), jnp.float32)
-    bias = jax.random.normal(k[2], (16,), jnp.float32)
-    initial = jax.random.normal(k[3], (8, 3, 16), jnp.float32)
-    seq_idx = jnp.cumsum(jax.random.bernoulli(k[4], 0.2, (8, 20)), axis=1).astype(jnp.int32)
+    summed over the batch's devices, the only collective."""
+    x, weight, bias, initial, seq_idx = conv_problem()
     rows, params = P(batch_axis, None, channel_axis), P(channel_axis)
 
     def fn(x, weight, bias, initial):
@@ -294,13 +298,20 @@ def test_causal_conv1d_keeps_its_sharding(batch_axis, channel_axis, mesh_shape, 
     check_partitioned(fn, (x, weight, bias, initial), (rows, params, params, rows),
                       mesh_of(mesh_shape), (rows, rows), exact=False, reduced_grads=(1, 2))
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_conv1d_step_keeps_its_sharding(backend):
+    """The step splits as the convolution: batch and channels."""
+    x, weight, bias, initial, _ = conv_problem()
+    rows = P("data", None, "model")
+
     def step(state, x_t, weight, bias):
         return bjax.causal_conv1d_step(state, x_t, weight, bias, activation="silu",
                                        backend=backend)
 
     check_partitioned(step, (initial, x[:, 0], weight, bias),
-                      (rows, P(batch_axis, channel_axis), params, params), mesh_of(mesh_shape),
-                      (P(batch_axis, channel_axis), rows), exact=False, reduced_grads=(2, 3))
+                      (rows, P("data", "model"), P("model"), P("model")), mesh_of((4, 2)),
+                      (P("data", "model"), rows), exact=False, reduced_grads=(2, 3))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -33,7 +33,8 @@ def __getattr__(name):
 
 __all__ = [
     "BACKENDS", "BjaxError", "CausalConv1dDescriptor", "CausalConv1dStepDescriptor",
-    "causal_conv1d", "causal_conv1d_step", "CascadeMergeDescriptor", "DEEPSEEK_MHC_POST", "DEEPSEEK_MHC_PRE",
+    "causal_conv1d", "causal_conv1d_step", "CascadeMergeDescriptor", "DEEPSEEK_MHC_POST",
+    "DEEPSEEK_MHC_PRE",
     "GatedActivationDescriptor", "MergeStateDescriptor", "MergeStatesDescriptor",
     "HyperConnectionDescriptor", "MhcPostDescriptor", "MhcPreDescriptor", "SinkhornDescriptor",
     "hyper_connection", "mhc_post", "mhc_pre", "sinkhorn_knopp",

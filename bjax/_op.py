@@ -58,6 +58,41 @@ def check_choice(value: Any, choices: tuple, op: str, argument: str) -> None:
         fail(op, argument, f"one of {', '.join(map(repr, choices))}", repr(value))
 
 
+def dtype_name(value) -> str:
+    """The name of ``value``'s dtype (``"bfloat16"``, ...)."""
+    return jax.numpy.dtype(value.dtype).name
+
+
+def check_shape(value, name: str, expected, layout: str, op: str) -> None:
+    """``value.shape`` must be ``expected`` (``layout`` names its axes in the message)."""
+    check(tuple(value.shape) == tuple(expected), op, f"{name}.shape",
+          f"{tuple(expected)} {layout}", tuple(value.shape))
+
+
+def check_dtype(value, name: str, allowed: tuple[str, ...], op: str,
+                error=UnsupportedError) -> None:
+    """``value``'s dtype must be one of the names ``allowed``."""
+    check(dtype_name(value) in allowed, op, f"{name}.dtype", " or ".join(allowed),
+          dtype_name(value), error)
+
+
+def asarrays(*values) -> list:
+    """Each value as a JAX array; ``None`` (an absent optional argument) stays ``None``."""
+    return [None if v is None else jax.numpy.asarray(v) for v in values]
+
+
+def present(values) -> list:
+    """The values that are not ``None`` (the operands of a kernel call)."""
+    return [v for v in values if v is not None]
+
+
+def with_absent(values, flags) -> list:
+    """``values`` (the present ones, in order) spread over ``flags``, ``None`` where a flag
+    is False: the inverse of :func:`present`."""
+    values = iter(values)
+    return [next(values) if here else None for here in flags]
+
+
 def normalize_axis(axis: Any, rank: int, op: str, argument: str = "axis") -> int:
     """Python int in ``[-rank, rank)`` -> the equivalent non-negative axis."""
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):

@@ -42,20 +42,6 @@ MAX_KERNEL_TAPS = 16
 """The most taps (``k``) the Pallas kernels take: each carries ``3 k`` rows in registers."""
 
 
-def _dtype_name(v) -> str:
-    return jnp.dtype(v.dtype).name
-
-
-def _check_dtype(value, name, allowed, op, error=UnsupportedError):
-    _op.check(_dtype_name(value) in allowed, op, f"{name}.dtype", " or ".join(allowed),
-              _dtype_name(value), error)
-
-
-def _check_shape(value, name, expected, layout, op):
-    _op.check(tuple(value.shape) == tuple(expected), op, f"{name}.shape",
-              f"{tuple(expected)} {layout}", tuple(value.shape))
-
-
 def _check_weight(x_channels, weight, bias, activation, op) -> int:
     """The rules on ``weight``, ``bias`` and ``activation``; returns the taps ``k``."""
     _op.check(weight.ndim == 2 and weight.shape[0] == x_channels, op, "weight.shape",
@@ -63,10 +49,10 @@ def _check_weight(x_channels, weight, bias, activation, op) -> int:
     taps = int(weight.shape[1])
     _op.check(taps >= 2, op, "weight.shape[1] (the taps k)", "at least 2 (k = 1 has no "
               "history: an elementwise product)", taps)
-    _check_dtype(weight, "weight", _PARAM_FLOATS, op)
+    _op.check_dtype(weight, "weight", _PARAM_FLOATS, op)
     if bias is not None:
-        _check_shape(bias, "bias", (x_channels,), "[d]", op)
-        _check_dtype(bias, "bias", _PARAM_FLOATS, op)
+        _op.check_shape(bias, "bias", (x_channels,), "[d]", op)
+        _op.check_dtype(bias, "bias", _PARAM_FLOATS, op)
     _op.check(activation is None or (isinstance(activation, str) and activation in ACTIVATIONS),
               op, "activation", "None or 'silu'", repr(activation))
     return taps
@@ -101,19 +87,19 @@ class CausalConv1dDescriptor:
         """Validates the call; raises InvalidProblemError / UnsupportedError naming the argument."""
         _op.check(x.ndim == 3, op, "x", "an array [b, l, d] (channels last)",
                   f"shape {tuple(x.shape)}")
-        _check_dtype(x, "x", _FLOATS, op)
+        _op.check_dtype(x, "x", _FLOATS, op)
         batch, length, channels = (int(v) for v in x.shape)
         taps = _check_weight(channels, weight, bias, activation, op)
         if initial_states is not None:
-            _check_shape(initial_states, "initial_states", (batch, taps - 1, channels),
+            _op.check_shape(initial_states, "initial_states", (batch, taps - 1, channels),
                          "[b, k - 1, d]", op)
-            _op.check(_dtype_name(initial_states) in (_dtype_name(x), "float32"), op,
-                      "initial_states.dtype", f"x's dtype ({_dtype_name(x)}) or float32",
-                      _dtype_name(initial_states))
+            _op.check(_op.dtype_name(initial_states) in (_op.dtype_name(x), "float32"), op,
+                      "initial_states.dtype", f"x's dtype ({_op.dtype_name(x)}) or float32",
+                      _op.dtype_name(initial_states))
         if seq_idx is not None:
-            _check_shape(seq_idx, "seq_idx", (batch, length), "[b, l]", op)
+            _op.check_shape(seq_idx, "seq_idx", (batch, length), "[b, l]", op)
             _op.check(jnp.issubdtype(seq_idx.dtype, jnp.integer), op, "seq_idx.dtype",
-                      "an integer dtype", _dtype_name(seq_idx))
+                      "an integer dtype", _op.dtype_name(seq_idx))
         _op.check(isinstance(return_final_states, (bool, np.bool_)), op, "return_final_states",
                   "a bool", repr(return_final_states))
         return cls(batch, length, channels, taps, jnp.dtype(x.dtype), activation,
@@ -149,13 +135,13 @@ class CausalConv1dStepDescriptor:
         op = "causal_conv1d_step"
         _op.check(x.ndim == 2, op, "x", "an array [b, d] (one token per row)",
                   f"shape {tuple(x.shape)}")
-        _check_dtype(x, "x", _FLOATS, op)
+        _op.check_dtype(x, "x", _FLOATS, op)
         batch, channels = (int(v) for v in x.shape)
         taps = _check_weight(channels, weight, bias, activation, op)
-        _check_shape(conv_state, "conv_state", (batch, taps - 1, channels), "[b, k - 1, d]", op)
-        _op.check(_dtype_name(conv_state) in (_dtype_name(x), "float32"), op,
-                  "conv_state.dtype", f"x's dtype ({_dtype_name(x)}) or float32",
-                  _dtype_name(conv_state))
+        _op.check_shape(conv_state, "conv_state", (batch, taps - 1, channels), "[b, k - 1, d]", op)
+        _op.check(_op.dtype_name(conv_state) in (_op.dtype_name(x), "float32"), op,
+                  "conv_state.dtype", f"x's dtype ({_op.dtype_name(x)}) or float32",
+                  _op.dtype_name(conv_state))
         return cls(batch, channels, taps, jnp.dtype(x.dtype), jnp.dtype(conv_state.dtype),
                    activation, bias is not None)
 
@@ -209,15 +195,6 @@ def sharding_rules(desc: CausalConv1dDescriptor, args) -> tuple[_partition.Shard
                                     reduced=frozenset({"b"}), **common))
 
 
-def _present(values):
-    return [v for v in values if v is not None]
-
-
-def _with_absent(values, present):
-    values = iter(values)
-    return [next(values) if here else None for here in present]
-
-
 def _conv_call(desc: CausalConv1dDescriptor, choice: _op.Choice, which: int, args):
     """The kernels' forward (0) or backward (1, the present differentiable arguments'
     gradients) on the present ``args`` (and, backward, the cotangent), partitioned by
@@ -227,7 +204,7 @@ def _conv_call(desc: CausalConv1dDescriptor, choice: _op.Choice, which: int, arg
     count = sum(present)
 
     def kernel(*operands):
-        full = _with_absent(operands[:count], present)
+        full = _op.with_absent(operands[:count], present)
         local = dataclasses.replace(desc, batch=full[0].shape[0], channels=full[0].shape[2])
         if which == 0:
             return _forward(*full, local, choice)
@@ -235,14 +212,14 @@ def _conv_call(desc: CausalConv1dDescriptor, choice: _op.Choice, which: int, arg
         return tuple(g for g, here in zip(grads, present[:4]) if here)
 
     def batched(axis_size, in_batched, *operands):
-        if which == 1 or any(_with_absent(in_batched[:count], present)[1:3]):
+        if which == 1 or any(_op.with_absent(in_batched[:count], present)[1:3]):
             # Per-example weight and bias gradients (and mapped weights) do not fold.
             return jax.lax.map(lambda ops: _conv_call(desc, choice, which, args)(*ops), operands)
-        full = _with_absent(operands, present)
+        full = _op.with_absent(operands, present)
         folded = [None if v is None else v[0] if name in ("weight", "bias")
                   else v.reshape(-1, *v.shape[2:]) for name, v in zip(_ARGS, full)]
         wider = dataclasses.replace(desc, batch=axis_size * desc.batch)
-        y = _conv_call(wider, choice, 0, folded)(*_present(folded))
+        y = _conv_call(wider, choice, 0, folded)(*_op.present(folded))
         return y.reshape(axis_size, -1, *y.shape[1:])
 
     rules = sharding_rules(desc, args)
@@ -254,7 +231,7 @@ def _conv(x, weight, bias, initial_states, seq_idx, desc, choice):
     args = (x, weight, bias, initial_states, seq_idx)
     if choice.on_xla or desc.batch * desc.length * desc.channels == 0:
         return _forward(*args, desc, _XLA)   # (an empty problem: nothing to launch)
-    return _conv_call(desc, choice, 0, args)(*_present(args))
+    return _conv_call(desc, choice, 0, args)(*_op.present(args))
 
 
 def _conv_fwd(*args):
@@ -267,7 +244,7 @@ def _conv_bwd(desc, choice, residuals, dy):
     if choice.on_xla or desc.batch * desc.length * desc.channels == 0:
         _, vjp = jax.vjp(lambda *d: _forward(*d, args[4], desc, _XLA), *diff)
         return (*vjp(dy), None)
-    grads = iter(_conv_call(desc, choice, 1, args)(*_present(args), dy))
+    grads = iter(_conv_call(desc, choice, 1, args)(*_op.present(args), dy))
     grads = [None if v is None else next(grads) for v in diff]
     return (*_partition.typed_like_primals(grads, diff), None)
 
@@ -312,10 +289,6 @@ IMPLEMENTATIONS = (
 )
 """``causal_conv1d``'s implementation table, in order of preference."""
 _XLA = _op.Choice(IMPLEMENTATIONS[-1], "xla")
-
-
-def _asarrays(*values):
-    return [None if v is None else jnp.asarray(v) for v in values]
 
 
 def _prepare(x, weight, bias, activation, seq_idx, initial_states, return_final_states,
@@ -368,7 +341,7 @@ def causal_conv1d(x: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None
         more than :data:`MAX_KERNEL_TAPS` taps on the Pallas kernels; ``backend="pallas"``
         without a CUDA GPU.
     """
-    x, weight, bias, seq_idx, initial_states = _asarrays(x, weight, bias, seq_idx,
+    x, weight, bias, seq_idx, initial_states = _op.asarrays(x, weight, bias, seq_idx,
                                                          initial_states)
     desc, choice = _prepare(x, weight, bias, activation, seq_idx, initial_states,
                             return_final_states, backend, config)
@@ -405,18 +378,18 @@ def _step_call(desc: CausalConv1dStepDescriptor, choice: _op.Choice, args):
     present = [v is not None for v in args]
 
     def kernel(*operands):
-        full = _with_absent(operands, present)
+        full = _op.with_absent(operands, present)
         local = dataclasses.replace(desc, batch=full[1].shape[0], channels=full[1].shape[1])
         return _step_forward(*full, local, choice)
 
     def batched(axis_size, in_batched, *operands):
-        if any(_with_absent(in_batched, present)[2:]):
+        if any(_op.with_absent(in_batched, present)[2:]):
             return jax.lax.map(lambda ops: _step_call(desc, choice, args)(*ops), operands)
-        full = _with_absent(operands, present)
+        full = _op.with_absent(operands, present)
         folded = [None if v is None else v[0] if name in ("weight", "bias")
                   else v.reshape(-1, *v.shape[2:]) for name, v in zip(_STEP_ARGS, full)]
         wider = dataclasses.replace(desc, batch=axis_size * desc.batch)
-        outs = _step_call(wider, choice, folded)(*_present(folded))
+        outs = _step_call(wider, choice, folded)(*_op.present(folded))
         return tuple(v.reshape(axis_size, -1, *v.shape[1:]) for v in outs)
 
     rule = step_sharding_rule(desc, args)
@@ -428,7 +401,7 @@ def _step(conv_state, x, weight, bias, desc, choice):
     args = (conv_state, x, weight, bias)
     if choice.on_xla or desc.batch * desc.channels == 0:
         return _step_forward(*args, desc, choice)
-    return tuple(_step_call(desc, choice, args)(*_present(args)))
+    return tuple(_step_call(desc, choice, args)(*_op.present(args)))
 
 
 def _step_fwd(*args):
@@ -487,7 +460,7 @@ def causal_conv1d_step(conv_state: ArrayLike, x: ArrayLike, weight: ArrayLike,
       InvalidProblemError / UnsupportedError: as :func:`causal_conv1d`; a conv_state of
       another shape, or of another dtype than x's or float32.
     """
-    conv_state, x, weight, bias = _asarrays(conv_state, x, weight, bias)
+    conv_state, x, weight, bias = _op.asarrays(conv_state, x, weight, bias)
     desc, choice = _prepare_step(conv_state, x, weight, bias, activation, backend, config)
     return _step(conv_state, x, weight, bias, desc, choice)
 

@@ -49,20 +49,6 @@ CHUNK_SIZES = tuple(2**k for k in range(4, 11))   # 16 ... 1024
 MAX_DIM = 256
 
 
-def _name(x) -> str:
-    return jnp.dtype(x.dtype).name
-
-
-def _shape_rule(value, name, expected, layout, op):
-    _op.check(tuple(value.shape) == tuple(expected), op, f"{name}.shape",
-              f"{tuple(expected)} {layout}", tuple(value.shape))
-
-
-def _dtype_rule(value, name, allowed, op, error=UnsupportedError):
-    _op.check(_name(value) in allowed, op, f"{name}.dtype", " or ".join(allowed), _name(value),
-              error)
-
-
 def _bool_rule(value, name, op):
     _op.check(isinstance(value, (bool, np.bool_)), op, name, "a bool", repr(value))
 
@@ -117,15 +103,15 @@ class SsdOptions:
             _op.check(tuple(D.shape) in ((heads,), (heads, head_dim)), op, "D.shape",
                       f"({heads},) or ({heads}, {head_dim}) ([heads] or [heads, head_dim])",
                       tuple(D.shape))
-            _dtype_rule(D, "D", _PARAM_FLOATS, op)
+            _op.check_dtype(D, "D", _PARAM_FLOATS, op)
             d_shape = "h" if D.ndim == 1 else "hp"
         if z is not None:
-            _shape_rule(z, "z", p_shape, "(x's shape)", op)
+            _op.check_shape(z, "z", p_shape, "(x's shape)", op)
             _op.check(z.dtype == x_dtype, op, "z.dtype", f"{jnp.dtype(x_dtype).name} (x's dtype)",
-                      _name(z))
+                      _op.dtype_name(z))
         if dt_bias is not None:
-            _shape_rule(dt_bias, "dt_bias", (heads,), "[heads]", op)
-            _dtype_rule(dt_bias, "dt_bias", _PARAM_FLOATS, op)
+            _op.check_shape(dt_bias, "dt_bias", (heads,), "[heads]", op)
+            _op.check_dtype(dt_bias, "dt_bias", _PARAM_FLOATS, op)
         _bool_rule(dt_softplus, "dt_softplus", op)
         return cls(d_shape, z is not None, dt_bias is not None, bool(dt_softplus),
                    _limit_rule(dt_limit, op))
@@ -133,20 +119,22 @@ class SsdOptions:
 
 def _check_x_b_c(x, B, C, b_layout, op):
     """Shared rules for x / B / C; returns the number of groups."""
-    _dtype_rule(x, "x", _FLOATS, op)
+    _op.check_dtype(x, "x", _FLOATS, op)
     heads, head_dim = x.shape[-2:]
     _dim_rule(heads, "x.shape[-2] (heads)", op)
     _dim_rule(head_dim, "x.shape[-1] (head_dim)", op)
     _op.check(B.ndim == x.ndim, op, "B", f"an array of rank {x.ndim} {b_layout}",
               f"shape {tuple(B.shape)}")
-    _shape_rule(B, "B", (*x.shape[:-2], *B.shape[-2:]), f"{b_layout} (leading axes as x's)", op)
+    _op.check_shape(B, "B", (*x.shape[:-2], *B.shape[-2:]),
+                    f"{b_layout} (leading axes as x's)", op)
     groups, state_dim = B.shape[-2:]
     _op.check(groups >= 1 and heads % groups == 0, op, "B.shape[-2] (groups)",
               f"a divisor of heads = {heads}", groups)
     _dim_rule(state_dim, "B.shape[-1] (state_dim)", op)
-    _shape_rule(C, "C", B.shape, "(B's shape)", op)
+    _op.check_shape(C, "C", B.shape, "(B's shape)", op)
     for name, v in (("B", B), ("C", C)):
-        _op.check(v.dtype == x.dtype, op, f"{name}.dtype", f"{_name(x)} (x's dtype)", _name(v))
+        _op.check(v.dtype == x.dtype, op, f"{name}.dtype", f"{_op.dtype_name(x)} (x's dtype)",
+                  _op.dtype_name(v))
     return groups
 
 
@@ -197,22 +185,22 @@ class SsdChunkScanDescriptor:
                   f"shape {tuple(x.shape)}")
         batch, seq_len, heads, head_dim = map(int, x.shape)
         groups = _check_x_b_c(x, B, C, "[batch, seqlen, groups, state_dim]", op)
-        _shape_rule(dt, "dt", (batch, seq_len, heads), "[batch, seqlen, heads]", op)
-        _dtype_rule(dt, "dt", _FLOATS, op)
-        _shape_rule(A, "A", (heads,), "[heads]", op)
-        _dtype_rule(A, "A", _PARAM_FLOATS, op)
+        _op.check_shape(dt, "dt", (batch, seq_len, heads), "[batch, seqlen, heads]", op)
+        _op.check_dtype(dt, "dt", _FLOATS, op)
+        _op.check_shape(A, "A", (heads,), "[heads]", op)
+        _op.check_dtype(A, "A", _PARAM_FLOATS, op)
         _op.check(type(chunk_size) is int and chunk_size in CHUNK_SIZES, op, "chunk_size",
                   f"a power of two from {CHUNK_SIZES[0]} to {CHUNK_SIZES[-1]}", repr(chunk_size))
         options = SsdOptions.check(x.dtype, x.shape, D, z, dt_bias, dt_softplus, dt_limit, op)
         if initial_states is not None:
-            _shape_rule(initial_states, "initial_states",
+            _op.check_shape(initial_states, "initial_states",
                         (batch, heads, head_dim, int(B.shape[-1])),
                         "[batch, heads, head_dim, state_dim]", op)
-            _dtype_rule(initial_states, "initial_states", _PARAM_FLOATS, op)
+            _op.check_dtype(initial_states, "initial_states", _PARAM_FLOATS, op)
         if seq_idx is not None:
-            _shape_rule(seq_idx, "seq_idx", (batch, seq_len), "[batch, seqlen]", op)
+            _op.check_shape(seq_idx, "seq_idx", (batch, seq_len), "[batch, seqlen]", op)
             _op.check(jnp.issubdtype(seq_idx.dtype, jnp.integer), op, "seq_idx.dtype",
-                      "an integer dtype", _name(seq_idx))
+                      "an integer dtype", _op.dtype_name(seq_idx))
         _bool_rule(return_final_states, "return_final_states", op)
         return cls(batch, seq_len, heads, head_dim, groups, int(B.shape[-1]), chunk_size,
                    jnp.dtype(x.dtype), options, initial_states is not None, seq_idx is not None,
@@ -239,13 +227,13 @@ class SsdStepDescriptor:
         batch, heads, head_dim = map(int, x.shape)
         groups = _check_x_b_c(x, B, C, "[batch, groups, state_dim]", op)
         state_dim = int(B.shape[-1])
-        _shape_rule(state, "state", (batch, heads, head_dim, state_dim),
+        _op.check_shape(state, "state", (batch, heads, head_dim, state_dim),
                     "[batch, heads, head_dim, state_dim]", op)
-        _op.check(state.dtype == jnp.float32, op, "state.dtype", "float32", _name(state))
-        _shape_rule(dt, "dt", (batch, heads), "[batch, heads]", op)
-        _dtype_rule(dt, "dt", _FLOATS, op)
-        _shape_rule(A, "A", (heads,), "[heads]", op)
-        _dtype_rule(A, "A", _PARAM_FLOATS, op)
+        _op.check(state.dtype == jnp.float32, op, "state.dtype", "float32", _op.dtype_name(state))
+        _op.check_shape(dt, "dt", (batch, heads), "[batch, heads]", op)
+        _op.check_dtype(dt, "dt", _FLOATS, op)
+        _op.check_shape(A, "A", (heads,), "[heads]", op)
+        _op.check_dtype(A, "A", _PARAM_FLOATS, op)
         options = SsdOptions.check(x.dtype, x.shape, D, z, dt_bias, dt_softplus, dt_limit, op)
         return cls(batch, heads, head_dim, groups, state_dim, jnp.dtype(x.dtype), options)
 
@@ -428,12 +416,6 @@ def _local(desc: SsdChunkScanDescriptor, x, B) -> SsdChunkScanDescriptor:
     return dataclasses.replace(desc, batch=x.shape[0], heads=x.shape[2], groups=B.shape[2])
 
 
-def _with_absent(args, present):
-    """``args`` (the present ones) spread over ``present`` (flags), None elsewhere."""
-    values = iter(args)
-    return [next(values) if here else None for here in present]
-
-
 def _scan_call(desc: SsdChunkScanDescriptor, choice: _op.Choice, which: int, args):
     """The kernels' forward (0) or backward (1, the parameters' gradients per batch row)
     on the present ``args`` (and, backward, the two cotangents), partitioned by
@@ -443,7 +425,7 @@ def _scan_call(desc: SsdChunkScanDescriptor, choice: _op.Choice, which: int, arg
     grads_present = present[:9]
 
     def kernel(*operands):
-        full = _with_absent(operands[:sum(present)], present)
+        full = _op.with_absent(operands[:sum(present)], present)
         local = _local(desc, full[0], full[3])
         if which == 0:
             return _scan_forward(*full, local, choice)
@@ -452,11 +434,11 @@ def _scan_call(desc: SsdChunkScanDescriptor, choice: _op.Choice, which: int, arg
 
     def batched(axis_size, in_batched, *operands):
         call = _scan_call(desc, choice, which, args)
-        mapped = _with_absent(in_batched[:sum(present)], present)
+        mapped = _op.with_absent(in_batched[:sum(present)], present)
         if which == 1 or any(mapped[_ARGS.index(n)] for n in ("A", "D", "dt_bias")):
             # Per-example parameter gradients (and mapped parameters) do not fold.
             return jax.lax.map(lambda ops: call(*ops), operands)
-        full = _with_absent(operands, present)
+        full = _op.with_absent(operands, present)
         folded = [None if v is None else v[0] if name in ("A", "D", "dt_bias")
                   else v.reshape(-1, *v.shape[2:]) for name, v in zip(_ARGS, full)]
         wider = dataclasses.replace(desc, batch=axis_size * desc.batch)
@@ -552,16 +534,16 @@ def _step_call(desc: SsdStepDescriptor, choice: _op.Choice, args):
     present = [v is not None for v in args]
 
     def kernel(*operands):
-        full = _with_absent(operands, present)
+        full = _op.with_absent(operands, present)
         local = dataclasses.replace(desc, batch=full[1].shape[0], heads=full[1].shape[1],
                                     groups=full[4].shape[1])
         return _step_forward(*full, local, choice)
 
     def batched(axis_size, in_batched, *operands):
-        mapped = _with_absent(in_batched, present)
+        mapped = _op.with_absent(in_batched, present)
         if any(mapped[_STEP_ARGS.index(n)] for n in ("A", "D", "dt_bias")):
             return jax.lax.map(lambda ops: _step_call(desc, choice, args)(*ops), operands)
-        full = _with_absent(operands, present)
+        full = _op.with_absent(operands, present)
         folded = [None if v is None else v[0] if name in ("A", "D", "dt_bias")
                   else v.reshape(-1, *v.shape[2:]) for name, v in zip(_STEP_ARGS, full)]
         wider = dataclasses.replace(desc, batch=axis_size * desc.batch)
@@ -591,10 +573,6 @@ def _step_bwd(desc, choice, residuals, cotangents):
 
 
 _step.defvjp(_step_fwd, _step_bwd)
-
-
-def _asarrays(*values):
-    return [None if v is None else jnp.asarray(v) for v in values]
 
 
 def _check_scan_config(desc: SsdChunkScanDescriptor,
@@ -717,7 +695,7 @@ def ssd_chunk_scan(x: ArrayLike, dt: ArrayLike, A: ArrayLike, B: ArrayLike, C: A
         heads, head_dim or state_dim over 256 on the Pallas kernels (an explicit
         kernel backend, or ``config``); ``backend="pallas"`` without a CUDA GPU.
     """
-    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx = _asarrays(
+    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx = _op.asarrays(
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
     desc, choice = _prepare_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
                                  dt_limit, initial_states, seq_idx, return_final_states,
@@ -750,7 +728,7 @@ def ssd_step(state: ArrayLike, x: ArrayLike, dt: ArrayLike, A: ArrayLike, B: Arr
       InvalidProblemError / UnsupportedError: as :func:`ssd_chunk_scan`; a state
       that is not float32.
     """
-    state, x, dt, A, B, C, D, z, dt_bias = _asarrays(state, x, dt, A, B, C, D, z, dt_bias)
+    state, x, dt, A, B, C, D, z, dt_bias = _op.asarrays(state, x, dt, A, B, C, D, z, dt_bias)
     desc, choice = _prepare_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit,
                                  backend, config)
     return _step(state, x, dt, A, B, C, D, z, dt_bias, desc, choice)

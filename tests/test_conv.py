@@ -49,13 +49,19 @@ FORWARD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: f"{c[1:5]}-{jnp.dtype(c[5]).name}"
-                         f"-{'+'.join(c[6]) or 'plain'}")
-def test_forward(case, backend):
+def case_id(case):
+    return f"{case[1:5]}-{jnp.dtype(case[5]).name}-{'+'.join(case[6]) or 'plain'}"
+
+
+def case_problem(case):
     seed, batch, length, channels, taps, dtype, features = case
-    args = problem(seed, batch, length, channels, taps, dtype,
-                   **{f: True for f in features})
+    return problem(seed, batch, length, channels, taps, dtype, **{f: True for f in features})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=case_id)
+def test_forward(case, backend):
+    seed, args = case[0], case_problem(case)
     check_forward(args, backend, activation="silu" if seed % 2 == 0 else None)
 
 
@@ -100,14 +106,12 @@ GRADIENT_CASES = [
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", GRADIENT_CASES, ids=lambda c: f"{c[1:5]}-{jnp.dtype(c[5]).name}"
-                         f"-{'+'.join(c[6]) or 'plain'}")
+@pytest.mark.parametrize("case", GRADIENT_CASES, ids=case_id)
 def test_gradients(case, backend):
-    seed, batch, length, channels, taps, dtype, features = case
-    args = problem(seed, batch, length, channels, taps, dtype,
-                   **{f: True for f in features})
-    for name, error in gradient_errors(args, backend, "silu" if seed % 2 == 0 else None).items():
-        assert error <= GRAD_BOUND[jnp.dtype(dtype)], (name, error)
+    seed, args = case[0], case_problem(case)
+    activation = "silu" if seed % 2 == 0 else None
+    for name, error in gradient_errors(args, backend, activation).items():
+        assert error <= GRAD_BOUND[jnp.dtype(case[5])], (name, error)
 
 
 def test_gradients_small_config(backend=KERNEL_BACKEND):

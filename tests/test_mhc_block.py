@@ -8,7 +8,13 @@ nnx = pytest.importorskip("flax.nnx")
 
 import bjax  # noqa: E402
 from tests import oracles  # noqa: E402
-from tests.conftest import BACKENDS  # noqa: E402
+from tests.conftest import KERNEL_BACKEND  # noqa: E402
+
+# The block's logic on the XLA backend in every configuration; on the kernels in the one
+# that runs every kernel (dynamic H) with DeepSeek's options (test_hyper_connection.py checks
+# the kernels in every other).
+CASES = [(preset, dynamic, "xla") for preset in ("paper", "deepseek") for dynamic in (False, True)]
+CASES.append(("deepseek", True, KERNEL_BACKEND))
 
 N, C = 4, 24
 
@@ -23,9 +29,7 @@ class Tanh(nnx.Module):
         return jnp.tanh(u @ self.w[...])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-@pytest.mark.parametrize("preset", ["paper", "deepseek"])
+@pytest.mark.parametrize("preset, dynamic, backend", CASES, ids=str)
 def test_matches_the_papers_layer(preset, dynamic, backend):
     block = bjax.nn.MHCBlock(Tanh(nnx.Rngs(1)), N, C, dynamic=dynamic, preset=preset,
                              alpha_init=0.5, phi_scale=1.0, backend=backend, rngs=nnx.Rngs(0))

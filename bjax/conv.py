@@ -445,7 +445,9 @@ def causal_conv1d_step(conv_state: ArrayLike, x: ArrayLike, weight: ArrayLike,
 
     Args:
       conv_state: ``[b, k - 1, d]``, the last ``k - 1`` inputs (oldest first), in x's
-        dtype or float32; updated in place when donated to the enclosing ``jit``.
+        dtype or float32. Donated to the enclosing ``jit``, the Pallas kernel updates it
+        in place; the XLA backend builds the shifted state through one temporary of its
+        size.
       x: ``[b, d]``, float32 / float16 / bfloat16.
       weight, bias, activation, backend: as in :func:`causal_conv1d`
         (:data:`STEP_IMPLEMENTATIONS`).

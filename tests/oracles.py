@@ -294,3 +294,24 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_states=None,
         same = row_ids[:, j:j + length] == ids
         y = y + weight[:, j] * jnp.where(same[..., None], rows[:, j:j + length], 0.0)
     return jax.nn.silu(y) if activation == "silu" else y
+
+
+def attention(q, k, v, visible, scale):
+    """``(out, lse)`` of softmax attention in float64: ``q [b, t, h, d]``, ``k, v [b, s, hk,
+    d]`` (query head i reads kv head i // (h / hk)), ``visible`` bool ``[b, t, s]``; a
+    query with no visible key gets ``(0, -inf)``."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, t, h, d = q.shape
+    k, v = (np.repeat(a, h // a.shape[2], axis=2) for a in (k, v))
+    out, lse = np.zeros((b, t, h, d)), np.full((b, t, h), -np.inf)
+    for r in range(b):
+        for i in range(t):
+            keys = np.flatnonzero(visible[r, i])
+            if keys.size == 0:
+                continue
+            scores = scale * np.einsum("hd,shd->hs", q[r, i], k[r, keys])
+            peak = scores.max(axis=-1, keepdims=True)
+            weights = np.exp(scores - peak)
+            out[r, i] = np.einsum("hs,shd->hd", weights, v[r, keys]) / weights.sum(-1)[:, None]
+            lse[r, i] = peak[:, 0] + np.log(weights.sum(-1))
+    return out, lse

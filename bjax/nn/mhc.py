@@ -75,10 +75,19 @@ class MHCBlock(nnx.Module):
         else:
             self.phi = self.alpha = None
 
-    def __call__(self, x):
-        """``x [..., n, C] -> x_next [..., n, C]`` in x's dtype."""
+    def __call__(self, x, *args, **kwargs):
+        """``x [..., n, C] -> x_next [..., n, C]`` in x's dtype.
+
+        Further arguments go to the sublayer after its input. A sublayer that returns a
+        tuple ``(f, aux)`` (a mixer and its decode cache) makes the block return
+        ``(x_next, aux)``.
+        """
         dynamic = {} if self.phi is None else dict(phi=self.phi[...], alpha=self.alpha[...])
         layer_input, h_post, h_res = mhc_pre(x, bias=self.bias[...], backend=self.backend,
                                              **dynamic, **self.pre_options)
-        f_out = self.sublayer(layer_input).astype(x.dtype)
-        return mhc_post(x, f_out, h_post, h_res, backend=self.backend, **self.post_options)
+        f_out = self.sublayer(layer_input, *args, **kwargs)
+        has_aux = isinstance(f_out, tuple)
+        f_out, aux = f_out if has_aux else (f_out, None)
+        x_next = mhc_post(x, f_out.astype(x.dtype), h_post, h_res, backend=self.backend,
+                          **self.post_options)
+        return (x_next, aux) if has_aux else x_next

@@ -8,7 +8,6 @@ Scores, softmax and the weighted sum run in float32 (float64 for float64 inputs)
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

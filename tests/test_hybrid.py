@@ -31,7 +31,11 @@ def _copy_task(key, batch=16, length=16):
 def test_generation_with_caches_matches_the_full_forward(backend):
     """Prefill a prompt, then greedy steps (jitted, caches donated); each step's logits
     equal the full forward's at that position."""
-    model = _model(backend)
+    with jax.default_matmul_precision("highest"):   # float32 projections, no TF32 on a GPU
+        _generate_and_compare(_model(backend))
+
+
+def _generate_and_compare(model):
     prompt = _copy_task(jax.random.key(1), batch=3)[:, :7]
     prefill = nnx.jit(lambda m, t, c: m(t, caches=c))
     step = nnx.jit(lambda m, t, c: m.step(t, c), donate_argnums=2)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from bjax import _op, _partition
+from bjax import _op, _partition, _varlen
 from bjax.errors import UnsupportedError
 from bjax.xla import conv as xla_conv
 from pallas_kernels import conv as pallas_conv
@@ -67,8 +67,11 @@ class CausalConv1dDescriptor:
       taps: ``k``, the weight's second extent.
       dtype: x's dtype (and y's).
       activation: ``None`` or ``"silu"``.
-      has_bias, has_initial_states, has_seq_idx: which optional inputs are given.
+      has_bias, has_initial_states: which optional inputs are given.
+      has_seq_idx: segments are given (``seq_idx``, or derived from ``cu_seqlens``).
       return_final_states: whether the call returns the last ``k - 1`` rows too.
+      num_seqs: the packed sequences of ``cu_seqlens`` (0 without it).
+      return_varlen_states: whether the call returns each sequence's last ``k - 1`` rows.
     """
     batch: int
     length: int
@@ -80,10 +83,13 @@ class CausalConv1dDescriptor:
     has_initial_states: bool
     has_seq_idx: bool
     return_final_states: bool
+    num_seqs: int = 0
+    return_varlen_states: bool = False
 
     @classmethod
     def from_args(cls, x, weight, bias=None, *, activation=None, seq_idx=None,
-                  initial_states=None, return_final_states=False, op="causal_conv1d"):
+                  initial_states=None, return_final_states=False, cu_seqlens=None,
+                  return_varlen_states=False, op="causal_conv1d"):
         """Validates the call; raises InvalidProblemError / UnsupportedError naming the argument."""
         _op.check(x.ndim == 3, op, "x", "an array [b, l, d] (channels last)",
                   f"shape {tuple(x.shape)}")
@@ -102,9 +108,11 @@ class CausalConv1dDescriptor:
                       "an integer dtype", _op.dtype_name(seq_idx))
         _op.check(isinstance(return_final_states, (bool, np.bool_)), op, "return_final_states",
                   "a bool", repr(return_final_states))
+        num_seqs = _varlen.check(cu_seqlens, return_varlen_states, seq_idx, batch, op)
         return cls(batch, length, channels, taps, jnp.dtype(x.dtype), activation,
-                   bias is not None, initial_states is not None, seq_idx is not None,
-                   bool(return_final_states))
+                   bias is not None, initial_states is not None,
+                   seq_idx is not None or cu_seqlens is not None, bool(return_final_states),
+                   num_seqs, bool(return_varlen_states))
 
     @property
     def kernel_config(self) -> pallas_conv.ConvConfig:
@@ -292,18 +300,21 @@ _XLA = _op.Choice(IMPLEMENTATIONS[-1], "xla")
 
 
 def _prepare(x, weight, bias, activation, seq_idx, initial_states, return_final_states,
-             backend, config):
+             backend, config, cu_seqlens=None, return_varlen_states=False):
     desc = CausalConv1dDescriptor.from_args(
         x, weight, bias, activation=activation, seq_idx=seq_idx, initial_states=initial_states,
-        return_final_states=return_final_states)
+        return_final_states=return_final_states, cu_seqlens=cu_seqlens,
+        return_varlen_states=return_varlen_states)
     return desc, _op.select(IMPLEMENTATIONS, desc, backend, config, op="causal_conv1d")
 
 
 def causal_conv1d(x: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None, *,
                   activation: str | None = None, seq_idx: ArrayLike | None = None,
+                  cu_seqlens: ArrayLike | None = None,
                   initial_states: ArrayLike | None = None, return_final_states: bool = False,
-                  backend: _op.Backend = None, config: pallas_conv.ConvConfig | None = None
-                  ) -> jax.Array | tuple[jax.Array, jax.Array]:
+                  return_varlen_states: bool = False, backend: _op.Backend = None,
+                  config: pallas_conv.ConvConfig | None = None
+                  ) -> jax.Array | tuple[jax.Array, ...]:
     """Causal depthwise convolution over whole sequences (module doc).
 
     Args:
@@ -315,17 +326,27 @@ def causal_conv1d(x: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None
       activation: ``None`` or ``"silu"``.
       seq_idx: optional integer ``[b, l]``: the history restarts wherever it changes
         (packed sequences).
+      cu_seqlens: optional integer ``[num_seqs + 1]`` (mamba_ssm's): with ``b == 1``,
+        sequence ``i`` is rows ``cu_seqlens[i] .. cu_seqlens[i + 1] - 1`` (``cu_seqlens[0]
+        = 0``, non-decreasing, at most l; rows past the last boundary form one more
+        segment). It sets the segments as ``seq_idx`` would (give one of the two).
       initial_states: optional ``[b, k - 1, d]``, the rows before the start (of the first
-        sequence, with ``seq_idx``), in x's dtype or float32.
+        sequence, with ``seq_idx`` or ``cu_seqlens``), in x's dtype or float32.
       return_final_states: also return the last ``k - 1`` rows, the state
         :func:`causal_conv1d_step` continues from.
+      return_varlen_states: also return each sequence's last ``k - 1`` rows, ``[num_seqs,
+        k - 1, d]`` (zeros before a sequence's start; ``initial_states`` before the one at
+        row 0; an empty sequence's are zeros), in the dtype of ``final_states``. Needs
+        ``cu_seqlens``.
       backend: ``None`` (``$BJAX_BACKEND``, else the first of :data:`IMPLEMENTATIONS` that
         runs here: Pallas on CUDA GPUs up to :data:`MAX_KERNEL_TAPS` taps, XLA
         elsewhere), ``"pallas"``, ``"interpret"`` or ``"xla"``.
       config: the kernels' :class:`pallas_kernels.conv.ConvConfig`; ``None``: the heuristic.
 
     Returns:
-      ``y`` ``[b, l, d]`` in x's dtype, or ``(y, final_states)``: ``final_states``
+      ``y`` ``[b, l, d]`` in x's dtype, followed (in a tuple) by ``final_states`` with
+      ``return_final_states`` and ``varlen_states`` with ``return_varlen_states``.
+      ``final_states``
       ``[b, k - 1, d]`` holds the last ``k - 1`` rows of the sequence (with the rows
       before the start in front of a short one); with ``seq_idx``, rows of another
       sequence than the last row's are zero. In x's dtype, or float32 when
@@ -335,20 +356,27 @@ def causal_conv1d(x: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None
       InvalidProblemError: x not of rank 3, a weight that is not ``[d, k]`` with
         ``k >= 2``, bias / initial_states / seq_idx of another shape, an activation
         other than None or ``"silu"``, a non-integer seq_idx, initial_states of another
-        dtype than x's or float32, a non-bool return_final_states; ``config`` of another
-        type or not launchable.
+        dtype than x's or float32, a non-bool return_final_states; cu_seqlens not an integer
+        vector of 2 or more, given with seq_idx or with b != 1; return_varlen_states
+        without cu_seqlens; ``config`` of another type or not launchable.
       UnsupportedError: x not float32 / float16 / bfloat16, a non-float weight or bias;
         more than :data:`MAX_KERNEL_TAPS` taps on the Pallas kernels; ``backend="pallas"``
         without a CUDA GPU.
     """
-    x, weight, bias, seq_idx, initial_states = _op.asarrays(x, weight, bias, seq_idx,
-                                                         initial_states)
+    x, weight, bias, seq_idx, initial_states, cu_seqlens = _op.asarrays(
+        x, weight, bias, seq_idx, initial_states, cu_seqlens)
     desc, choice = _prepare(x, weight, bias, activation, seq_idx, initial_states,
-                            return_final_states, backend, config)
-    y = _conv(x, weight, bias, initial_states, seq_idx, desc, choice)
-    if not desc.return_final_states:
-        return y
-    return y, final_states(x, initial_states, seq_idx, desc.taps)
+                            return_final_states, backend, config, cu_seqlens,
+                            return_varlen_states)
+    if cu_seqlens is not None:
+        seq_idx = _varlen.sequence_numbers(cu_seqlens, desc.length)
+    results = (_conv(x, weight, bias, initial_states, seq_idx, desc, choice),)
+    if desc.return_final_states:
+        results += (final_states(x, initial_states, seq_idx, desc.taps),)
+    if desc.return_varlen_states:
+        results += (_varlen.conv_states(x[0], None if initial_states is None
+                                        else initial_states[0], cu_seqlens, desc.taps),)
+    return results[0] if len(results) == 1 else results
 
 
 def _step_forward(conv_state, x, weight, bias, desc: CausalConv1dStepDescriptor, choice):
@@ -476,10 +504,12 @@ _PRECISION = _op.PrecisionGuarantee(
 
 
 @_op.register_planner(causal_conv1d)
-def _plan_conv(x, weight, bias=None, *, activation=None, seq_idx=None, initial_states=None,
-               return_final_states=False, backend=None, config=None):
+def _plan_conv(x, weight, bias=None, *, activation=None, seq_idx=None, cu_seqlens=None,
+               initial_states=None, return_final_states=False, return_varlen_states=False,
+               backend=None, config=None):
     desc, choice = _prepare(x, weight, bias, activation, seq_idx, initial_states,
-                            return_final_states, backend, config)
+                            return_final_states, backend, config, *_op.asarrays(cu_seqlens),
+                            return_varlen_states)
     return _op.Plan.of("causal_conv1d", desc, choice, _PRECISION)
 
 

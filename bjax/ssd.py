@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from bjax import _op, _partition
+from bjax import _op, _partition, _varlen
 from bjax.errors import UnsupportedError
 from bjax.xla import ssd as xla_ssd
 from pallas_kernels import ssd as pallas_ssd
@@ -146,7 +146,11 @@ class SsdChunkScanDescriptor:
       batch, seq_len, heads, head_dim, groups, state_dim, chunk_size: extents.
       dtype: dtype of x, B, C, z and y.
       options: the :class:`SsdOptions`.
-      has_initial_states, has_seq_idx, return_final_states: as passed.
+      has_initial_states, return_final_states: as passed.
+      has_seq_idx: segments are given (``seq_idx``, or derived from ``cu_seqlens``).
+      num_seqs: the packed sequences of ``cu_seqlens`` (0 without it).
+      return_varlen_states: as passed; the kernels then also return the float32 state
+        entering every chunk, from which each sequence's final state is derived.
     """
     batch: int
     seq_len: int
@@ -160,6 +164,8 @@ class SsdChunkScanDescriptor:
     has_initial_states: bool
     has_seq_idx: bool
     return_final_states: bool
+    num_seqs: int = 0
+    return_varlen_states: bool = False
 
     @property
     def chunks(self) -> int:
@@ -178,7 +184,8 @@ class SsdChunkScanDescriptor:
 
     @classmethod
     def from_args(cls, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
-                  initial_states, seq_idx, return_final_states):
+                  initial_states, seq_idx, return_final_states, cu_seqlens=None,
+                  return_varlen_states=False):
         """Validates an ``ssd_chunk_scan`` call; raises naming the argument."""
         op = "ssd_chunk_scan"
         _op.check(x.ndim == 4, op, "x", "an array of rank 4 [batch, seqlen, heads, head_dim]",
@@ -202,9 +209,11 @@ class SsdChunkScanDescriptor:
             _op.check(jnp.issubdtype(seq_idx.dtype, jnp.integer), op, "seq_idx.dtype",
                       "an integer dtype", _op.dtype_name(seq_idx))
         _bool_rule(return_final_states, "return_final_states", op)
+        num_seqs = _varlen.check(cu_seqlens, return_varlen_states, seq_idx, batch, op)
         return cls(batch, seq_len, heads, head_dim, groups, int(B.shape[-1]), chunk_size,
-                   jnp.dtype(x.dtype), options, initial_states is not None, seq_idx is not None,
-                   bool(return_final_states))
+                   jnp.dtype(x.dtype), options, initial_states is not None,
+                   seq_idx is not None or cu_seqlens is not None, bool(return_final_states),
+                   num_seqs, bool(return_varlen_states))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,18 +300,26 @@ def _kernel_args(desc: SsdChunkScanDescriptor, choice: _op.Choice, backward=Fals
 
 def _scan_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
                   desc: SsdChunkScanDescriptor, choice: _op.Choice):
+    """``(y, final_states)``, and with ``return_varlen_states`` the float32 states entering
+    every chunk ``[batch, chunks, heads, head_dim, state_dim]``."""
     if desc.seq_len == 0 or desc.batch == 0:
         final = (jnp.zeros((desc.batch, desc.heads, desc.head_dim, desc.state_dim))
-                 if initial_states is None else initial_states)
-        return jnp.zeros(x.shape, x.dtype), final.astype(jnp.float32)
+                 if initial_states is None else initial_states).astype(jnp.float32)
+        return (jnp.zeros(x.shape, x.dtype), final) + (
+            (final[:, None],) if desc.return_varlen_states else ())
     i = _scan_inputs(dt, A, D, dt_bias, initial_states, seq_idx, desc, choice)
     if choice.on_xla:
-        return xla_ssd.chunk_scan(x, B, C, i.dt_p, i.a_cs, i.seg, i.d, z, i.init,
-                                  chunk_size=desc.chunk_size)
-    kernel_args = _kernel_args(desc, choice)
-    states, final = pallas_ssd.chunk_states(x, B, i.dt_p, i.a_cs, i.seg, i.init, **kernel_args)
-    y = pallas_ssd.chunk_scan(x, B, C, i.dt_p, i.a_cs, states, i.seg, i.d, z, **kernel_args)
-    return y, final
+        y, final, states = xla_ssd.chunk_scan(x, B, C, i.dt_p, i.a_cs, i.seg, i.d, z, i.init,
+                                              chunk_size=desc.chunk_size)
+    else:
+        kernel_args = _kernel_args(desc, choice)
+        snapshot = pallas_ssd.snapshot_dtype(x.dtype)
+        states, final = pallas_ssd.chunk_states(
+            x, B, i.dt_p, i.a_cs, i.seg, i.init, **kernel_args,
+            states_dtype=jnp.float32 if desc.return_varlen_states else snapshot)
+        y = pallas_ssd.chunk_scan(x, B, C, i.dt_p, i.a_cs, states.astype(snapshot), i.seg, i.d,
+                                  z, **kernel_args)
+    return (y, final, states) if desc.return_varlen_states else (y, final)
 
 
 def _silu_and_grad(z):
@@ -311,8 +328,8 @@ def _silu_and_grad(z):
 
 
 def _scan_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, dfinal,
-                   desc: SsdChunkScanDescriptor, choice: _op.Choice):
-    """Gradients of ``(y, final_states)`` with respect to ``x ... initial_states`` from the
+                   dstates, desc: SsdChunkScanDescriptor, choice: _op.Choice):
+    """Gradients of ``(y, final_states[, states entering each chunk])`` with respect to ``x ... initial_states`` from the
     Pallas backward kernels (``pallas_kernels.ssd_backward``); those of ``A``, ``D`` and
     ``dt_bias`` per batch row (a leading batch axis, for the caller to sum)."""
     i = _scan_inputs(dt, A, D, dt_bias, initial_states, seq_idx, desc, choice)
@@ -331,7 +348,8 @@ def _scan_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, d
     dy_pre = dy.astype(x.dtype)
     backward_args = _kernel_args(desc, choice, backward=True)
     ends, d_init, carry = pallas_ssd_backward.state_grads(
-        dy_pre, C, i.a_cs, states, i.seg, dfinal.astype(jnp.float32), **backward_args)
+        dy_pre, C, i.a_cs, states, i.seg, dfinal.astype(jnp.float32),
+        None if dstates is None else dstates.astype(jnp.float32), **backward_args)
     dc_parts, rows = pallas_ssd_backward.target_grads(x, dy_pre, B, C, i.dt_p, i.a_cs, states,
                                                       i.seg, **backward_args)
     dx, db_parts, cols, q, x_dot_y = pallas_ssd_backward.source_grads(
@@ -401,14 +419,17 @@ def sharding_rules(desc: SsdChunkScanDescriptor, args) -> tuple[_partition.Shard
         return _heads_as(factors, desc.groups, desc.heads)
     present = [heads(_arg_factors(n, v)) for n, v in zip(_ARGS, args) if v is not None]
     x, state = heads(_FACTORS["x"]), heads(("b", _HEADS, "p", "n"))
+    # With return_varlen_states, the states entering the chunks ("c") too.
+    results = (x, state) + ((heads(("b", "c", _HEADS, "p", "n")),)
+                            if desc.return_varlen_states else ())
     # The parameters' gradients per batch row (the caller sums them: XLA all-reduces).
     grads = [heads(("b", *_arg_factors(n, v)) if k in _PARAMS else _arg_factors(n, v))
              for k, (n, v) in enumerate(zip(_ARGS[:9], args[:9])) if v is not None]
     compound = 1 < desc.groups < desc.heads
-    common = dict(replicated=frozenset({"l", "r", "p", "n"}),
+    common = dict(replicated=frozenset({"l", "r", "p", "n", "c"}),
                   sizes=(("r", desc.heads // desc.groups),) if compound else ())
-    return (_partition.ShardingRule(tuple(present), (x, state), **common),
-            _partition.ShardingRule((*present, x, state), tuple(grads), **common))
+    return (_partition.ShardingRule(tuple(present), results, **common),
+            _partition.ShardingRule((*present, *results), tuple(grads), **common))
 
 
 def _local(desc: SsdChunkScanDescriptor, x, B) -> SsdChunkScanDescriptor:
@@ -429,7 +450,9 @@ def _scan_call(desc: SsdChunkScanDescriptor, choice: _op.Choice, which: int, arg
         local = _local(desc, full[0], full[3])
         if which == 0:
             return _scan_forward(*full, local, choice)
-        out = _scan_gradients(*full, *operands[sum(present):], local, choice)
+        cotangents = operands[sum(present):]
+        out = _scan_gradients(*full, *cotangents, *[None] * (3 - len(cotangents)), local,
+                              choice)
         return tuple(g for g, here in zip(out, grads_present) if here)
 
     def batched(axis_size, in_batched, *operands):
@@ -453,15 +476,15 @@ _PARAMS = (2, 5, 7)   # A, D, dt_bias among the nine differentiable arguments
 
 
 def _scan_gradients(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, dfinal,
-                    desc: SsdChunkScanDescriptor, choice: _op.Choice):
+                    dstates, desc: SsdChunkScanDescriptor, choice: _op.Choice):
     """The nine differentiable arguments' gradients, the parameters' (:data:`_PARAMS`) per
     batch row, as :func:`_scan_backward` gives them."""
     diff = (x, dt, A, B, C, D, z, dt_bias, initial_states)
     if desc.seq_len and desc.batch:
-        return _scan_backward(*diff, seq_idx, dy, dfinal, desc, choice)
+        return _scan_backward(*diff, seq_idx, dy, dfinal, dstates, desc, choice)
     # The empty problem: autodiff of its zeros.
     _, vjp = jax.vjp(lambda *diff: _scan_forward(*diff, seq_idx, desc, choice), *diff)
-    grads = list(vjp((dy, dfinal)))
+    grads = list(vjp((dy, dfinal) + ((dstates,) if desc.return_varlen_states else ())))
     for k in _PARAMS:
         if grads[k] is not None:
             grads[k] = jnp.broadcast_to(grads[k], (desc.batch, *grads[k].shape)) * 0
@@ -631,11 +654,13 @@ _XLA_STEP = _op.Choice(STEP_IMPLEMENTATIONS[-1], "xla")
 
 
 def _prepare_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
-                  initial_states, seq_idx, return_final_states, backend, config):
+                  initial_states, seq_idx, return_final_states, backend, config,
+                  cu_seqlens=None, return_varlen_states=False):
     desc = SsdChunkScanDescriptor.from_args(
         x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
         dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states,
-        seq_idx=seq_idx, return_final_states=return_final_states)
+        seq_idx=seq_idx, return_final_states=return_final_states, cu_seqlens=cu_seqlens,
+        return_varlen_states=return_varlen_states)
     return desc, _op.select(CHUNK_SCAN_IMPLEMENTATIONS, desc, backend, config,
                             op="ssd_chunk_scan")
 
@@ -651,9 +676,10 @@ def ssd_chunk_scan(x: ArrayLike, dt: ArrayLike, A: ArrayLike, B: ArrayLike, C: A
                    dt_bias: ArrayLike | None = None, dt_softplus: bool = False,
                    dt_limit: tuple[float, float] = (0.0, float("inf")),
                    initial_states: ArrayLike | None = None, seq_idx: ArrayLike | None = None,
-                   return_final_states: bool = False, backend: _op.Backend = None,
+                   cu_seqlens: ArrayLike | None = None, return_final_states: bool = False,
+                   return_varlen_states: bool = False, backend: _op.Backend = None,
                    config: pallas_ssd_backward.ChunkScanConfig | None = None
-                   ) -> jax.Array | tuple[jax.Array, jax.Array]:
+                   ) -> jax.Array | tuple[jax.Array, ...]:
     """Mamba-2's selective state-space scan over whole sequences, chunked (module doc).
 
     Args:
@@ -673,7 +699,16 @@ def ssd_chunk_scan(x: ArrayLike, dt: ArrayLike, A: ArrayLike, B: ArrayLike, C: A
         the first step (of the first segment, with ``seq_idx``); used in float32.
       seq_idx: optional integer ``[batch, seqlen]``: the state restarts at 0
         wherever it changes (packed sequences).
+      cu_seqlens: optional integer ``[num_seqs + 1]`` (mamba_ssm's): with ``batch == 1``,
+        sequence ``i`` is steps ``cu_seqlens[i] .. cu_seqlens[i + 1] - 1`` of the row
+        (``cu_seqlens[0] = 0``, non-decreasing, at most seqlen; steps past the last
+        boundary form one more segment). It sets the segments as ``seq_idx`` would
+        (give one of the two) and lets ``return_varlen_states`` find each sequence's end.
       return_final_states: also return the state after the last step.
+      return_varlen_states: also return each sequence's final state, float32
+        ``[num_seqs, heads, head_dim, state_dim]`` (needs ``cu_seqlens``; an empty
+        sequence's is 0; ``initial_states`` seeds the sequence at step 0), to continue
+        every packed sequence with :func:`ssd_step`. Differentiable like ``y``.
       backend: ``None`` (``$BJAX_BACKEND``, else the first of
         :data:`CHUNK_SCAN_IMPLEMENTATIONS` that runs the call here: Pallas on CUDA
         GPUs up to :data:`MAX_DIM` heads, head_dim and state_dim, XLA elsewhere),
@@ -682,26 +717,36 @@ def ssd_chunk_scan(x: ArrayLike, dt: ArrayLike, A: ArrayLike, B: ArrayLike, C: A
         its heuristic).
 
     Returns:
-      ``y`` ``[batch, seqlen, heads, head_dim]`` in x's dtype, or ``(y,
-      final_states)`` with ``final_states`` float32 ``[batch, heads, head_dim, state_dim]``.
+      ``y`` ``[batch, seqlen, heads, head_dim]`` in x's dtype, followed (in a tuple) by
+      ``final_states`` float32 ``[batch, heads, head_dim, state_dim]`` with
+      ``return_final_states`` and ``varlen_states`` with ``return_varlen_states``.
 
     Raises:
       InvalidProblemError: shapes that do not fit together, a chunk_size that is
         not a power of two in range, groups not dividing heads, non-bool flags,
         a bad dt_limit, B / C / z of another dtype than x, non-integer seq_idx;
+        cu_seqlens not an integer vector of 2 or more, given with seq_idx or with
+        batch != 1; return_varlen_states without cu_seqlens;
         ``config`` of another type, not launchable, or with blocks that do not divide
         the chunk or a group's heads.
       UnsupportedError: x not float32 / float16 / bfloat16, a non-float parameter;
         heads, head_dim or state_dim over 256 on the Pallas kernels (an explicit
         kernel backend, or ``config``); ``backend="pallas"`` without a CUDA GPU.
     """
-    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx = _op.asarrays(
-        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens = _op.asarrays(
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens)
     desc, choice = _prepare_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
                                  dt_limit, initial_states, seq_idx, return_final_states,
-                                 backend, config)
-    y, final = _chunk_scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, desc, choice)
-    return (y, final) if desc.return_final_states else y
+                                 backend, config, cu_seqlens, return_varlen_states)
+    if cu_seqlens is not None:
+        seq_idx = _varlen.sequence_numbers(cu_seqlens, desc.seq_len)
+    out = _chunk_scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, desc, choice)
+    results = (out[0],) + ((out[1],) if desc.return_final_states else ())
+    if desc.return_varlen_states:
+        results += (_varlen.ssd_states(
+            x[0], dt[0], A, B[0], dt_bias, out[2][0], cu_seqlens, chunk_size=desc.chunk_size,
+            softplus=desc.options.dt_softplus, limit=desc.options.dt_limit),)
+    return results[0] if len(results) == 1 else results
 
 
 def ssd_step(state: ArrayLike, x: ArrayLike, dt: ArrayLike, A: ArrayLike, B: ArrayLike,
@@ -744,10 +789,12 @@ _PRECISION = _op.PrecisionGuarantee(
 @_op.register_planner(ssd_chunk_scan)
 def _plan_chunk_scan(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
                      dt_softplus=False, dt_limit=(0.0, float("inf")), initial_states=None,
-                     seq_idx=None, return_final_states=False, backend=None, config=None):
+                     seq_idx=None, cu_seqlens=None, return_final_states=False,
+                     return_varlen_states=False, backend=None, config=None):
     desc, choice = _prepare_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
                                  dt_limit, initial_states, seq_idx, return_final_states,
-                                 backend, config)
+                                 backend, config, *_op.asarrays(cu_seqlens),
+                                 return_varlen_states)
     return _op.Plan.of("ssd_chunk_scan", desc, choice, _PRECISION)
 
 

@@ -8,7 +8,7 @@ the end of chunk ``c`` (``G_{last}`` is the cotangent of the final state). With
 ``w_s = dt_s exp(a_cs_end - a_cs_s)`` (0 for steps outside the chunk's last
 segment) and ``L_ts = exp(a_cs_t - a_cs_s)`` for ``s <= t`` in one segment:
 
-    grad S_c     = decay_c G_c + sum_t e_t dy_t C_t^T                (walked backwards)
+    grad S_c     = decay_c G_c + sum_t e_t dy_t C_t^T (+ any cotangent of S_c itself; walked backwards)
     dx_s         = dt_s y'_s + D dy_s,   y'_s = w_s / dt_s G_c B_s + sum_{t>=s} L_ts (C_t . B_s) dy_t
     dB_s         = w_s G_c^T x_s + dt_s sum_{t>=s} L_ts (dy_t . x_s) C_t   (summed over a group's heads)
     dC_t         = e_t S_c^T dy_t + sum_{s<=t} L_ts dt_s (dy_t . x_s) B_s  (likewise)
@@ -98,10 +98,11 @@ class ChunkScanConfig:
     backward: SsdBackwardConfig | None = None
 
 
-def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, dot_dtype):
+def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, has_dstates, dot_dtype):
     dy_ref, c_ref, acs_ref, states_ref, *rest = refs
     seg_ref = rest.pop(0) if has_seg else None
     dfinal_ref = rest.pop(0) if has_dfinal else None
+    dstates_ref = rest.pop(0) if has_dstates else None
     gends_ref, dinit_ref, carry_ref = rest
     seq_len, chunk, heads_per_group, head_dim, state_dim = dims
     bq, bp = config.block_q, config.block_p
@@ -143,6 +144,8 @@ def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, dot_dtype):
 
         local = jax.lax.fori_loop(jnp.int32(0), jnp.int32(chunk // bq), piece_body,
                                   jnp.zeros_like(grad))
+        if has_dstates:   # a cotangent of S_c itself (the states returned for varlen)
+            local = local + load(dstates_ref.at[row, c, head, p_slice, n_slice], tile_mask)
         return decay * grad + local
 
     grad = jax.lax.fori_loop(jnp.int32(0), jnp.int32(chunks), chunk_body, grad)
@@ -329,7 +332,7 @@ def _params(config, interpret):
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def state_grads(dy, c, a_cs, states, seg=None, dfinal=None, *, chunk_size: int,
+def state_grads(dy, c, a_cs, states, seg=None, dfinal=None, dstates=None, *, chunk_size: int,
                 config: SsdBackwardConfig, interpret: bool = False):
     """``(G [batch, chunks, heads, head_dim, state_dim]`` float32 (gradient of the state
     at each chunk's end), ``d initial_states`` float32, ``decay_c <G_c, S_c>``
@@ -337,7 +340,8 @@ def state_grads(dy, c, a_cs, states, seg=None, dfinal=None, *, chunk_size: int,
 
     ``dy``: ``[batch, seqlen, heads, head_dim]`` (the cotangent before the gate);
     ``states``: the forward's states entering each chunk; ``dfinal``: the final
-    state's cotangent or None.
+    state's cotangent or None; ``dstates``: float32 cotangents of the states entering
+    each chunk (shaped like ``states``) or None.
     """
     batch, _, heads, head_dim = dy.shape
     chunks = a_cs.shape[-1] // chunk_size
@@ -345,7 +349,7 @@ def state_grads(dy, c, a_cs, states, seg=None, dfinal=None, *, chunk_size: int,
     p_blocks = pl.cdiv(head_dim, config.block_p)
     kernel = functools.partial(_state_grad_kernel, dims=_dims(dy, c, chunk_size), config=config,
                                has_seg=seg is not None, has_dfinal=dfinal is not None,
-                               dot_dtype=dy.dtype)
+                               has_dstates=dstates is not None, dot_dtype=dy.dtype)
     state = (batch, heads, head_dim, state_dim)
     return pallas_call(
         kernel,
@@ -355,7 +359,7 @@ def state_grads(dy, c, a_cs, states, seg=None, dfinal=None, *, chunk_size: int,
         grid=(p_blocks, heads, batch),
         name="bjax_ssd_state_grads",
         **_params(config, interpret),
-    )(*[v for v in (dy, c, a_cs, states, seg, dfinal) if v is not None])
+    )(*[v for v in (dy, c, a_cs, states, seg, dfinal, dstates) if v is not None])
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

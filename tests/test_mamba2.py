@@ -106,6 +106,29 @@ def test_packed_sequences(backend):
     assert relative_error(packed, alone) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+def test_packed_prefill_then_steps_continue_every_sequence(backend):
+    """A prefill of packed sequences (cu_seqlens, an empty one among them) returns a cache
+    row per sequence; steps from it equal each sequence run whole with its continuation."""
+    model = mixer(backend, 9)
+    cu = [0, 12, 12, 30, 45]
+    x = jax.random.normal(jax.random.key(10), (1, 45, 32), jnp.float32)
+    more = jax.random.normal(jax.random.key(11), (4, 3, 32), jnp.float32)
+    prefill = nnx.jit(lambda m, x, cu, c: m(x, cache=c, cu_seqlens=cu))
+    step = nnx.jit(lambda m, x_t, c: m.step(x_t, c), donate_argnums=2)
+    y, cache = prefill(model, x, jnp.array(cu), model.init_cache(1))
+    assert cache.conv_state.shape[0] == cache.ssm_state.shape[0] == 4
+    steps = []
+    for t in range(3):
+        y_t, cache = step(model, more[:, t], cache)
+        steps.append(y_t)
+    steps = jnp.stack(steps, axis=1)
+    whole = nnx.jit(lambda m, x: m(x))
+    for i, (start, end) in enumerate(zip(cu[:-1], cu[1:])):
+        alone = whole(model, jnp.concatenate([x[:, start:end], more[i:i + 1]], axis=1))[0]
+        assert relative_error(jnp.concatenate([y[0, start:end], steps[i]]), alone) <= 1e-5
+
+
 def test_gradients_through_the_module(backend=KERNEL_BACKEND):
     """Outputs and every parameter's gradient from the kernels equal the XLA backend's."""
     x = jax.random.normal(jax.random.key(7), (2, 19, 32), jnp.float32)

@@ -249,6 +249,29 @@ def test_ssd_chunk_scan_keeps_its_sharding(batch_axis, heads_axis, mesh_shape, b
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_ssd_varlen_states_keep_the_heads_split(backend):
+    """Packed sequences (one row) split over the heads: the states entering the chunks,
+    from which every sequence's final state comes, stay with their heads."""
+    problem = ssd_problem(11, 1, 40, 4, 16, 2, 16)
+    del problem["initial_states"]
+    names = list(problem)
+    heads = {"x": P(None, None, "model"), "dt": P(None, None, "model"), "A": P("model"),
+             "B": P(None, None, "model"), "C": P(None, None, "model"), "D": P("model"),
+             "z": P(None, None, "model"), "dt_bias": P("model")}
+
+    def fn(*values):
+        kwargs = dict(zip(names, values))
+        positional = [kwargs.pop(n) for n in ("x", "dt", "A", "B", "C")]
+        return bjax.ssd_chunk_scan(*positional, chunk_size=16, dt_softplus=True,
+                                   cu_seqlens=jnp.array([0, 9, 9, 33, 40]),
+                                   return_varlen_states=True, backend=backend, **kwargs)
+
+    check_partitioned(fn, tuple(problem.values()), tuple(heads[n] for n in names),
+                      mesh_of((4, 2)), (heads["x"], P(None, "model")), exact=False,
+                      tolerance=2e-5)   # as in test_ssd_chunk_scan_keeps_its_sharding
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch_axis, heads_axis, mesh_shape",
                          [("data", None, (8,)), ("data", "model", (4, 2))], ids=str)
 def test_ssd_step_keeps_its_sharding(batch_axis, heads_axis, mesh_shape, backend):

@@ -143,12 +143,12 @@ class Mamba2(nnx.Module):
 
     def _ssm_options(self):
         return dict(D=self.D[...], dt_bias=self.dt_bias[...], dt_softplus=True,
-                    dt_limit=self.time_step_limit, backend=self.backend)
+                    dt_limit=self.time_step_limit)
 
     def _out(self, y, z):
         return self.out_proj(self.norm(y.reshape(*y.shape[:-2], -1), z))
 
-    def __call__(self, x, *, cache: Mamba2Cache | None = None, seq_idx=None):
+    def __call__(self, x, *, cache: Mamba2Cache | None = None, seq_idx=None, cu_seqlens=None):
         """The mixer over whole sequences.
 
         Args:
@@ -157,26 +157,35 @@ class Mamba2(nnx.Module):
             and the call returns it filled.
           seq_idx: optional integer ``[b, l]`` (packed sequences): the convolution's
             history and the scan's state restart wherever it changes.
+          cu_seqlens: optional integer ``[num_seqs + 1]`` instead of ``seq_idx``, with
+            ``b == 1`` (mamba_ssm's packed prefill): sequence ``i`` is positions
+            ``cu_seqlens[i] .. cu_seqlens[i + 1] - 1``. With a cache (of one row, which
+            seeds the sequence at position 0), the returned cache has a row per sequence,
+            its final states, for :meth:`step` to continue every sequence.
 
         Returns:
           ``y [b, l, hidden]``, or ``(y, cache)`` with a cache.
         """
         z, xbc, dt = self._split(self.in_proj(x))
-        conv = dict(activation="silu", seq_idx=seq_idx, backend=self.backend)
+        packed = cu_seqlens is not None
+        segments = dict(seq_idx=seq_idx, cu_seqlens=cu_seqlens, backend=self.backend)
         weight, bias = self.conv1d.weight[...], _value(self.conv1d.bias)
         if cache is None:
-            xbc = causal_conv1d(xbc, weight, bias, **conv)
+            xbc = causal_conv1d(xbc, weight, bias, activation="silu", **segments)
         else:
-            xbc, conv_state = causal_conv1d(xbc, weight, bias, initial_states=cache.conv_state,
-                                            return_final_states=True, **conv)
+            xbc, conv_state = causal_conv1d(
+                xbc, weight, bias, activation="silu", initial_states=cache.conv_state,
+                return_final_states=not packed, return_varlen_states=packed, **segments)
         xs, B, C = self._split_xbc(xbc)
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-        out = ssd_chunk_scan(xs, dt, A, B, C, chunk_size=self.chunk_size, seq_idx=seq_idx,
-                             initial_states=None if cache is None else cache.ssm_state,
-                             return_final_states=cache is not None, **self._ssm_options())
+        options = dict(self._ssm_options(), **segments)
         if cache is None:
-            return self._out(out, z)
-        y, ssm_state = out
+            return self._out(ssd_chunk_scan(xs, dt, A, B, C, chunk_size=self.chunk_size,
+                                            **options), z)
+        y, ssm_state = ssd_chunk_scan(xs, dt, A, B, C, chunk_size=self.chunk_size,
+                                      initial_states=cache.ssm_state,
+                                      return_final_states=not packed,
+                                      return_varlen_states=packed, **options)
         return self._out(y, z), Mamba2Cache(conv_state.astype(cache.conv_state.dtype),
                                             ssm_state)
 
@@ -188,7 +197,8 @@ class Mamba2(nnx.Module):
                                              backend=self.backend)
         xs, B, C = self._split_xbc(xbc)
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-        y, ssm_state = ssd_step(cache.ssm_state, xs, dt, A, B, C, **self._ssm_options())
+        y, ssm_state = ssd_step(cache.ssm_state, xs, dt, A, B, C, backend=self.backend,
+                                **self._ssm_options())
         return self._out(y, z), Mamba2Cache(conv_state, ssm_state)
 
     @classmethod

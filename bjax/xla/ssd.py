@@ -49,8 +49,10 @@ def _einsum(spec, *operands):
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
 def chunk_scan(x, b, c, dt, a_cs, seg=None, d=None, z=None, initial_states=None, *,
                chunk_size: int):
-    """``(y, final_states)``: arguments as ``pallas_kernels.ssd.chunk_states`` / ``chunk_scan``
-    (``d`` float32 ``[heads, head_dim]``, ``initial_states`` float32 or None)."""
+    """``(y, final_states, states)``: arguments as ``pallas_kernels.ssd.chunk_states`` /
+    ``chunk_scan`` (``d`` float32 ``[heads, head_dim]``, ``initial_states`` float32 or None);
+    ``states`` float32 ``[batch, chunks, heads, head_dim, state_dim]``, the state entering
+    each chunk (XLA drops it where the caller does not use it)."""
     batch, seq_len, heads, head_dim = x.shape
     groups, state_dim = b.shape[2:]
     reps = heads // groups
@@ -113,7 +115,8 @@ def chunk_scan(x, b, c, dt, a_cs, seg=None, d=None, z=None, initial_states=None,
         y = y + x.astype(jnp.float32) * d
     if z is not None:
         y = y * jax.nn.silu(z.astype(jnp.float32))
-    return y.astype(x.dtype), final.reshape(batch, heads, head_dim, state_dim)
+    entering = jnp.moveaxis(entering, 0, 1).reshape(batch, chunks, heads, head_dim, state_dim)
+    return y.astype(x.dtype), final.reshape(batch, heads, head_dim, state_dim), entering
 
 
 def step(state, x, dt, a, b, c, bias=None, d=None, z=None, *, softplus, limit):

@@ -465,7 +465,7 @@ def _scan_call(desc: SsdChunkScanDescriptor, choice: _op.Choice, which: int, arg
         folded = [None if v is None else v[0] if name in ("A", "D", "dt_bias")
                   else v.reshape(-1, *v.shape[2:]) for name, v in zip(_ARGS, full)]
         wider = dataclasses.replace(desc, batch=axis_size * desc.batch)
-        outs = _scan_call(wider, choice, 0, folded)(*[v for v in folded if v is not None])
+        outs = _scan_call(wider, choice, 0, folded)(*_op.present(folded))
         return tuple(v.reshape(axis_size, -1, *v.shape[1:]) for v in outs)
 
     rules = choice.implementation.sharding_rules(desc, args)
@@ -496,7 +496,7 @@ def _chunk_scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, desc, ch
     args = (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
     if choice.implementation.sharding_rules is None:   # partitioned by XLA
         return _scan_forward(*args, desc, choice)
-    return tuple(_scan_call(desc, choice, 0, args)(*[v for v in args if v is not None]))
+    return tuple(_scan_call(desc, choice, 0, args)(*_op.present(args)))
 
 
 def _chunk_scan_fwd(*args):
@@ -508,7 +508,7 @@ def _chunk_scan_bwd(desc, choice, residuals, cotangents):
     if choice.on_xla:   # autodiff of the jnp implementation
         _, vjp = jax.vjp(lambda *diff: _scan_forward(*diff, args[9], desc, choice), *args[:9])
         return (*vjp(cotangents), None)
-    grads = iter(_scan_call(desc, choice, 1, args)(*[v for v in args if v is not None],
+    grads = iter(_scan_call(desc, choice, 1, args)(*_op.present(args),
                                                     *cotangents))
     grads = [next(grads) if v is not None else None for v in args[:9]]
     for k in _PARAMS:   # summed over the batch rows (an all-reduce where the batch is split)
@@ -570,7 +570,7 @@ def _step_call(desc: SsdStepDescriptor, choice: _op.Choice, args):
         folded = [None if v is None else v[0] if name in ("A", "D", "dt_bias")
                   else v.reshape(-1, *v.shape[2:]) for name, v in zip(_STEP_ARGS, full)]
         wider = dataclasses.replace(desc, batch=axis_size * desc.batch)
-        outs = _step_call(wider, choice, folded)(*[v for v in folded if v is not None])
+        outs = _step_call(wider, choice, folded)(*_op.present(folded))
         return tuple(v.reshape(axis_size, -1, *v.shape[1:]) for v in outs)
 
     rule = choice.implementation.sharding_rules(desc, args)
@@ -582,7 +582,7 @@ def _step(state, x, dt, A, B, C, D, z, dt_bias, desc, choice):
     args = (state, x, dt, A, B, C, D, z, dt_bias)
     if choice.implementation.sharding_rules is None or desc.batch == 0:   # partitioned by XLA
         return _step_forward(*args, desc, choice)
-    return tuple(_step_call(desc, choice, args)(*[v for v in args if v is not None]))
+    return tuple(_step_call(desc, choice, args)(*_op.present(args)))
 
 
 def _step_fwd(*args):

@@ -37,6 +37,20 @@ def pallas_call(kernel, *, out_shape, **options):
     return call
 
 
+def written_into(kernel, operands, out):
+    """``(kernel, operands, input_output_aliases)`` for a :func:`pallas_call` whose first
+    result is written into ``out`` (aliased: in place, where tests poison it first);
+    unchanged without ``out``."""
+    operands = tuple(operands)
+    if out is None:
+        return kernel, operands, {}
+    count = len(operands)
+
+    def body(*refs):   # skips the aliased input's ref
+        return kernel(*refs[:count], *refs[count + 1:])
+    return body, (*operands, out), {count: 0}
+
+
 def all_of(*masks):
     """Logical and of the masks that are not None (None if all are)."""
     masks = [m for m in masks if m is not None]

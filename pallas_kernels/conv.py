@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import all_of, load, pallas_call
+from pallas_kernels.blocks import all_of, load, pallas_call, written_into
 from pallas_kernels.formulas.conv import activate, activation_grad
 
 # Programs to launch at least, so that small problems still fill a GPU.
@@ -269,18 +269,6 @@ def _params(config):
     return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1)
 
 
-def _with_out(kernel, operands, out, results: int):
-    """``(kernel, operands, aliases)``; with ``out`` given, the first result is written
-    into it (aliased, in place: tests poison it)."""
-    if out is None:
-        return kernel, operands, {}
-
-    def body(*refs):   # skip the aliased input
-        inputs, outputs = refs[:len(operands)], refs[len(operands) + 1:]
-        return kernel(*inputs, *outputs)
-    return body, (*operands, out), {len(operands): 0}
-
-
 def _optional(init, seq):
     return tuple(v for v in (init, None if seq is None else seq.astype(jnp.int32))
                  if v is not None)
@@ -302,7 +290,7 @@ def forward(x, w, bias, init, seq, *, activation, config: ConvConfig, interpret=
     batch, length, channels = x.shape
     kernel = functools.partial(_forward_kernel, has_init=init is not None,
                                has_seq=seq is not None, activation=activation, config=config)
-    kernel, operands, aliases = _with_out(kernel, (x, w, bias, *_optional(init, seq)), out, 1)
+    kernel, operands, aliases = written_into(kernel, (x, w, bias, *_optional(init, seq)), out)
     return pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         grid=_grid(batch, length, channels, config),
@@ -326,8 +314,8 @@ def backward(x, w, bias, init, seq, dy, *, activation, config: ConvConfig, inter
         shapes.append(jax.ShapeDtypeStruct(init.shape, init.dtype))
     kernel = functools.partial(_backward_kernel, has_init=init is not None,
                                has_seq=seq is not None, activation=activation, config=config)
-    kernel, operands, aliases = _with_out(kernel, (x, w, bias, *_optional(init, seq), dy), out,
-                                          len(shapes))
+    kernel, operands, aliases = written_into(kernel, (x, w, bias, *_optional(init, seq), dy),
+                                             out)
     dx, dw, dbias, *dinit = pallas_call(
         kernel, out_shape=tuple(shapes), grid=grid, input_output_aliases=aliases,
         compiler_params=_params(config), interpret=interpret,

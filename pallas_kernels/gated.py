@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.approx import approx_exp2_f32, approx_reciprocal_f32
-from pallas_kernels.blocks import pallas_call
+from pallas_kernels.blocks import pallas_call, written_into
 from pallas_kernels.formulas.gated import compute_dtype, gated_math, normal_cdf_options
 from pallas_kernels.tiling import TileConfig, fit_tile
 
@@ -97,11 +97,7 @@ def _grid(rows, cols, config):
 
 def _call(kernel, operands, out_like, grid, config, interpret, name, out):
     """pallas_call of ``kernel``; with ``out`` given, writes into it (aliased, in place)."""
-    if out is not None:
-        body = lambda *refs: kernel(*refs[:-2], refs[-1])  # noqa: E731 (skip the aliased input)
-        operands, aliases = (*operands, out), {len(operands): 0}
-    else:
-        body, aliases = kernel, {}
+    body, operands, aliases = written_into(kernel, operands, out)
     return pallas_call(
         body,
         out_shape=jax.ShapeDtypeStruct(out_like.shape, out_like.dtype),

@@ -4,8 +4,10 @@
 
 The mixer of a Mamba-2 2.7B layer (hidden 2560, 80 heads of 64, state 128, one group,
 conv 4, chunk 256) at b=4, l=2048, bf16 activations and parameters, forward and forward +
-backward (the gradients of x and of every parameter). The torch column is the same layer
-built from mamba_ssm's Triton kernels: ``nn.Linear`` projections, torch's depthwise conv1d
+backward (the gradients of x and of every parameter); and the forward of the same tokens
+packed in one row of 5 sequences, with ``seq_idx`` against the prefill with ``cu_seqlens``
+that also returns every sequence's states (a second table; the ratio is the states' cost).
+The torch column is the same layer built from mamba_ssm's Triton kernels: ``nn.Linear`` projections, torch's depthwise conv1d
 and silu (the causal-conv1d package is not installed there), ``mamba_chunk_scan_combined``
 and mamba_ssm's gated RMSNorm (``layernorm_gated.RMSNorm``, gate first), loaded from the
 state-spaces/mamba source tree at ``--mamba-src`` without its compiled extensions; left
@@ -40,6 +42,24 @@ def bjax_times(backend, x, dy):
         return jax.vjp(forward, params, x)[1](dy)
     return (harness.device_time_ms(jax.jit(forward), params, x, calls=20),
             harness.device_time_ms(jax.jit(backward), params, x, dy, calls=20))
+
+
+def packed_prefill_times(backend, x, cu_seqlens):
+    """Forward of one row of packed sequences: segments alone (``seq_idx``), and the
+    prefill that also returns a cache row per sequence (``cu_seqlens``, varlen states)."""
+    model = bjax.nn.Mamba2(**LAYER, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                           backend=backend, rngs=nnx.Rngs(0))
+    graph, params = nnx.split(model)
+    seq_idx = jnp.searchsorted(cu_seqlens[1:], jnp.arange(x.shape[1]), side="right")[None]
+
+    def segments(params, x):
+        return nnx.merge(graph, params)(x, seq_idx=seq_idx)
+
+    def prefill(params, x):
+        module = nnx.merge(graph, params)
+        return module(x, cache=module.init_cache(1), cu_seqlens=cu_seqlens)
+    return (harness.device_time_ms(jax.jit(segments), params, x, calls=20),
+            harness.device_time_ms(jax.jit(prefill), params, x, calls=20))
 
 
 def torch_layer(src):
@@ -108,10 +128,20 @@ def run(backend, mamba_src):
                      "-" if torch[i] is None else f"{torch[i]:.3f}",
                      "-" if torch[i] is None else f"{torch[i] / mine[i]:.2f}"])
         print(" | ".join(rows[-1]), flush=True)
-    return harness.report(
-        f"Mamba2 mixer, b{BATCH} l{LENGTH} hidden {LAYER['hidden_size']} h{LAYER['num_heads']} "
-        f"p{LAYER['head_dim']} n{LAYER['state_size']} bf16; backend={backend}",
-        ["dir", "bjax ms", "XLA ms", "ratio", "torch + mamba_ssm ms", "ratio"], rows)
+    packed = x.reshape(1, BATCH * LENGTH, -1)
+    cu_seqlens = jnp.array([0, 1000, 3000, 3001, 6500, BATCH * LENGTH], jnp.int32)
+    plain, with_states = packed_prefill_times(backend, packed, cu_seqlens)
+    packed_row = [f"{plain:.3f}", f"{with_states:.3f}", f"{with_states / plain:.2f}"]
+    print(" | ".join(packed_row), flush=True)
+    setting = (f"Mamba2 mixer, b{BATCH} l{LENGTH} hidden {LAYER['hidden_size']} "
+               f"h{LAYER['num_heads']} p{LAYER['head_dim']} n{LAYER['state_size']} bf16; "
+               f"backend={backend}")
+    return "\n\n".join([
+        harness.report(setting, ["dir", "bjax ms", "XLA ms", "ratio", "torch + mamba_ssm ms",
+                                 "ratio"], rows),
+        f"The same tokens packed in one row of {cu_seqlens.shape[0] - 1} sequences, forward:",
+        harness.markdown_table(["seq_idx ms", "cu_seqlens + varlen states ms", "ratio"],
+                               [packed_row])])
 
 
 def main():

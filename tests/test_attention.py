@@ -164,6 +164,10 @@ def test_errors_name_the_argument():
         attend(q, jnp.zeros((2, 3, 3, 8)), jnp.zeros((2, 3, 3, 8)))
     with pytest.raises(bjax.InvalidProblemError, match="attend: q, k, v dtypes must be"):
         attend(q, q.astype(jnp.bfloat16), q.astype(jnp.bfloat16))
+    with pytest.raises(bjax.InvalidProblemError, match=r"attend: kv_lengths must be an integer"):
+        attend(q, q, q, kv_lengths=jnp.array([1.0, 2.0]))
+    with pytest.raises(bjax.InvalidProblemError, match=r"attend: q_positions must be .* \(2, 1\)"):
+        attend(q, q, q, q_positions=jnp.zeros((2, 3), jnp.int32))
     cache = KVCache(2, 4, 2, 8)
     with pytest.raises(bjax.InvalidProblemError, match=r"KVCache.append: k_new.shape must be"):
         cache.append(jnp.zeros((2, 1, 3, 8)), jnp.zeros((2, 1, 2, 8)))

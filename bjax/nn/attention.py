@@ -39,9 +39,17 @@ def attend(q, k, v, *, kv_lengths=None, q_positions=None, scale: float | None = 
       float32, float64 for float64 q).
 
     Raises:
-      InvalidProblemError: mismatched ranks, extents or dtypes of q, k and v.
+      InvalidProblemError: mismatched ranks, extents or dtypes of q, k and v;
+        ``kv_lengths`` or ``q_positions`` not integer arrays of the shapes above.
     """
     b, t, heads, head_dim = _check_qkv(q, k, v, "attend")
+    for name, value, shape in (("kv_lengths", kv_lengths, (b,)),
+                               ("q_positions", q_positions, (b, t))):
+        if value is not None:
+            value = jnp.asarray(value)
+            _op.check(value.shape == shape and jnp.issubdtype(value.dtype, jnp.integer),
+                      "attend", name, f"an integer array of shape {shape}",
+                      f"{value.dtype.name}{list(value.shape)}")
     shared = k.ndim == 3
     groups = heads // k.shape[-2]
     dtype = jnp.promote_types(q.dtype, jnp.float32)

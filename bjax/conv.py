@@ -8,8 +8,10 @@ For ``x`` ``[b, l, d]`` and ``weight`` ``[d, k]``:
 with ``act`` the identity or silu. The ``k - 1`` rows before the start are zeros, or
 ``initial_states`` ``[b, k - 1, d]``. With ``seq_idx`` ``[b, l]`` (packed sequences) a
 row of another sequence reads as zero: the history restarts wherever ``seq_idx``
-changes, and ``initial_states`` belong to the first sequence. Math in float32; ``y``
-in x's dtype.
+changes, and ``initial_states`` belong to the first sequence. mamba_ssm's ``cu_seqlens``
+(sequences packed along one row) sets the sequences the same way, and
+``return_varlen_states`` returns each one's last ``k - 1`` rows (``bjax._varlen``). Math in
+float32; ``y`` in x's dtype.
 
 Gradients (``custom_vjp``) of x, weight, bias and initial_states from a Pallas backward
 kernel that recomputes the pre-activation (the residuals are the inputs alone);

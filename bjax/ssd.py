@@ -8,7 +8,9 @@ Per batch row and head, with ``dt' = clip(softplus?(dt + dt_bias), *dt_limit)``:
 ``B`` and ``C`` come in ``groups``; head ``i`` reads group ``i // (heads // groups)``.
 With ``seq_idx`` (packed sequences) the state restarts from 0 wherever
 ``seq_idx`` changes along the sequence; ``initial_states`` seeds the first
-segment only. ``dt'``, every cumulative sum and every state are float32; matmul
+segment only. mamba_ssm's ``cu_seqlens`` (sequences packed along one row) sets the
+segments the same way, and ``return_varlen_states`` returns each sequence's final state
+(``bjax._varlen``). ``dt'``, every cumulative sum and every state are float32; matmul
 operands stay in the input dtype (float32 inputs: full float32) with float32
 accumulation; ``y`` comes back in x's dtype.
 

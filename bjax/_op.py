@@ -52,6 +52,11 @@ def check(condition: bool, op: str, argument: str, expected: str, got: Any,
         fail(op, argument, expected, got, error)
 
 
+def check_bool(value: Any, op: str, argument: str) -> None:
+    """``value`` must be a bool (Python's or NumPy's)."""
+    check(isinstance(value, (bool, np.bool_)), op, argument, "a bool", repr(value))
+
+
 def check_choice(value: Any, choices: tuple, op: str, argument: str) -> None:
     """``value`` must be one of ``choices`` (compared with ``==``, type-checked first)."""
     if not isinstance(value, type(choices[0])) or value not in choices:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bjax import _op
 from pallas_kernels.formulas.ssd import process_dt
@@ -17,8 +16,7 @@ from pallas_kernels.formulas.ssd import process_dt
 def check(cu_seqlens, return_varlen_states, seq_idx, batch: int, op: str) -> int:
     """Validates ``cu_seqlens`` and ``return_varlen_states``; returns the number of
     sequences (0 without ``cu_seqlens``)."""
-    _op.check(isinstance(return_varlen_states, (bool, np.bool_)), op, "return_varlen_states",
-              "a bool", repr(return_varlen_states))
+    _op.check_bool(return_varlen_states, op, "return_varlen_states")
     if cu_seqlens is None:
         _op.check(not return_varlen_states, op, "return_varlen_states",
                   "False without cu_seqlens (the sequences' boundaries)", True)

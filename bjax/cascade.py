@@ -93,8 +93,7 @@ class MergeStateDescriptor(CascadeMergeDescriptor):
         """Validates a ``merge_state`` call; raises naming the argument."""
         op = "merge_state"
         _check_base(lse_base, op)
-        _op.check(isinstance(in_place, (bool, np.bool_)), op, "in_place", "a bool",
-                  repr(in_place))
+        _op.check_bool(in_place, op, "in_place")
         _check_v(v_a, "v_a", 3, "[seq_len, num_heads, head_dim]", op)
         for name, x in (("v_b", v_b), ("s_a", s_a), ("s_b", s_b)):
             expected = v_a.shape if name == "v_b" else v_a.shape[:2]

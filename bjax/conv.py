@@ -108,8 +108,7 @@ class CausalConv1dDescriptor:
             _op.check_shape(seq_idx, "seq_idx", (batch, length), "[b, l]", op)
             _op.check(jnp.issubdtype(seq_idx.dtype, jnp.integer), op, "seq_idx.dtype",
                       "an integer dtype", _op.dtype_name(seq_idx))
-        _op.check(isinstance(return_final_states, (bool, np.bool_)), op, "return_final_states",
-                  "a bool", repr(return_final_states))
+        _op.check_bool(return_final_states, op, "return_final_states")
         num_seqs = _varlen.check(cu_seqlens, return_varlen_states, seq_idx, batch, op)
         return cls(batch, length, channels, taps, jnp.dtype(x.dtype), activation,
                    bias is not None, initial_states is not None,

@@ -73,8 +73,7 @@ class GatedActivationDescriptor:
         """Validates the call; raises InvalidProblemError / UnsupportedError naming the argument."""
         _op.check_choice(kind, KINDS, _OP, "kind")
         _op.check_choice(gate, GATES, _OP, "gate")
-        _op.check(isinstance(approximate, (bool, np.bool_)), _OP, "approximate", "a bool",
-                  repr(approximate))
+        _op.check_bool(approximate, _OP, "approximate")
         _op.check(not approximate or kind == "geglu", _OP, "approximate",
                   "False unless kind='geglu' (only GELU has a tanh approximation)",
                   f"approximate=True with kind={kind!r}")

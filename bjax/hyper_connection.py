@@ -624,8 +624,7 @@ class MhcPostDescriptor:
                   jnp.dtype(f_out.dtype).name)
         _check_float_array(h_post, op, "h_post", (*lead, n))
         _check_float_array(h_res, op, "h_res", (*lead, n, n))
-        _op.check(isinstance(transpose_res, (bool, np.bool_)), op, "transpose_res", "a bool",
-                  repr(transpose_res))
+        _op.check_bool(transpose_res, op, "transpose_res")
         return cls(tuple(map(int, lead)), n, hidden, jnp.dtype(x.dtype), bool(transpose_res))
 
 

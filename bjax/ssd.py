@@ -51,10 +51,6 @@ CHUNK_SIZES = tuple(2**k for k in range(4, 11))   # 16 ... 1024
 MAX_DIM = 256
 
 
-def _bool_rule(value, name, op):
-    _op.check(isinstance(value, (bool, np.bool_)), op, name, "a bool", repr(value))
-
-
 def _limit_rule(limit, op) -> tuple[float, float]:
     ok = (isinstance(limit, (tuple, list)) and len(limit) == 2
           and all(isinstance(v, (int, float, np.integer, np.floating))
@@ -114,7 +110,7 @@ class SsdOptions:
         if dt_bias is not None:
             _op.check_shape(dt_bias, "dt_bias", (heads,), "[heads]", op)
             _op.check_dtype(dt_bias, "dt_bias", _PARAM_FLOATS, op)
-        _bool_rule(dt_softplus, "dt_softplus", op)
+        _op.check_bool(dt_softplus, op, "dt_softplus")
         return cls(d_shape, z is not None, dt_bias is not None, bool(dt_softplus),
                    _limit_rule(dt_limit, op))
 
@@ -210,7 +206,7 @@ class SsdChunkScanDescriptor:
             _op.check_shape(seq_idx, "seq_idx", (batch, seq_len), "[batch, seqlen]", op)
             _op.check(jnp.issubdtype(seq_idx.dtype, jnp.integer), op, "seq_idx.dtype",
                       "an integer dtype", _op.dtype_name(seq_idx))
-        _bool_rule(return_final_states, "return_final_states", op)
+        _op.check_bool(return_final_states, op, "return_final_states")
         num_seqs = _varlen.check(cu_seqlens, return_varlen_states, seq_idx, batch, op)
         return cls(batch, seq_len, heads, head_dim, groups, int(B.shape[-1]), chunk_size,
                    jnp.dtype(x.dtype), options, initial_states is not None,
@@ -331,8 +327,8 @@ def _silu_and_grad(z):
 
 def _scan_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dy, dfinal,
                    dstates, desc: SsdChunkScanDescriptor, choice: _op.Choice):
-    """Gradients of ``(y, final_states[, states entering each chunk])`` with respect to ``x ... initial_states`` from the
-    Pallas backward kernels (``pallas_kernels.ssd_backward``); those of ``A``, ``D`` and
+    """Gradients of ``(y, final_states[, the states entering the chunks])`` with respect to
+    ``x ... initial_states`` from the Pallas backward kernels (``pallas_kernels.ssd_backward``); those of ``A``, ``D`` and
     ``dt_bias`` per batch row (a leading batch axis, for the caller to sum)."""
     i = _scan_inputs(dt, A, D, dt_bias, initial_states, seq_idx, desc, choice)
     forward_args = _kernel_args(desc, choice)

@@ -446,6 +446,53 @@ def test_gated_mlp_trains_tensor_parallel(backend):
         np.testing.assert_allclose(np.asarray(new), np.asarray(ref), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cascade_decode_step_keeps_the_batch_split(backend):
+    """One decode step of bjax.nn attention on 8 devices: the KV cache and the queries split
+    over the batch, the shared prefix replicated. The append (write_slice) and the cascade
+    merge (merge_state) run on each device's rows: no collective at all, the cache and the
+    output stay split, the values equal the unsharded step's."""
+    nnx = pytest.importorskip("flax.nnx")
+    from bjax.nn import KVCache, cascade_attention
+    batch, heads, kv_heads, head_dim = 8, 4, 2, 16
+    keys = jax.random.split(jax.random.key(3), 6)
+    f32 = jnp.float32
+    q = jax.random.normal(keys[0], (batch, 1, heads, head_dim), f32)
+    k_new, v_new = (jax.random.normal(key, (batch, 1, kv_heads, head_dim), f32)
+                    for key in keys[1:3])
+    prefix_k, prefix_v = (jax.random.normal(key, (12, kv_heads, head_dim), f32)
+                          for key in keys[3:5])
+    lengths = jax.random.randint(keys[5], (batch,), 0, 20).astype(jnp.int32)
+
+    def make_cache():
+        cache = KVCache(batch, 32, kv_heads, head_dim, backend=backend)
+        cache.lengths[...] = lengths
+        return cache
+
+    def decode(cache, q, k_new, v_new):
+        cache.append(k_new, v_new)
+        return cascade_attention(q, prefix_k, prefix_v, cache, backend=backend)
+
+    mesh = mesh_of((8,))
+    rows = NamedSharding(mesh, P("data"))
+    cache = make_cache()
+    graphdef, state = nnx.split(cache)
+    state = jax.device_put(state, rows)
+    step = nnx.jit(decode)
+    sharded_cache = nnx.merge(graphdef, state)
+    args = [jax.device_put(a, rows) for a in (q, k_new, v_new)]
+    program = step.lower(sharded_cache, *args).compile().as_text()
+    assert collectives(program) == {}, collectives(program)
+    out, lse = step(sharded_cache, *args)
+    assert normalized(out.sharding.spec, 4)[0] == "data"
+    assert normalized(sharded_cache.k[...].sharding.spec, 4)[0] == "data"
+    ref_cache = make_cache()
+    ref_out, ref_lse = step(ref_cache, q, k_new, v_new)
+    np.testing.assert_array_equal(np.asarray(sharded_cache.k[...]), np.asarray(ref_cache.k[...]))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=0, atol=1e-6)
+
+
 def test_hybrid_model_trains_data_parallel(backend="interpret"):
     """A training step of bjax.nn.HybridLM (Mamba-2 and attention mixers, SwiGLU MLPs, mHC
     streams: every op family but write_slice) with the batch split over 8 devices and the

@@ -167,25 +167,22 @@ class Mamba2(nnx.Module):
           ``y [b, l, hidden]``, or ``(y, cache)`` with a cache.
         """
         z, xbc, dt = self._split(self.in_proj(x))
-        packed = cu_seqlens is not None
-        segments = dict(seq_idx=seq_idx, cu_seqlens=cu_seqlens, backend=self.backend)
-        weight, bias = self.conv1d.weight[...], _value(self.conv1d.bias)
-        if cache is None:
-            xbc = causal_conv1d(xbc, weight, bias, activation="silu", **segments)
-        else:
-            xbc, conv_state = causal_conv1d(
-                xbc, weight, bias, activation="silu", initial_states=cache.conv_state,
-                return_final_states=not packed, return_varlen_states=packed, **segments)
+        common = dict(seq_idx=seq_idx, cu_seqlens=cu_seqlens, backend=self.backend)
+        # With a cache: the states after the sequence, or after each packed sequence.
+        states = dict(return_final_states=cache is not None and cu_seqlens is None,
+                      return_varlen_states=cache is not None and cu_seqlens is not None)
+        out = causal_conv1d(xbc, self.conv1d.weight[...], _value(self.conv1d.bias),
+                            activation="silu", **states, **common,
+                            initial_states=None if cache is None else cache.conv_state)
+        xbc, conv_state = (out, None) if cache is None else out
         xs, B, C = self._split_xbc(xbc)
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-        options = dict(self._ssm_options(), **segments)
+        out = ssd_chunk_scan(xs, dt, A, B, C, chunk_size=self.chunk_size, **states, **common,
+                             initial_states=None if cache is None else cache.ssm_state,
+                             **self._ssm_options())
         if cache is None:
-            return self._out(ssd_chunk_scan(xs, dt, A, B, C, chunk_size=self.chunk_size,
-                                            **options), z)
-        y, ssm_state = ssd_chunk_scan(xs, dt, A, B, C, chunk_size=self.chunk_size,
-                                      initial_states=cache.ssm_state,
-                                      return_final_states=not packed,
-                                      return_varlen_states=packed, **options)
+            return self._out(out, z)
+        y, ssm_state = out
         return self._out(y, z), Mamba2Cache(conv_state.astype(cache.conv_state.dtype),
                                             ssm_state)
 

@@ -23,6 +23,7 @@ from flax import nnx
 
 import bjax
 from benchmarks import harness
+from bjax import _varlen
 from benchmarks.ssd import load_mamba, torch_time_ms
 
 LAYER = dict(hidden_size=2560, num_heads=80, head_dim=64, state_size=128, n_groups=1,
@@ -50,7 +51,7 @@ def packed_prefill_times(backend, x, cu_seqlens):
     model = bjax.nn.Mamba2(**LAYER, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                            backend=backend, rngs=nnx.Rngs(0))
     graph, params = nnx.split(model)
-    seq_idx = jnp.searchsorted(cu_seqlens[1:], jnp.arange(x.shape[1]), side="right")[None]
+    seq_idx = _varlen.sequence_numbers(cu_seqlens, x.shape[1])
 
     def segments(params, x):
         return nnx.merge(graph, params)(x, seq_idx=seq_idx)

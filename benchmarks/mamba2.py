@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import bjax
-from benchmarks import harness
 from bjax import _varlen
+from benchmarks import harness
 from benchmarks.ssd import load_mamba, torch_time_ms
 
 LAYER = dict(hidden_size=2560, num_heads=80, head_dim=64, state_size=128, n_groups=1,

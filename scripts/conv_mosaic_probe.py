@@ -1,89 +1,81 @@
-"""A first Mosaic GPU design for the causal convolution's forward (the conv's next step in
-BENCHMARKS.md), as a probe. It does not run yet; see "Status".
+"""Probe: the causal convolution's forward (k = 4, silu, bf16) as a Mosaic GPU kernel.
 
-One program per (block of ``BD`` channels, batch row) walks the sequence in blocks of
-``BT`` rows. It double-buffers the blocks of x with TMA copies into shared memory, keeps the
-``k - 1`` rows before each block (the halo) in a float32 shared buffer in front of it, reads
-the ``k`` row-shifted views from there, and stores y through shared memory with TMA. Every
-row of x is read from HBM once.
+A ``plgpu.kernel`` program per (piece of ``piece`` rows, block of ``bd`` channels, batch
+row) walks its piece in blocks of ``bt`` rows. Each block arrives by TMA together with the
+``HALO`` rows before it (rows before the start arrive as zeros: TMA fills out-of-bounds
+rows with zeros), through a ring of ``slots`` buffers; the ``k`` row-shifted views are
+read from shared memory in the WG_STRIDED layout, and y leaves through shared memory by
+TMA. ``copy_only=True`` times the same pipeline with y = x.
 
-    PYTHONPATH=. python3 scripts/conv_mosaic_probe.py          # CPU: Mosaic GPU interpret mode
-    PYTHONPATH=. python3 scripts/conv_mosaic_probe.py gpu      # timing at [4, 2048, 5376] bf16
+    PYTHONPATH=. python3 scripts/conv_mosaic_probe.py     # on a GPU: sweep at [4, 2048, 5376]
 
-Status (2026-12-02):
-- JAX 0.10.2, CPU interpret mode (``InterpretGPUParams``) fails allocating the
-  ``plgpu.Barrier`` scratch ("nan + barrier"; with ``uninitialized_memory="zero"``, an
-  AttributeError inside ``jnp.full``). ``plgpu.emit_pipeline`` fails there too, on a
-  predicated SMEM-to-GMEM copy.
-- JAX 0.11.2 on the H200 does not lower it: ``pallas_call.gpu_lowering`` finds no rule for
-  ``mosaic_gpu.CompilerParams`` (``assert rule is not None``). That is so even with
-  ``jax._src.pallas.mosaic_gpu.pallas_call_registration`` imported, which in 0.10.2 is what
-  registers the rule.
+Measured (H200, JAX 0.11.2; BENCHMARKS.md, "What a single pass can reach"): the pipeline
+copies at 65-84% of the copy ceiling and the convolution runs at 57-75%, against 58% for
+the Triton walk of ``pallas_kernels.conv``; runs differ by up to 10 points.
 """
-import sys
+import traceback
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-import jax._src.pallas.mosaic_gpu.pallas_call_registration  # noqa: F401  (the lowering rule)
 
 TAPS, HALO = 4, 8
 
 
-def conv_silu(x, w, *, block_rows=64, block_cols=128, interpret=False):
-    """``silu(sum_j w[j] x[t - (k - 1) + j])`` for ``x [b, l, d]``, ``w [k, d]`` float32
-    (zeros before the start; ``l`` and ``d`` multiples of the blocks)."""
+def conv_silu(x, w, *, bt=32, bd=256, vec=2, piece=256, slots=2, copy_only=False):
     batch, length, channels = x.shape
-    bt, bd = block_rows, block_cols
-    blocks = length // bt
+    blocks = piece // bt
+    tile = plgpu.Layout.WG_STRIDED((bt, bd), vec)
+    row = plgpu.Layout.WG_STRIDED((bd,), vec)
 
-    def kernel(x_gmem, w_gmem, y_gmem, x_buf, y_buf, rows, taps, barriers):
-        col0, row = pl.program_id(0) * bd, pl.program_id(1)
-        plgpu.copy_gmem_to_smem(w_gmem.at[:, pl.ds(col0, bd)], taps, barriers.at[2])
-        plgpu.barrier_wait(barriers.at[2])
+    def body(x_gmem, w_gmem, y_gmem, xs, ys, taps, bars):
+        c0 = jax.lax.axis_index("d") * bd
+        b = jax.lax.axis_index("b")
+        r0 = jax.lax.axis_index("p") * piece
 
         def fetch(t, slot):
-            plgpu.copy_gmem_to_smem(x_gmem.at[row, pl.ds(t * bt, bt), pl.ds(col0, bd)],
-                                    x_buf.at[slot], barriers.at[slot])
-        fetch(0, 0)
-        rows[pl.ds(0, HALO)] = jnp.zeros((HALO, bd), jnp.float32)
+            plgpu.copy_gmem_to_smem(x_gmem.at[b, pl.ds(r0 + t * bt - HALO, HALO + bt), pl.ds(c0, bd)],
+                                    xs.at[slot], bars.at[slot])
+        ahead = min(slots, blocks) - 1
+        for t in range(ahead + 1):
+            fetch(t, t)
+        plgpu.copy_gmem_to_smem(w_gmem.at[:, pl.ds(c0, bd)], taps, bars.at[slots])
+        plgpu.barrier_wait(bars.at[slots])
+        tap = [jnp.broadcast_to(plgpu.load(taps.at[j], (), layout=row), (bt, bd))
+               for j in range(TAPS)]
 
         def step(t, carry):
-            slot = t % 2
+            slot = t % slots
 
-            @pl.when(t + 1 < blocks)
+            @pl.when((t > 0) & (t + ahead < blocks))
             def _():
-                fetch(t + 1, 1 - slot)
-            plgpu.barrier_wait(barriers.at[slot])
-            rows[pl.ds(HALO, bt)] = x_buf[slot].astype(jnp.float32)
-            u = jnp.zeros((bt, bd), jnp.float32)
-            for j in range(TAPS):
-                u = u + rows[pl.ds(HALO - (TAPS - 1) + j, bt)] * jnp.broadcast_to(taps[j],
-                                                                                   (bt, bd))
-            plgpu.wait_smem_to_gmem(1)          # y_buf[slot]'s previous store has left
-            y_buf[slot] = (u * jax.nn.sigmoid(u)).astype(y_buf.dtype)
+                fetch(t + ahead, (t + ahead) % slots)
+            plgpu.barrier_wait(bars.at[slot])
+            if copy_only:
+                y = plgpu.load(xs.at[slot, pl.ds(HALO, bt)], (), layout=tile)
+            else:
+                u = None
+                for j in range(TAPS):
+                    v = plgpu.load(xs.at[slot, pl.ds(HALO - (TAPS - 1) + j, bt)], (),
+                                   layout=tile).astype(jnp.float32) * tap[j]
+                    u = v if u is None else u + v
+                y = u / (1.0 + jnp.exp(-u))
+            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+            ys[slot] = y.astype(ys.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(y_buf.at[slot],
-                                    y_gmem.at[row, pl.ds(t * bt, bt), pl.ds(col0, bd)])
-            rows[pl.ds(HALO - (TAPS - 1), TAPS - 1)] = rows[pl.ds(HALO + bt - (TAPS - 1),
-                                                                  TAPS - 1)]
+            plgpu.copy_smem_to_gmem(ys.at[slot], y_gmem.at[b, pl.ds(r0 + t * bt, bt), pl.ds(c0, bd)])
             return carry
 
         jax.lax.fori_loop(0, blocks, step, None)
         plgpu.wait_smem_to_gmem(0)
 
-    return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-        grid=(channels // bd, batch),
-        in_specs=[pl.BlockSpec(memory_space=plgpu.GMEM)] * 2,
-        out_specs=pl.BlockSpec(memory_space=plgpu.GMEM),
-        scratch_shapes=[plgpu.SMEM((2, bt, bd), x.dtype), plgpu.SMEM((2, bt, bd), x.dtype),
-                        plgpu.SMEM((HALO + bt, bd), jnp.float32),
-                        plgpu.SMEM((TAPS, bd), jnp.float32),
-                        plgpu.Barrier(num_arrivals=1, num_barriers=3)],
-        compiler_params=plgpu.CompilerParams(),
-        interpret=interpret,
+    return plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        grid=(length // piece, channels // bd, batch), grid_names=("p", "d", "b"),
+        scratch_types=[plgpu.SMEM((slots, HALO + bt, bd), x.dtype), plgpu.SMEM((slots, bt, bd), x.dtype),
+                       plgpu.SMEM((TAPS, bd), jnp.float32),
+                       plgpu.Barrier(num_arrivals=1, num_barriers=slots + 1)],
     )(x, w)
 
 
@@ -94,21 +86,31 @@ def reference(x, w):
 
 
 def main():
-    on_gpu = "gpu" in sys.argv
-    shape = (4, 2048, 5376) if on_gpu else (2, 256, 256)
+    from benchmarks import harness
+    shape = (4, 2048, 5376)
     x = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(jnp.bfloat16)
     w = jax.random.normal(jax.random.key(1), (TAPS, shape[2]), jnp.float32)
-    if on_gpu:
-        from benchmarks import harness
-        run = jax.jit(conv_silu)
-        ideal = 2 * x.size * 2 / 4.25e12 * 1e3
-        ms = harness.device_time_ms(run, x, w)
-        print(f"{ms:.4f} ms, {ideal / ms:.0%} of the copy ceiling")
-    else:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        run = lambda x, w: conv_silu(x, w, interpret=InterpretGPUParams())  # noqa: E731
-    error = jnp.max(jnp.abs(run(x, w).astype(jnp.float32) - reference(x, w)))
-    print("largest error", float(error))
+    ideal = 2 * x.size * 2 / 4.25e12 * 1e3
+    want = reference(x, w)
+    configs = [(bt, bd, vec, piece, slots, copy) for copy in (True, False)
+               for bt, bd, vec, piece, slots in (
+                   (32, 128, 1, 128, 2), (32, 128, 1, 256, 2), (32, 128, 1, 128, 3), (32, 128, 1, 256, 3),
+                   (64, 128, 1, 64, 1), (64, 128, 1, 128, 2), (32, 128, 1, 64, 2),
+                   (16, 256, 2, 128, 2), (16, 256, 2, 128, 3), (32, 256, 2, 128, 2), (32, 256, 1, 64, 2),
+                   (16, 128, 1, 64, 2), (16, 128, 1, 128, 4))]
+    for bt, bd, vec, piece, slots, copy_only in configs:
+        tag = f"bt={bt} bd={bd} vec={vec} piece={piece} slots={slots} copy_only={copy_only}"
+        try:
+            run = jax.jit(lambda x, w: conv_silu(x, w, bt=bt, bd=bd, vec=vec, piece=piece,
+                                                 slots=slots, copy_only=copy_only))
+            got = run(x, w).astype(jnp.float32)
+            ref = x.astype(jnp.float32) if copy_only else want
+            error = float(jnp.max(jnp.abs(got - ref)))
+            ms = harness.device_time_ms(run, x, w)
+            print(f"{tag}: {ms:.4f} ms, {ideal / ms:.0%} of copy, largest error {error:.3g}",
+                  flush=True)
+        except Exception:
+            print(f"{tag}: FAILED " + traceback.format_exc().strip().splitlines()[-1][:300], flush=True)
 
 
 if __name__ == "__main__":

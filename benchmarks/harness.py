@@ -17,20 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-
-def device_time_ms(fn, *args, calls: int = 50, trials: int = 5) -> float:
-    """Median milliseconds per call of ``fn(*args)`` (fn jitted by the caller)."""
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    jax.block_until_ready(fn(*args))
-    per_call = []
-    for _ in range(trials):
-        start = time.perf_counter()
-        out = None
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - start) / calls * 1e3)
-    return statistics.median(per_call)
+from bjax.tune.tuner import device_time_ms  # noqa: F401  (the benchmarks' timer too)
 
 
 def chained_times_ms(fns: dict, states: dict, *args, calls: int = 10,

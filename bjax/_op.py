@@ -16,9 +16,10 @@ Every candidate runs on one or more *backends*:
 
 ``backend=`` on every op forces the candidates of one backend; ``config=`` passes
 a kernel configuration to the candidate whose config type it is (others step
-aside). ``bjax.plan(op, *args, **kwargs)`` returns the :class:`Plan` the call
-would run, with the candidate chosen, the ones passed over and why, and the
-config and where it came from, without running anything.
+aside); without it, a kernel runs the configuration tuned for this device and problem
+(:mod:`bjax.tune`), else its heuristic. ``bjax.plan(op, *args, **kwargs)`` returns the
+:class:`Plan` the call would run, with the candidate chosen, the ones passed over and
+why, and the config and where it came from, without running anything.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import jax
 import numpy as np
 
 from bjax.errors import InvalidProblemError, UnsupportedError
+from bjax.tune import cache as tuning
 
 BackendName = Literal["pallas", "interpret", "xla"]
 BACKENDS = get_args(BackendName)
@@ -166,6 +168,8 @@ class Implementation:
         for a caller's configuration that cannot run this call.
       sharding_rules: ``sharding_rules(desc, ...)`` gives the :class:`bjax._partition.ShardingRule`
         of each kernel call; ``None``: XLA partitions the implementation itself.
+      tuning_key: ``tuning_key(desc)``, the problem's key in the tuning cache
+        (:func:`bjax.tune.problem_key`); ``None``: configurations are not tuned.
     """
     name: str
     backends: tuple[str, ...]
@@ -175,6 +179,7 @@ class Implementation:
     check: Callable[[Any], None] | None = None
     check_config: Callable[[Any, Any], None] | None = None
     sharding_rules: Callable[..., Any] | None = None
+    tuning_key: Callable[[Any], str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,13 +189,15 @@ class Choice:
     Attributes:
       implementation: the table's candidate that accepted the call.
       backend: the backend it runs on.
-      config: the caller's kernel configuration; ``None``: the candidate's heuristic.
+      config: the caller's kernel configuration; ``None``: the tuned one or the heuristic.
       rejected: ``(name, reason)`` of each candidate passed over, in table order.
+      op: the op's public name (the tuning cache's key).
     """
     implementation: Implementation
     backend: str
     config: Any = None
     rejected: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
+    op: str = ""
 
     @property
     def interpret(self) -> bool:
@@ -200,9 +207,40 @@ class Choice:
     def on_xla(self) -> bool:
         return self.backend == "xla"
 
-    def config_or(self, default: Callable[[], Any]) -> Any:
-        """The caller's configuration, else ``default()`` (the heuristic, for this shard)."""
-        return default() if self.config is None else self.config
+    def given_config(self, desc: Any) -> tuple[Any, str | None]:
+        """``(config, source)`` for ``desc`` (the whole problem, or one device's shard):
+        the caller's (``"explicit"``), else this device's tuned entry (``"cache"``),
+        else ``(None, None)``.
+
+        Raises:
+          InvalidProblemError: a cache entry that is not this candidate's config type or
+            cannot run ``desc``.
+        """
+        if self.config is not None:
+            return self.config, "explicit"
+        impl = self.implementation
+        if impl.tuning_key is None:
+            return None, None
+        key = impl.tuning_key(desc)
+        tuned = tuning.lookup(self.op, key)
+        if tuned is None:
+            return None, None
+        where = f"tuning cache entry {self.op} / {key} on {tuning.device_kind()!r}"
+        check(isinstance(tuned, impl.config_type), self.op, where,
+              f"a {impl.config_type.__name__}", type(tuned).__name__)
+        if impl.check_config is not None:
+            try:
+                impl.check_config(desc, tuned)
+            except InvalidProblemError as error:
+                fail(self.op, where, "a config that runs this call (retune, or remove the "
+                     "entry)", str(error))
+        return tuned, "cache"
+
+    def config_for(self, desc: Any, heuristic: Callable[[], Any]) -> Any:
+        """The configuration of a kernel call for ``desc``: :meth:`given_config`, else
+        ``heuristic()`` (derived for this shard)."""
+        config, _ = self.given_config(desc)
+        return heuristic() if config is None else config
 
 
 def _config_types(table) -> str:
@@ -250,7 +288,7 @@ def select(table: tuple[Implementation, ...], desc: Any, backend: str | None = N
             continue
         if config is not None and impl.check_config is not None:
             impl.check_config(desc, config)
-        return Choice(impl, runs_on, config, tuple(rejected))
+        return Choice(impl, runs_on, config, tuple(rejected), op)
     if requested is not None and last_error is not None:
         raise last_error
     raise UnsupportedError(f"{op}: no implementation runs this call: "
@@ -310,8 +348,9 @@ class Plan:
       backend: ``"pallas"``, ``"interpret"`` or ``"xla"``.
       kernel: name of the kernel (or XLA function) it runs.
       block_config: the kernel's configuration (``None`` for XLA).
-      config_source: ``"caller"`` (the ``config=`` argument), ``"heuristic"`` (the
-        candidate's default for the whole problem), or ``None`` (no configuration).
+      config_source: ``"explicit"`` (the ``config=`` argument), ``"cache"`` (tuned for
+        this device and problem, :mod:`bjax.tune`), ``"heuristic"`` (the candidate's
+        default for the whole problem), or ``None`` (no configuration).
       rejected: ``(name, reason)`` of each candidate passed over, in table order.
       precision: the :class:`PrecisionGuarantee`.
     """
@@ -331,12 +370,9 @@ class Plan:
         """The plan of ``choice`` for ``desc`` (``kernel``: overrides the candidate's name;
         ``configured=False``: this call runs no configured kernel)."""
         impl = choice.implementation
-        if choice.config is not None:
-            config, source = choice.config, "caller"
-        elif impl.default_config is not None and configured:
+        config, source = choice.given_config(desc) if configured else (None, None)
+        if config is None and impl.default_config is not None and configured:
             config, source = impl.default_config(desc), "heuristic"
-        else:
-            config, source = None, None
         return cls(op=op, descriptor=desc, implementation=impl.name, backend=choice.backend,
                    kernel=kernel or impl.kernel(desc), block_config=config,
                    config_source=source, rejected=choice.rejected, precision=precision)

@@ -160,7 +160,7 @@ def _check_s(s, name, v_dtype, op):
 def _kernel_options(desc: CascadeMergeDescriptor, choice: _op.Choice, backward=False) -> dict:
     if choice.on_xla:
         return {"base": desc.lse_base}
-    given = choice.config_or(pallas_cascade.MergeConfig)
+    given = choice.config_for(desc, pallas_cascade.MergeConfig)
     tile = given.backward if backward else given.forward
     if tile is None:
         tile = desc.backward_config if backward else desc.kernel_config

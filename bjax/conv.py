@@ -34,6 +34,7 @@ from jax.typing import ArrayLike
 
 from bjax import _op, _partition, _varlen
 from bjax.errors import UnsupportedError
+from bjax.tune.cache import problem_key
 from bjax.xla import conv as xla_conv
 from pallas_kernels import conv as pallas_conv
 from pallas_kernels.formulas.conv import ACTIVATIONS
@@ -167,11 +168,17 @@ def _kernel_weights(weight, bias, channels):
     return weight.astype(jnp.float32).T, bias
 
 
+def _shard_config(x, desc: CausalConv1dDescriptor, choice: _op.Choice) -> pallas_conv.ConvConfig:
+    """The kernels' configuration for ``x``, the whole problem or a device's shard."""
+    shard = dataclasses.replace(desc, batch=x.shape[0], channels=x.shape[2])
+    return choice.config_for(shard, lambda: shard.kernel_config)
+
+
 def _forward(x, weight, bias, initial_states, seq_idx, desc, choice):
     if choice.on_xla:
         return xla_conv.causal_conv1d(x, weight, bias, initial_states, seq_idx, desc.activation)
     w, b = _kernel_weights(weight, bias, x.shape[2])
-    config = choice.config_or(lambda: pallas_conv.default_config(*x.shape))
+    config = _shard_config(x, desc, choice)
     return pallas_conv.forward(x, w, b, initial_states, seq_idx, activation=desc.activation,
                                config=config, interpret=choice.interpret)
 
@@ -179,7 +186,7 @@ def _forward(x, weight, bias, initial_states, seq_idx, desc, choice):
 def _backward(x, weight, bias, initial_states, seq_idx, dy, desc, choice):
     """``(dx, dweight, dbias or None, dinitial_states or None)`` from the kernels."""
     w, b = _kernel_weights(weight, bias, x.shape[2])
-    config = choice.config_or(lambda: pallas_conv.default_config(*x.shape))
+    config = _shard_config(x, desc, choice)
     dx, dw, dbias, dinit = pallas_conv.backward(
         x, w, b, initial_states, seq_idx, dy.astype(x.dtype), activation=desc.activation,
         config=config, interpret=choice.interpret)
@@ -278,6 +285,14 @@ def final_states(x, initial_states, seq_idx, taps: int):
     return jnp.where(same[..., None], rows, jnp.zeros((), dtype))
 
 
+def tuning_key(desc: CausalConv1dDescriptor) -> str:
+    """The problem's key in the tuning cache: extents, dtype and what the kernels read."""
+    return problem_key(batch=desc.batch, length=desc.length, channels=desc.channels,
+                       taps=desc.taps, dtype=jnp.dtype(desc.dtype).name,
+                       activation=desc.activation, initial_states=desc.has_initial_states,
+                       seq_idx=desc.has_seq_idx)
+
+
 def _check_config(desc, config: pallas_conv.ConvConfig) -> None:
     """Launchable, with pieces of whole steps (the kernels mask partial blocks: any such
     config runs any shape)."""
@@ -293,7 +308,7 @@ IMPLEMENTATIONS = (
         kernel=lambda desc: "bjax_causal_conv1d_forward + bjax_causal_conv1d_backward",
         config_type=pallas_conv.ConvConfig, default_config=lambda desc: desc.kernel_config,
         check=functools.partial(_kernel_taps_rule, op="causal_conv1d"),
-        check_config=_check_config, sharding_rules=sharding_rules),
+        check_config=_check_config, sharding_rules=sharding_rules, tuning_key=tuning_key),
     _op.Implementation("xla", ("xla",), kernel=lambda desc: "bjax.xla.conv.causal_conv1d"),
 )
 """``causal_conv1d``'s implementation table, in order of preference."""
@@ -386,7 +401,8 @@ def _step_forward(conv_state, x, weight, bias, desc: CausalConv1dStepDescriptor,
     if choice.on_xla:
         return xla_conv.step(conv_state, x, weight, bias, desc.activation)
     w, b = _kernel_weights(weight, bias, desc.channels)
-    config = choice.config_or(lambda: pallas_conv.default_config(desc.batch, 1, desc.channels))
+    config = choice.config_for(desc, lambda: pallas_conv.default_config(desc.batch, 1,
+                                                                          desc.channels))
     return pallas_conv.step(conv_state, x, w, b, activation=desc.activation, config=config,
                             interpret=choice.interpret)
 

@@ -38,6 +38,7 @@ from jax.typing import ArrayLike
 
 from bjax import _op, _partition
 from bjax.errors import UnsupportedError
+from bjax.tune.cache import problem_key
 from bjax.xla import gated as xla_gated
 from pallas_kernels import gated as pallas_gated
 from pallas_kernels.formulas import gated as formulas_gated
@@ -116,7 +117,7 @@ def _forward(x, desc: GatedActivationDescriptor, choice: _op.Choice):
         return xla_gated.gated_forward(x, axis=desc.axis, **options)
     desc = dataclasses.replace(desc, shape=tuple(x.shape))
     y2 = pallas_gated.gated_forward(x.reshape(desc.rows, 2 * desc.cols),
-                                    config=choice.config_or(lambda: desc.kernel_config),
+                                    config=choice.config_for(desc, lambda: desc.kernel_config),
                                     interpret=choice.interpret, **options)
     return y2.reshape(desc.out_shape)
 
@@ -129,7 +130,7 @@ def _backward(dy, x, desc: GatedActivationDescriptor, choice: _op.Choice):
     desc = dataclasses.replace(desc, shape=tuple(x.shape))
     dx2 = pallas_gated.gated_backward(dy.reshape(desc.rows, desc.cols),
                                       x.reshape(desc.rows, 2 * desc.cols),
-                                      config=choice.config_or(lambda: desc.kernel_config),
+                                      config=choice.config_for(desc, lambda: desc.kernel_config),
                                       interpret=choice.interpret, **options)
     return dx2.reshape(desc.shape)
 
@@ -181,6 +182,12 @@ def _gated_bwd(desc, choice, x, dy):
 _gated.defvjp(_gated_fwd, _gated_bwd)
 
 
+def tuning_key(desc: GatedActivationDescriptor) -> str:
+    """The problem's key in the tuning cache: the kernels' 2-D view, dtype and math."""
+    return problem_key(kind=desc.kind, gate=desc.gate, approximate=desc.approximate,
+                       rows=desc.rows, cols=desc.cols, dtype=jnp.dtype(desc.dtype).name)
+
+
 def _check_config(desc: GatedActivationDescriptor, config: pallas_gated.TileConfig) -> None:
     del desc   # the kernels mask partial tiles: any launchable tile runs any shape
     _op.check_launch(config, _OP)
@@ -191,7 +198,7 @@ IMPLEMENTATIONS = (
         "pallas_triton", ("pallas", "interpret"),
         kernel=lambda desc: f"bjax_{desc.kind}_forward", config_type=pallas_gated.TileConfig,
         default_config=lambda desc: desc.kernel_config, check_config=_check_config,
-        sharding_rules=sharding_rule),
+        sharding_rules=sharding_rule, tuning_key=tuning_key),
     _op.Implementation("xla", ("xla",), kernel=lambda desc: "bjax.xla.gated.gated_forward"),
 )
 """The gated activation's implementation table, in order of preference."""

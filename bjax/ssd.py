@@ -40,6 +40,7 @@ from jax.typing import ArrayLike
 
 from bjax import _op, _partition, _varlen
 from bjax.errors import UnsupportedError
+from bjax.tune.cache import problem_key
 from bjax.xla import ssd as xla_ssd
 from pallas_kernels import ssd as pallas_ssd
 from pallas_kernels.formulas import ssd as formulas_ssd
@@ -287,7 +288,7 @@ def _scan_inputs(dt, A, D, dt_bias, initial_states, seq_idx, desc: SsdChunkScanD
 def _configs(desc: SsdChunkScanDescriptor, choice: _op.Choice):
     """The forward's and the backward's configurations for ``desc`` (a device's shard):
     the caller's, else the heuristics."""
-    given = choice.config_or(pallas_ssd_backward.ChunkScanConfig)
+    given = choice.config_for(desc, pallas_ssd_backward.ChunkScanConfig)
     return given.forward or desc.kernel_config, given.backward or desc.backward_config
 
 
@@ -596,6 +597,17 @@ def _step_bwd(desc, choice, residuals, cotangents):
 _step.defvjp(_step_fwd, _step_bwd)
 
 
+def tuning_key(desc: SsdChunkScanDescriptor) -> str:
+    """The problem's key in the tuning cache: extents, dtype and the optional inputs that
+    change the kernels."""
+    return problem_key(batch=desc.batch, seq_len=desc.seq_len, heads=desc.heads,
+                       head_dim=desc.head_dim, groups=desc.groups, state_dim=desc.state_dim,
+                       chunk_size=desc.chunk_size, dtype=jnp.dtype(desc.dtype).name,
+                       d=desc.options.d_shape, z=desc.options.has_z,
+                       initial_states=desc.has_initial_states, seq_idx=desc.has_seq_idx,
+                       varlen_states=desc.return_varlen_states)
+
+
 def _check_scan_config(desc: SsdChunkScanDescriptor,
                        config: pallas_ssd_backward.ChunkScanConfig) -> None:
     """Launchable tiles that divide the chunk and the heads of a group as the kernels need."""
@@ -631,7 +643,8 @@ CHUNK_SCAN_IMPLEMENTATIONS = (
         default_config=lambda desc: pallas_ssd_backward.ChunkScanConfig(desc.kernel_config,
                                                                         desc.backward_config),
         check=functools.partial(_kernel_dims_rule, op="ssd_chunk_scan"),
-        check_config=_check_scan_config, sharding_rules=sharding_rules),
+        check_config=_check_scan_config, sharding_rules=sharding_rules,
+        tuning_key=tuning_key),
     _op.Implementation("xla", ("xla",), kernel=lambda desc: "bjax.xla.ssd.chunk_scan"),
 )
 """``ssd_chunk_scan``'s implementation table, in order of preference."""

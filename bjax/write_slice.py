@@ -329,7 +329,7 @@ def _write_impl(dest, source, table, traced, desc: WriteSliceDescriptor, choice:
         _to_bits(dest, view).reshape(view.dest_shape),
         _to_bits(source, view).reshape(view.window_shape),
         _kernel_positions(desc, traced), axes=view.axes,
-        config=choice.config_or(lambda: view.config), interpret=choice.interpret)
+        config=choice.config_for(desc, lambda: view.config), interpret=choice.interpret)
     return _from_bits(out, view, desc)
 
 

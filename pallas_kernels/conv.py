@@ -78,6 +78,20 @@ def default_config(batch: int, length: int, channels: int) -> ConvConfig:
     return ConvConfig(block_d, lanes, piece, unroll=8, num_warps=4)
 
 
+def search_space(batch: int, length: int, channels: int) -> tuple[ConvConfig, ...]:
+    """The configurations the tuner tries (``bjax.tune``): 128-512 channels (no wider
+    than ``channels`` rounds up to), 1-2 lanes, pieces of 32-128 rows (no longer than the
+    sequence needs), 8 rows a step, 4 or 8 warps."""
+    del batch
+    widest = pl.next_power_of_2(max(channels, 1))
+    longest = max(8, pl.next_power_of_2(max(length, 1)))
+    return tuple(ConvConfig(block_d, lanes, piece, unroll=min(8, piece), num_warps=warps)
+                 for block_d in (128, 256, 512) if block_d <= max(128, widest)
+                 for lanes in (1, 2)
+                 for piece in (32, 64, 128) if piece <= max(32, longest)
+                 for warps in (4, 8))
+
+
 def _tap(ref, j, cols, col_mask):
     """Row ``j`` of a ``[k, d]`` (or, ``j`` None, a ``[d]``) ref at ``cols``, float32."""
     index = (cols,) if j is None else (jnp.int32(j), cols)

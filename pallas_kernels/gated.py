@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.approx import approx_exp2_f32, approx_reciprocal_f32
 from pallas_kernels.blocks import pallas_call, written_into
 from pallas_kernels.formulas.gated import compute_dtype, gated_math, normal_cdf_options
-from pallas_kernels.tiling import TileConfig, fit_tile
+from pallas_kernels.tiling import TileConfig, fit_tile, tile_search_space
 
 # Programs to launch at least, so that small problems still fill a GPU
 # (132 multiprocessors on an H100/H200, a few programs each).
@@ -37,6 +37,11 @@ _TILE_ELEMENTS = 2048
 def default_config(rows: int, cols: int) -> TileConfig:
     """Tile of ``_TILE_ELEMENTS`` as wide as the rows allow, shrunk until the grid fills the GPU."""
     return fit_tile(rows, cols, tile_elements=_TILE_ELEMENTS, min_programs=_MIN_PROGRAMS)
+
+
+def search_space(rows: int, cols: int) -> tuple[TileConfig, ...]:
+    """The tiles the tuner tries (``bjax.tune``): :func:`pallas_kernels.tiling.tile_search_space`."""
+    return tile_search_space(rows, cols)
 
 
 def kernel_cdf_options(out_dtype, interpret: bool) -> dict:

@@ -99,6 +99,29 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
                      constant_trip_count=jnp.dtype(dtype) == jnp.float32)
 
 
+def search_space(chunk_size: int, head_dim: int, state_dim: int, heads_per_group: int,
+                 dtype) -> tuple[SsdConfig, ...]:
+    """The forward configurations the tuner tries (``bjax.tune``) around the heuristic:
+    output (and source) blocks of 32, 64 or 128 steps, head_dim blocks of 32 to 128
+    columns, 1, 2 or 4 heads a program (dividing the group), 4 or 8 warps; the state
+    walk, stages and trip count as the heuristic's."""
+    base = default_config(chunk_size, head_dim, state_dim, heads_per_group, dtype)
+    padded_p = max(16, pl.next_power_of_2(head_dim))
+    space = []
+    for block_t in (32, 64, 128):
+        if chunk_size % block_t:
+            continue
+        for block_p in sorted({min(padded_p, p) for p in (32, 64, 128)}):
+            for block_h in (1, 2, 4):
+                if heads_per_group % block_h:
+                    continue
+                for warps in (4, 8):
+                    space.append(dataclasses.replace(
+                        base, block_t=block_t, block_s=block_t, block_p=block_p,
+                        block_h=block_h, scan_warps=warps))
+    return tuple(dict.fromkeys(space))
+
+
 def snapshot_dtype(x_dtype) -> jnp.dtype:
     """Dtype of the stored chunk states: bfloat16 for bfloat16 inputs (the operand of
     their matmul), float32 otherwise (float16's range is too narrow for a state)."""

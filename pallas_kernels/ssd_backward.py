@@ -90,6 +90,22 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
                              constant_trip_count=jnp.dtype(dtype) == jnp.float32)
 
 
+def search_space(chunk_size: int, head_dim: int, state_dim: int, heads_per_group: int,
+                 dtype) -> tuple[SsdBackwardConfig, ...]:
+    """The backward configurations the tuner tries (``bjax.tune``) around the heuristic:
+    blocks of 32 or 64 steps, head_dim blocks of 32 or 64 columns, 1 or 2 heads a target
+    program (dividing the group), 4 or 8 warps; one head a source program (see
+    :func:`default_config`)."""
+    base = default_config(chunk_size, head_dim, state_dim, heads_per_group, dtype)
+    space = [dataclasses.replace(base, block=block, block_p=min(padded(head_dim), block_p),
+                                 block_h=block_h, num_warps=warps)
+             for block in (32, 64) if chunk_size % block == 0
+             for block_p in (32, 64)
+             for block_h in (1, 2) if heads_per_group % block_h == 0
+             for warps in (4, 8)]
+    return tuple(dict.fromkeys(space))
+
+
 @dataclasses.dataclass(frozen=True)
 class ChunkScanConfig:
     """The forward's and the backward's configurations of the chunked scan; ``None``: that

@@ -18,6 +18,25 @@ class TileConfig:
     num_warps: int
 
 
+def tile_search_space(rows: int, cols: int, *, min_elements: int = 512,
+                      max_elements: int = 8192) -> tuple[TileConfig, ...]:
+    """Tiles to tune over: power-of-2 blocks of ``min_block_cols`` to ``_MAX_BLOCK_COLS``
+    columns (no wider than ``cols`` rounds up to), ``min_elements`` to ``max_elements`` a
+    tile (fewer where ``[rows, cols]`` is smaller), 4 or 8 warps."""
+    widest = min(pl.next_power_of_2(max(cols, 1)), _MAX_BLOCK_COLS)
+    tallest = pl.next_power_of_2(max(rows, 1))
+    space = []
+    block_cols = min(_MIN_BLOCK_COLS, widest)
+    while block_cols <= widest:
+        block_rows = 1
+        while block_rows <= tallest and block_rows * block_cols <= max_elements:
+            if block_rows * block_cols >= min(min_elements, tallest * widest):
+                space += [TileConfig(block_rows, block_cols, warps) for warps in (4, 8)]
+            block_rows *= 2
+        block_cols *= 2
+    return tuple(space)
+
+
 def fit_tile(rows: int, cols: int, *, tile_elements: int, min_programs: int, outer: int = 1,
              max_block_rows: int | None = None, min_block_cols: int = _MIN_BLOCK_COLS,
              max_block_cols: int = _MAX_BLOCK_COLS) -> TileConfig:

@@ -10,6 +10,11 @@ import uuid
 # JAX's default of most of the device up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+# Tests see the tuned configs that ship with bjax, never a user's own tuning cache
+# (tests/test_tune.py points it at files of its own).
+os.environ["BJAX_TUNING_CACHE"] = os.path.join(tempfile.gettempdir(),
+                                               f"bjax-test-no-user-cache-{uuid.uuid4().hex}.json")
+
 
 # Without a CUDA plugin the kernels run through the Pallas interpreter, where a test's
 # programs compile for seconds and run for milliseconds: compile them without LLVM's

@@ -130,7 +130,7 @@ def _small_cases():
                          ids=lambda v: getattr(v, "__name__", ""))
 def test_caller_config_runs_the_same_function_and_is_reported(op, args, kwargs, config):
     plan = bjax.plan(op, *args, **kwargs, backend=KERNEL_BACKEND, config=config)
-    assert plan.config_source == "caller" and plan.block_config == config
+    assert plan.config_source == "explicit" and plan.block_config == config
     default_plan = bjax.plan(op, *args, **kwargs, backend=KERNEL_BACKEND)
     # Compiled, write_slice hands this small window to dynamic_update_slice unless configured.
     heuristic = "heuristic" if default_plan.block_config is not None else None

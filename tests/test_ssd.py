@@ -60,9 +60,10 @@ def features(seed, x, state_dim, names):
     return kwargs
 
 
-def check(x, dt, A, B, C, backend, chunk_size=CHUNK, **kwargs):
+def check(x, dt, A, B, C, backend, chunk_size=CHUNK, config=None, **kwargs):
     y, final = jax.jit(lambda *a: bjax.ssd_chunk_scan(
-        *a, chunk_size=chunk_size, return_final_states=True, backend=backend, **kwargs))(
+        *a, chunk_size=chunk_size, return_final_states=True, backend=backend, config=config,
+        **kwargs))(
         x, dt, A, B, C)
     ref_y, ref_final = oracles.ssd_scan(x, dt, A, B, C, **kwargs)
     assert y.dtype == x.dtype and final.dtype == jnp.float32
@@ -192,14 +193,15 @@ def gradients(fn, args, seed):
     return jax.jit(jax.grad(loss))(args)
 
 
-def gradient_errors(x, dt, A, B, C, backend, chunk_size=CHUNK, **kwargs) -> dict:
+def gradient_errors(x, dt, A, B, C, backend, chunk_size=CHUNK, config=None, **kwargs) -> dict:
     """Relative norm error of every gradient against autodiff of the float64 oracle (each
     gradient checked for its dtype and finiteness on the way)."""
     args = {"x": x, "dt": dt, "A": A, "B": B, "C": C,
             **{k: v for k, v in kwargs.items() if k in DIFFERENTIABLE}}
     static = {k: v for k, v in kwargs.items() if k not in DIFFERENTIABLE}
     mine = gradients(lambda **a: bjax.ssd_chunk_scan(
-        **a, chunk_size=chunk_size, return_final_states=True, backend=backend, **static), args, 1)
+        **a, chunk_size=chunk_size, return_final_states=True, backend=backend, config=config,
+        **static), args, 1)
     ref = gradients(lambda **a: oracles.ssd_scan(**a, **static),
                     {k: jnp.asarray(v, jnp.float64) for k, v in args.items()}, 1)
     errors = {}
@@ -211,9 +213,11 @@ def gradient_errors(x, dt, A, B, C, backend, chunk_size=CHUNK, **kwargs) -> dict
     return errors
 
 
-def check_gradients(x, dt, A, B, C, backend, dtype_bound, chunk_size=CHUNK, **kwargs):
+def check_gradients(x, dt, A, B, C, backend, dtype_bound, chunk_size=CHUNK, config=None,
+                    **kwargs):
     """Every gradient against autodiff of the float64 oracle, by relative norm error."""
-    for name, error in gradient_errors(x, dt, A, B, C, backend, chunk_size, **kwargs).items():
+    for name, error in gradient_errors(x, dt, A, B, C, backend, chunk_size, config,
+                                       **kwargs).items():
         assert error <= dtype_bound, (name, error)
 
 

@@ -1,0 +1,75 @@
+"""``python -m bjax.tune <op> ...``: tune an op's kernel configs on this device's GPU and
+record the fastest in a tuning cache (see :mod:`bjax.tune`)."""
+from __future__ import annotations
+
+import argparse
+
+from bjax.tune import problems, tuner
+
+_GATED = ("swiglu", "geglu", "reglu", "glu")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bjax.tune", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dtype", default="bfloat16",
+                        choices=("bfloat16", "float16", "float32"))
+    common.add_argument("--cache", default=None,
+                        help="cache file to write (default: $BJAX_TUNING_CACHE, else "
+                             "~/.cache/bjax/tuning.json)")
+    common.add_argument("--no-record", action="store_true", help="report only")
+    common.add_argument("--backend", default=None, choices=("pallas", "interpret"),
+                        help="the ops' backend= (default: the kernels on a CUDA GPU)")
+    common.add_argument("--calls", type=int, default=20, help="calls per timing")
+    common.add_argument("--trials", type=int, default=3, help="timings per candidate")
+    ops = parser.add_subparsers(dest="op", required=True)
+    for kind in _GATED:
+        sub = ops.add_parser(kind, parents=[common], help=f"bjax.{kind}")
+        sub.add_argument("--shape", type=_ints, required=True, help="x's shape, e.g. 8192,28672")
+        sub.add_argument("--axis", type=int, default=-1)
+    sub = ops.add_parser("causal_conv1d", parents=[common], help="bjax.causal_conv1d")
+    sub.add_argument("--shape", type=_ints, required=True, help="x's [b, l, d], e.g. 4,2048,5376")
+    sub.add_argument("--taps", type=int, default=4)
+    sub.add_argument("--activation", default="silu", choices=("silu", "none"))
+    sub = ops.add_parser("ssd_chunk_scan", parents=[common], help="bjax.ssd_chunk_scan")
+    for name, default in (("batch", None), ("seqlen", None), ("heads", None),
+                          ("head-dim", None), ("state", None), ("groups", 1), ("chunk", 256)):
+        sub.add_argument(f"--{name}", type=int, required=default is None, default=default)
+    sub.add_argument("--d", default="h", choices=("h", "hp", "none"), help="D's shape")
+    sub.add_argument("--z", action="store_true", help="with the gate z")
+    return parser
+
+
+def problem_of(args) -> tuner.Problem:
+    """The :class:`~bjax.tune.tuner.Problem` that parsed arguments describe."""
+    common = dict(backend=args.backend)
+    if args.op in _GATED:
+        return problems.gated(args.op, args.shape, args.dtype, axis=args.axis, **common)
+    if args.op == "causal_conv1d":
+        activation = None if args.activation == "none" else args.activation
+        return problems.causal_conv1d(args.shape, args.taps, args.dtype,
+                                      activation=activation, **common)
+    return problems.ssd_chunk_scan(args.batch, args.seqlen, args.heads, args.head_dim,
+                                   args.state, args.groups, args.chunk, args.dtype,
+                                   d_shape=None if args.d == "none" else args.d, z=args.z,
+                                   **common)
+
+
+def main(argv=None) -> tuner.Result:
+    args = _parser().parse_args(argv)
+    problem = problem_of(args)
+    print(f"tuning {problem.op} / {problem.key}")
+    result = tuner.tune(problem, calls=args.calls, trials=args.trials)
+    print(f"best: {result.best_ms:.4f} ms against the heuristic's {result.heuristic_ms:.4f} ms "
+          f"({result.objective}): {result.best}")
+    if not args.no_record:
+        print(f"recorded in {tuner.record(result, args.cache)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

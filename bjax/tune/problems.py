@@ -1,0 +1,107 @@
+"""The ops the tuner knows, as :class:`bjax.tune.tuner.Problem` builders at given shapes.
+
+Inputs are random normal (step sizes through softplus, ``A`` negative), on the default
+device. ``backend`` is the op's ``backend=`` (``None``: the kernels on a CUDA GPU).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import bjax
+from bjax import conv as bjax_conv
+from bjax import gated as bjax_gated
+from bjax import ssd as bjax_ssd
+from bjax.tune.tuner import FORWARD, FORWARD_BACKWARD, Problem, Stage
+from pallas_kernels import conv as pallas_conv
+from pallas_kernels import gated as pallas_gated
+from pallas_kernels import ssd as pallas_ssd
+from pallas_kernels import ssd_backward as pallas_ssd_backward
+
+
+def _normal(key, shape, dtype, scale=1.0):
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def gated(kind: str, shape: tuple[int, ...], dtype="bfloat16", *, axis: int = -1,
+          backend=None) -> Problem:
+    """``bjax.gated_activation(x, kind, axis=axis)`` on ``x`` of ``shape``: one stage over
+    :func:`pallas_kernels.gated.search_space`, forward and backward (one tile serves both)."""
+    x = _normal(jax.random.key(0), shape, dtype)
+    desc = bjax_gated.GatedActivationDescriptor.from_args(x, kind, axis=axis)
+
+    def run(config, x):
+        return bjax.gated_activation(x, kind, axis=axis, backend=backend, config=config)
+
+    space = pallas_gated.search_space(desc.rows, desc.cols)
+    return Problem("gated_activation", bjax_gated.tuning_key(desc), run, (x,), (0,),
+                   desc.kernel_config, (Stage("tile", lambda best: space, FORWARD_BACKWARD),))
+
+
+def causal_conv1d(shape: tuple[int, int, int], taps: int = 4, dtype="bfloat16", *,
+                  activation: str | None = "silu", backend=None) -> Problem:
+    """``bjax.causal_conv1d(x, weight, bias, activation=...)`` with x ``[b, l, d]`` of
+    ``shape``: one stage over :func:`pallas_kernels.conv.search_space`, forward and
+    backward."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = _normal(keys[0], shape, dtype)
+    weight = _normal(keys[1], (shape[2], taps), jnp.float32, taps ** -0.5)
+    bias = _normal(keys[2], (shape[2],), jnp.float32)
+    desc = bjax_conv.CausalConv1dDescriptor.from_args(x, weight, bias, activation=activation)
+
+    def run(config, x, weight, bias):
+        return bjax.causal_conv1d(x, weight, bias, activation=activation, backend=backend,
+                                  config=config)
+
+    space = pallas_conv.search_space(*shape)
+    return Problem("causal_conv1d", bjax_conv.tuning_key(desc), run, (x, weight, bias),
+                   (0, 1, 2), desc.kernel_config,
+                   (Stage("walk", lambda best: space, FORWARD_BACKWARD),))
+
+
+def ssd_chunk_scan(batch: int, seq_len: int, heads: int, head_dim: int, state_dim: int,
+                   groups: int = 1, chunk_size: int = 256, dtype="bfloat16", *,
+                   d_shape: str | None = "h", z: bool = False, backend=None) -> Problem:
+    """``bjax.ssd_chunk_scan`` as the Mamba-2 mixer calls it (``dt_bias``, softplus; ``D``
+    of ``d_shape``; ``z`` if asked). Two stages: the forward kernels'
+    (:func:`pallas_kernels.ssd.search_space`, timed forward), then the backward kernels'
+    with the best forward (:func:`pallas_kernels.ssd_backward.search_space`, timed
+    forward and backward)."""
+    keys = iter(jax.random.split(jax.random.key(0), 8))
+    x = _normal(next(keys), (batch, seq_len, heads, head_dim), dtype)
+    dt = _normal(next(keys), (batch, seq_len, heads), dtype, 0.5)
+    A = -jnp.exp(_normal(next(keys), (heads,), jnp.float32, 0.5))
+    B = _normal(next(keys), (batch, seq_len, groups, state_dim), dtype)
+    C = _normal(next(keys), (batch, seq_len, groups, state_dim), dtype)
+    dt_bias = _normal(next(keys), (heads,), jnp.float32, 0.5)
+    D = None if d_shape is None else _normal(
+        next(keys), (heads,) if d_shape == "h" else (heads, head_dim), jnp.float32)
+    zv = _normal(next(keys), x.shape, dtype) if z else None
+    arrays = (x, dt, A, B, C, dt_bias, D, zv)
+    present = tuple(i for i, v in enumerate(arrays) if v is not None)
+
+    def run(config, *given):
+        full = [None] * len(arrays)
+        for i, value in zip(present, given):
+            full[i] = value
+        x, dt, A, B, C, dt_bias, D, zv = full
+        return bjax.ssd_chunk_scan(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=zv,
+                                   dt_bias=dt_bias, dt_softplus=True, backend=backend,
+                                   config=config)
+
+    plan = bjax.plan(bjax.ssd_chunk_scan, x, dt, A, B, C, chunk_size=chunk_size, D=D, z=zv,
+                     dt_bias=dt_bias, dt_softplus=True, backend=backend or "xla")
+    desc = plan.descriptor
+    args = (chunk_size, head_dim, state_dim, heads // groups, jnp.dtype(dtype))
+    ChunkScanConfig = pallas_ssd_backward.ChunkScanConfig
+    stages = (
+        Stage("forward kernels",
+              lambda best: [ChunkScanConfig(c, best.backward)
+                            for c in pallas_ssd.search_space(*args)], FORWARD),
+        Stage("backward kernels",
+              lambda best: [ChunkScanConfig(best.forward, c)
+                            for c in pallas_ssd_backward.search_space(*args)],
+              FORWARD_BACKWARD))
+    return Problem("ssd_chunk_scan", bjax_ssd.tuning_key(desc), run,
+                   tuple(arrays[i] for i in present), present,
+                   ChunkScanConfig(desc.kernel_config, desc.backward_config), stages)

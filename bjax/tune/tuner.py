@@ -1,0 +1,195 @@
+"""The tuner: time an op's candidate configurations on this device, keep the fastest that
+agrees with the heuristic, and record it in a tuning cache (:mod:`bjax.tune`).
+
+A :class:`Problem` is one op call at fixed shapes: its inputs, ``run(config, *arrays)``,
+its cache key, and one or more :class:`Stage` s. A stage draws candidates from the
+kernel's declared search space (``pallas_kernels.*.search_space``), given the best config
+of the stage before it (the SSD scan tunes its forward kernels, then its backward ones
+with that forward), and times them forward only or forward and backward.
+
+Every candidate's results (outputs, and gradients when the backward is timed) are
+compared with the heuristic's: a candidate whose relative error (Frobenius norm, per
+array) exceeds :data:`TOLERANCE` of the output dtype is rejected, as is one that fails
+to compile. Configurations change block shapes and summation order, never the math, so
+honest candidates agree to float32 rounding (16-bit outputs: their own rounding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bjax.tune import cache
+
+# Largest relative error (Frobenius norm, per array) to the heuristic's results, by the
+# output's dtype: float32 rounding for float32, one rounding of the result for 16-bit.
+TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
+FORWARD, FORWARD_BACKWARD = "forward", "forward+backward"
+
+
+def device_time_ms(fn, *args, calls: int = 50, trials: int = 5) -> float:
+    """Median milliseconds per call of ``fn(*args)`` (``fn`` jitted by the caller): each
+    trial enqueues ``calls`` calls and blocks once, so it measures the device's
+    throughput, not the host's dispatch."""
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    jax.block_until_ready(fn(*args))
+    per_call = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - start) / calls * 1e3)
+    return statistics.median(per_call)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One round of the search.
+
+    Attributes:
+      name: what it tunes (for the report).
+      candidates: ``candidates(best)`` -> the op configs to try, given the best config
+        so far (the heuristic's before the first stage).
+      objective: :data:`FORWARD` or :data:`FORWARD_BACKWARD`, what is timed.
+    """
+    name: str
+    candidates: Callable[[Any], Sequence[Any]]
+    objective: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One op call to tune.
+
+    Attributes:
+      op: the op's name in the cache (``Choice.op``).
+      key: the problem's key (the implementation's ``tuning_key``).
+      run: ``run(config, *arrays)`` -> the op's outputs with that config.
+      arrays: the inputs, random.
+      wrt: positions in ``arrays`` the backward differentiates.
+      heuristic: the op config the heuristics give (what the tuner must beat).
+      stages: the rounds of the search, in order.
+    """
+    op: str
+    key: str
+    run: Callable[..., Any]
+    arrays: tuple
+    wrt: tuple[int, ...]
+    heuristic: Any
+    stages: tuple[Stage, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """A candidate's outcome: ``ms`` None when it was rejected (``note`` says why)."""
+    stage: str
+    config: Any
+    ms: float | None
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """The tuner's answer: ``best`` (an op config), its time and the heuristic's, under
+    ``objective`` (the last stage's), and every trial."""
+    problem: Problem
+    best: Any
+    best_ms: float
+    heuristic_ms: float
+    objective: str
+    trials: tuple[Trial, ...]
+
+
+def _function(problem: Problem, config: Any, objective: str):
+    """Jitted: the outputs, and with the backward also the gradients of ``<outputs,
+    cotangent>`` (a fixed cotangent of ones) with respect to ``problem.wrt``."""
+    def forward(*arrays):
+        return problem.run(config, *arrays)
+
+    if objective == FORWARD:
+        return jax.jit(forward)
+
+    def forward_backward(*arrays):
+        def partial(*differentiated):
+            full = list(arrays)
+            for i, value in zip(problem.wrt, differentiated):
+                full[i] = value
+            return forward(*full)
+        outs, vjp = jax.vjp(partial, *(arrays[i] for i in problem.wrt))
+        return outs, vjp(jax.tree.map(jnp.ones_like, outs))
+
+    return jax.jit(forward_backward)
+
+
+def relative_error(got, want) -> float:
+    """Largest relative Frobenius-norm error over the arrays of two matching pytrees."""
+    worst = 0.0
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        scale = max(np.linalg.norm(b), np.finfo(np.float32).tiny)
+        worst = max(worst, float(np.linalg.norm(a - b) / scale))
+    return worst
+
+
+def _tolerance(results) -> float:
+    return max(TOLERANCE.get(jnp.dtype(leaf.dtype).name, 1e-5)
+               for leaf in jax.tree.leaves(results))
+
+
+def tune(problem: Problem, *, calls: int = 20, trials: int = 3,
+         log: Callable[[str], None] = print) -> Result:
+    """Runs ``problem``'s stages and returns the fastest agreeing config (nothing recorded:
+    see :func:`record`)."""
+    best, history = problem.heuristic, []
+    best_ms = heuristic_ms = float("nan")
+    for stage in problem.stages:
+        reference_fn = _function(problem, problem.heuristic, stage.objective)
+        reference = jax.block_until_ready(reference_fn(*problem.arrays))
+        tolerance = _tolerance(reference)
+        heuristic_ms = device_time_ms(reference_fn, *problem.arrays, calls=calls, trials=trials)
+        best_ms = heuristic_ms if best == problem.heuristic else device_time_ms(
+            _function(problem, best, stage.objective), *problem.arrays, calls=calls,
+            trials=trials)
+        log(f"{stage.name} ({stage.objective}): heuristic {heuristic_ms:.4f} ms, "
+            f"start {best_ms:.4f} ms")
+        for config in dict.fromkeys(stage.candidates(best)):
+            trial = _try(problem, config, stage, reference, tolerance, calls, trials)
+            history.append(trial)
+            log(f"  {trial.ms if trial.ms is None else round(trial.ms, 4)} ms {trial.note} "
+                f"{config}")
+            if trial.ms is not None and trial.ms < best_ms:
+                best, best_ms = config, trial.ms
+    if best_ms >= heuristic_ms:    # stages that each won can lose together
+        best, best_ms = problem.heuristic, heuristic_ms
+    return Result(problem, best, best_ms, heuristic_ms, problem.stages[-1].objective,
+                  tuple(history))
+
+
+def _try(problem, config, stage, reference, tolerance, calls, trials) -> Trial:
+    try:
+        fn = _function(problem, config, stage.objective)
+        error = relative_error(jax.block_until_ready(fn(*problem.arrays)), reference)
+        if not error <= tolerance:
+            return Trial(stage.name, config, None, f"rejected: relative error {error:.2e} to "
+                                                   f"the heuristic's > {tolerance:.0e}")
+        return Trial(stage.name, config, device_time_ms(fn, *problem.arrays, calls=calls,
+                                                        trials=trials), f"err {error:.1e}")
+    except Exception as failure:   # a candidate that does not compile or run here
+        return Trial(stage.name, config, None,
+                     f"failed: {type(failure).__name__}: {str(failure)[:200]}")
+
+
+def record(result: Result, path=None) -> Any:
+    """Writes ``result.best`` to the cache file ``path`` (default: the user's) under this
+    device's kind; returns the path."""
+    return cache.record(result.problem.op, result.problem.key, result.best, path=path,
+                        ms=round(result.best_ms, 5), heuristic_ms=round(result.heuristic_ms, 5),
+                        objective=result.objective)

@@ -1,0 +1,199 @@
+"""Tuned configs (bjax.tune): the cache, where a call's config comes from, the tuner's
+checks, and the search spaces' candidates against the float64 oracles."""
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bjax
+from bjax.tune import __main__ as cli
+from bjax.tune import cache, problems, tuner
+from pallas_kernels import conv as pallas_conv
+from pallas_kernels import gated as pallas_gated
+from pallas_kernels import ssd as pallas_ssd
+from pallas_kernels import ssd_backward as pallas_ssd_backward
+from tests import oracles, test_conv, test_ssd
+from tests.conftest import KERNEL_BACKEND, assert_close, random
+
+
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch):
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv(cache.CACHE_ENV_VAR, str(path))
+    return path
+
+
+def _spread(space, count):
+    """``count`` candidates spread over ``space`` (its first and last included)."""
+    picks = np.linspace(0, len(space) - 1, count).round().astype(int)
+    return [space[i] for i in dict.fromkeys(picks)]
+
+
+def test_configs_round_trip_through_json():
+    nested = pallas_ssd_backward.ChunkScanConfig(
+        pallas_ssd.SsdConfig(block_q=64, block_t=32, block_s=32, block_p=16, block_h=2),
+        None)
+    for config in (nested, pallas_conv.ConvConfig(block_d=256, piece_len=32),
+                   pallas_gated.TileConfig(4, 256, 8)):
+        data = json.loads(json.dumps(cache.config_to_json(config)))
+        assert cache.config_from_json(data) == config
+    with pytest.raises(ValueError, match="not in pallas_kernels"):
+        cache.config_from_json({"type": "os:system", "fields": {}})
+    with pytest.raises(TypeError, match="not a pallas_kernels config"):
+        cache.config_to_json({"block_rows": 1})
+
+
+def test_the_user_cache_comes_first_and_entries_are_replaced(user_cache, tmp_path):
+    key = cache.problem_key(rows=3, cols=4)
+    assert cache.problem_key(cols=4, rows=3) == key == "cols=4,rows=3"
+    assert cache.lookup("gated_activation", key) is None
+    first, second = pallas_gated.TileConfig(1, 128, 4), pallas_gated.TileConfig(2, 128, 8)
+    cache.record("gated_activation", key, first)
+    assert cache.lookup("gated_activation", key) == first
+    assert cache.lookup("gated_activation", key, device="another kind") is None
+    cache.record("gated_activation", key, second, ms=0.5)
+    assert cache.lookup("gated_activation", key) == second
+    stored = json.loads(user_cache.read_text())
+    entry = stored["entries"][cache.device_kind()]["gated_activation"][key]
+    assert stored["format"] == cache.FORMAT and entry["ms"] == 0.5 and entry["jax"]
+    user_cache.write_text(json.dumps({"format": 99, "entries": {}}))
+    with pytest.raises(ValueError, match="format 99"):
+        cache.lookup("gated_activation", key)
+
+
+def test_shipped_entries_are_valid_configs():
+    files = sorted(cache.SHIPPED.glob("*.json"))
+    for path in files:
+        entries = json.loads(path.read_text())["entries"]
+        for device, ops in entries.items():
+            for op, by_key in ops.items():
+                for key, entry in by_key.items():
+                    config = cache.config_from_json(entry["config"])
+                    assert entry["ms"] <= entry["heuristic_ms"], (device, op, key)
+                    assert config is not None
+
+
+def _swiglu_key(x):
+    desc = bjax.plan(bjax.swiglu, x, backend="xla").descriptor
+    return bjax.gated.tuning_key(desc)
+
+
+def test_plan_reports_explicit_cache_and_heuristic(user_cache):
+    x = random(0, (6, 40), jnp.float32)
+    heuristic = bjax.plan(bjax.swiglu, x, backend=KERNEL_BACKEND)
+    assert heuristic.config_source == "heuristic"
+    tuned = pallas_gated.TileConfig(2, 8, 4)
+    cache.record("gated_activation", _swiglu_key(x), tuned)
+    from_cache = bjax.plan(bjax.swiglu, x, backend=KERNEL_BACKEND)
+    assert (from_cache.config_source, from_cache.block_config) == ("cache", tuned)
+    explicit = pallas_gated.TileConfig(1, 16, 4)
+    given = bjax.plan(bjax.swiglu, x, backend=KERNEL_BACKEND, config=explicit)
+    assert (given.config_source, given.block_config) == ("explicit", explicit)
+    other = bjax.plan(bjax.swiglu, random(0, (6, 42), jnp.float32), backend=KERNEL_BACKEND)
+    assert other.config_source == "heuristic"       # an entry matches one problem only
+    assert bjax.plan(bjax.swiglu, x, backend="xla").config_source is None
+    y = bjax.swiglu(x, backend=KERNEL_BACKEND)
+    assert_close(y, oracles.gated_activation(np.asarray(x, np.float64), "swiglu"), x.dtype)
+
+
+def test_a_cache_entry_that_cannot_run_is_an_error_naming_it(user_cache):
+    x = random(0, (6, 40), jnp.float32)
+    cache.record("gated_activation", _swiglu_key(x), pallas_gated.TileConfig(3, 8, 4))
+    where = f"tuning cache entry gated_activation / .*rows=6 on {re.escape(repr(cache.device_kind()))}"
+    with pytest.raises(bjax.InvalidProblemError,
+                       match=f"gated_activation: {where} must be a config that runs this call"):
+        bjax.swiglu(x, backend=KERNEL_BACKEND)
+    cache.record("gated_activation", _swiglu_key(x), pallas_conv.ConvConfig())
+    with pytest.raises(bjax.InvalidProblemError, match="must be a TileConfig; got ConvConfig"):
+        bjax.plan(bjax.swiglu, x, backend=KERNEL_BACKEND)
+
+
+def test_the_tuner_rejects_a_candidate_whose_results_differ():
+    """A toy problem whose 'config' scales the output: 1.0 is the heuristic, 1.0 + 1e-7
+    is within float32's tolerance, 1.5 changes the results and must not be chosen."""
+    x = jnp.linspace(1.0, 2.0, 64, dtype=jnp.float32)
+    stage = tuner.Stage("scale", lambda best: [1.5, 1.0 + 1e-7], tuner.FORWARD_BACKWARD)
+    problem = tuner.Problem("toy", "n=64", lambda scale, x: x * scale, (x,), (0,), 1.0, (stage,))
+    result = tuner.tune(problem, calls=1, trials=1, log=lambda line: None)
+    by_config = {trial.config: trial for trial in result.trials}
+    assert by_config[1.5].ms is None and "rejected" in by_config[1.5].note
+    assert by_config[1.0 + 1e-7].ms is not None
+    assert result.best in (1.0, 1.0 + 1e-7)
+
+
+def test_the_command_tunes_and_the_op_then_runs_the_entry(tmp_path, user_cache, capsys):
+    written = tmp_path / "written.json"
+    result = cli.main(["swiglu", "--shape", "4,48", "--dtype", "float32", "--calls", "1",
+                       "--trials", "1", "--backend", KERNEL_BACKEND, "--cache", str(written)])
+    assert "recorded in" in capsys.readouterr().out
+    assert all(trial.ms is not None for trial in result.trials)
+    assert not user_cache.exists()
+    user_cache.write_text(written.read_text())
+    plan = bjax.plan(bjax.swiglu, jax.ShapeDtypeStruct((4, 48), jnp.float32),
+                     backend=KERNEL_BACKEND)
+    assert (plan.config_source, plan.block_config) == ("cache", result.best)
+
+
+def test_the_command_builds_each_op():
+    conv = cli.problem_of(cli._parser().parse_args(
+        ["causal_conv1d", "--shape", "2,9,5", "--taps", "3", "--activation", "none"]))
+    assert conv.op == "causal_conv1d" and "activation=None" in conv.key and "taps=3" in conv.key
+    ssd = cli.problem_of(cli._parser().parse_args(
+        ["ssd_chunk_scan", "--batch", "1", "--seqlen", "8", "--heads", "4", "--head-dim", "8",
+         "--state", "16", "--groups", "2", "--chunk", "64", "--d", "hp", "--z"]))
+    assert ssd.op == "ssd_chunk_scan" and "d=hp" in ssd.key and "z=True" in ssd.key
+    assert [stage.objective for stage in ssd.stages] == [tuner.FORWARD, tuner.FORWARD_BACKWARD]
+
+
+# Candidates of every declared search space against the float64 oracles, at the ops'
+# own test tolerances: a config changes blocks and summation order, never the result.
+
+@pytest.mark.parametrize("config", _spread(pallas_gated.search_space(5, 300), 3), ids=str)
+def test_gated_candidates_match_the_oracle(config):
+    x = random(3, (5, 600), jnp.bfloat16)
+    fn = lambda x: bjax.swiglu(x, backend=KERNEL_BACKEND, config=config)  # noqa: E731
+    y, vjp = jax.vjp(fn, x)
+    dy = random(4, y.shape, jnp.bfloat16)
+    x64, dy64 = (np.asarray(v.astype(jnp.float64)) for v in (x, dy))
+    assert_close(y, oracles.gated_activation(x64, "swiglu"), jnp.bfloat16)
+    # As tests/test_gated: dx multiplies three rounded factors.
+    assert_close(vjp(dy)[0], oracles.gated_activation_grad(x64, dy64, "swiglu"), jnp.bfloat16,
+                 scale=2.0)
+
+
+@pytest.mark.parametrize("config", _spread(pallas_conv.search_space(2, 70, 300), 3), ids=str)
+def test_conv_candidates_match_the_oracle(config):
+    args = test_conv.problem(21, 2, 70, 300, 4, jnp.float32, initial_states=True, seq_idx=True)
+    test_conv.check_forward(args, KERNEL_BACKEND, config=config)
+    for name, error in test_conv.gradient_errors(args, KERNEL_BACKEND, config=config).items():
+        assert error <= test_conv.GRAD_BOUND[jnp.dtype(jnp.float32)], (name, error)
+
+
+def _ssd_candidates():
+    args = (64, 8, 16, 2, jnp.float32)
+    return list(zip(_spread(pallas_ssd.search_space(*args), 2),
+                    _spread(pallas_ssd_backward.search_space(*args), 2)[::-1]))
+
+
+@pytest.mark.parametrize("forward, backward", _ssd_candidates(), ids=str)
+def test_ssd_candidates_match_the_oracle(forward, backward):
+    config = pallas_ssd_backward.ChunkScanConfig(forward, backward)
+    x, dt, A, B, C = test_ssd.problem(23, 1, 2 * 64 + 9, 4, 8, 2, 16, jnp.float32)
+    kwargs = test_ssd.features(24, x, 16, ("D", "dt"))
+    test_ssd.check(x, dt, A, B, C, KERNEL_BACKEND, chunk_size=64, config=config, **kwargs)
+    test_ssd.check_gradients(x, dt, A, B, C, KERNEL_BACKEND,
+                             test_ssd.GRAD_BOUND[jnp.dtype(jnp.float32)], chunk_size=64,
+                             config=config, **kwargs)
+
+
+def test_problems_match_their_ops_keys():
+    """The tuner's problems carry the keys the ops look up."""
+    problem = problems.gated("geglu", (3, 8), "float32", backend=KERNEL_BACKEND)
+    x = problem.arrays[0]
+    desc = bjax.plan(bjax.geglu, x, backend="xla").descriptor
+    assert problem.key == bjax.gated.tuning_key(desc) and problem.op == "gated_activation"
+    conv = problems.causal_conv1d((2, 9, 5), 3, "float32", activation=None)
+    assert conv.heuristic == pallas_conv.default_config(2, 9, 5)

@@ -12,6 +12,19 @@ TMA. ``copy_only=True`` times the same pipeline with y = x.
 Measured (H200, JAX 0.11.2; BENCHMARKS.md, "What a single pass can reach"): the pipeline
 copies at 65-84% of the copy ceiling and the convolution runs at 57-75%, against 58% for
 the Triton walk of ``pallas_kernels.conv``; runs differ by up to 10 points.
+
+What Mosaic GPU made easy or hard here (for the kernels that follow):
+
+* Easy: rows at any offset of a shared-memory buffer are a plain slice, so a halo costs
+  nothing; TMA fills rows before the start with zeros, so a block at step 0 needs no
+  special case; a ring of buffers is a few lines (``copy_gmem_to_smem`` with a barrier
+  per slot, ``wait_smem_to_gmem(slots - 1)`` before a slot's output is rewritten).
+* Hard: ``plgpu.kernel`` is the entry point (``pallas_call`` with
+  ``mosaic_gpu.CompilerParams`` is deprecated, and on JAX 0.11.2 it finds no lowering
+  rule). Layouts are explicit: a ``WG_STRIDED`` vector needs a multiple of 128 x its
+  vector width elements, broadcasting goes along leading axes only, and operands of one
+  op must share a layout. The CPU interpreter of JAX 0.10.2 fails on barriers, so such a
+  kernel is tested on the GPU alone.
 """
 import traceback
 

@@ -63,6 +63,9 @@ def test_the_user_cache_comes_first_and_entries_are_replaced(user_cache, tmp_pat
     user_cache.write_text(json.dumps({"format": 99, "entries": {}}))
     with pytest.raises(ValueError, match="format 99"):
         cache.lookup("gated_activation", key)
+    user_cache.write_text("{not json")
+    with pytest.raises(ValueError, match="tuning.json: not a tuning cache"):
+        cache.lookup("gated_activation", key)
 
 
 def test_shipped_entries_are_valid_configs():

@@ -84,7 +84,10 @@ def config_from_json(data: dict) -> Any:
 def _read(path: str, mtime_ns: int) -> dict:
     del mtime_ns   # part of the cache key: a rewritten file is read again
     with open(path) as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not a tuning cache ({error})") from None
     if data.get("format") != FORMAT:
         raise ValueError(f"{path}: tuning cache format {data.get('format')!r}, expected {FORMAT}")
     return data["entries"]

@@ -35,8 +35,21 @@ SSD_SCAN_SHAPES = [  # batch, seqlen, heads, head_dim, groups, state_dim, chunk
 ]
 SSD_STEP_SHAPE = (64, 64, 64, 1, 128)  # batch, heads, head_dim, groups, state_dim
 
+
+def ssd_sweep_shapes() -> list[tuple[int, ...]]:
+    """The Mamba-2 family for ``benchmarks.ssd_sweep`` (shapes as SSD_SCAN_SHAPES): head_dim
+    64 and 128 (4096 channels: 64 or 32 heads), state 64, 128 and 256, groups 1 and 8,
+    chunk 128 and 256, from short sequences to long (16 x 512, 4 x 4096, 1 x 131072):
+    72 shapes."""
+    return [(batch, seq_len, 4096 // head_dim, head_dim, groups, state_dim, chunk)
+            for batch, seq_len in ((16, 512), (4, 4096), (1, 131072))
+            for head_dim in (64, 128) for state_dim in (64, 128, 256) for groups in (1, 8)
+            for chunk in (128, 256)]
+
 HYPER_CONNECTION_SHAPE = (8192, 4, 4096)           # tokens, streams, channels (float32)
 MHC_TOKENS, MHC_STREAMS, MHC_HIDDEN = 16384, 4, 2560  # mhc_pre + mhc_post (bf16), Sinkhorn
+# mhc_pre + mhc_post (tokens, streams, channels): the width above, and DeepSeek-V3's.
+MHC_LAYER_SHAPES = [(MHC_TOKENS, MHC_STREAMS, MHC_HIDDEN), (8192, MHC_STREAMS, 7168)]
 
 CONV_SHAPES = [  # batch, seqlen, channels, taps: Mamba-2 2.7B's conv (5120 + 2 x 128 channels)
     ((4, 2048, 5376, 4), jnp.bfloat16),
@@ -98,12 +111,13 @@ def hyper_connection_inputs():
             jax.random.normal(k[3], (n,)), jax.random.normal(k[4], (n, n)))
 
 
-def mhc_layer_inputs():
-    """``(x [T, n, C] bf16, phi, alpha, bias)``: dynamic H."""
-    n, count = MHC_STREAMS, MHC_STREAMS * MHC_STREAMS + 2 * MHC_STREAMS
+def mhc_layer_inputs(shape=MHC_LAYER_SHAPES[0]):
+    """``(x [T, n, C] bf16, phi, alpha, bias)`` for ``shape`` ``(T, n, C)``: dynamic H."""
+    tokens, n, hidden = shape
+    count = n * n + 2 * n
     k = jax.random.split(jax.random.key(1), 5)
-    x = jax.random.normal(k[0], (MHC_TOKENS, n, MHC_HIDDEN), jnp.bfloat16)
-    return (x, 0.02 * jax.random.normal(k[1], (n * MHC_HIDDEN, count)),
+    x = jax.random.normal(k[0], (tokens, n, hidden), jnp.bfloat16)
+    return (x, 0.02 * jax.random.normal(k[1], (n * hidden, count)),
             jnp.array([0.8, 0.6, 1.1], jnp.float32), jax.random.normal(k[2], (count,)))
 
 
@@ -208,8 +222,9 @@ def _mhc_cases():
     yield Case("hyper_connection {}x{}x{}".format(*HYPER_CONNECTION_SHAPE),
                lambda b: lambda *a: bjax.hyper_connection(*a, backend=b),
                hyper_connection_inputs, (0, 1, 2, 3, 4))
-    yield Case(f"mhc_pre+mhc_post {MHC_TOKENS}x{MHC_STREAMS}x{MHC_HIDDEN}", mhc_layer,
-               mhc_layer_inputs, (0, 1, 2, 3))
+    for shape in MHC_LAYER_SHAPES:
+        yield Case("mhc_pre+mhc_post {}x{}x{}".format(*shape), mhc_layer,
+                   lambda shape=shape: mhc_layer_inputs(shape), (0, 1, 2, 3))
     yield Case(f"sinkhorn_knopp {MHC_TOKENS}x{MHC_STREAMS}x{MHC_STREAMS}",
                lambda b: lambda l: bjax.sinkhorn_knopp(l, backend=b), sinkhorn_inputs, (0,))
 

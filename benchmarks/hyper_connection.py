@@ -4,7 +4,8 @@
 
 * ``hyper_connection`` (the fused static op of HyperConnectionPlan) on x [8192, 4, 4096] float32,
   20 Sinkhorn iterations.
-* ``mhc_pre`` + ``mhc_post`` at 16384 tokens, n = 4, C = 2560, bfloat16, dynamic H
+* ``mhc_pre`` + ``mhc_post`` at 16384 tokens x C = 2560 and at DeepSeek-V3's 8192 x
+  C = 7168 (``cases.MHC_LAYER_SHAPES``), n = 4, bfloat16, dynamic H
   (phi [n C, n^2 + 2n]), the sublayer taken as the identity; the backward gives
   gradients for x, phi, alpha and bias.
 * ``sinkhorn_knopp`` alone on one 4 x 4 matrix per token (16384 tokens).
@@ -24,7 +25,7 @@ import bjax
 from benchmarks import cases, harness
 
 SEED_SHAPE = cases.HYPER_CONNECTION_SHAPE
-TOKENS, STREAMS, HIDDEN = cases.MHC_TOKENS, cases.MHC_STREAMS, cases.MHC_HIDDEN
+TOKENS, STREAMS = cases.MHC_TOKENS, cases.MHC_STREAMS
 
 
 def _fwd_bwd(fn, argnums):
@@ -51,19 +52,23 @@ def seed_rows(backend, ceiling):
 
 
 def layer_rows(backend, ceiling):
-    n = STREAMS
-    args = cases.mhc_layer_inputs()
-    x = args[0]
-    dout = jax.random.normal(jax.random.key(3), x.shape, jnp.bfloat16)
-    ops = {name: cases.mhc_layer(b) for name, b in (("bjax", backend), ("xla", "xla"))}
-    fwd = {name: harness.device_time_ms(jax.jit(f), *args, calls=20) for name, f in ops.items()}
-    both = {name: harness.device_time_ms(_fwd_bwd(f, range(4)), *args, dout, calls=10)
-            for name, f in ops.items()}
-    shape = f"{TOKENS}x{n}x{HIDDEN} bf16 dynamic"
-    # Forward: x read by pre and post, layer_input written and read, x_next written.
-    fwd_bytes = 3 * x.nbytes + 2 * x.nbytes // n
-    return [_row("mhc_pre+mhc_post", "fwd", shape, fwd, fwd_bytes, ceiling),
-            _row("mhc_pre+mhc_post", "fwd+bwd", shape, both, fwd_bytes + 4 * x.nbytes, ceiling)]
+    rows = []
+    for tokens, n, hidden in cases.MHC_LAYER_SHAPES:
+        args = cases.mhc_layer_inputs((tokens, n, hidden))
+        x = args[0]
+        dout = jax.random.normal(jax.random.key(3), x.shape, jnp.bfloat16)
+        ops = {name: cases.mhc_layer(b) for name, b in (("bjax", backend), ("xla", "xla"))}
+        fwd = {name: harness.device_time_ms(jax.jit(f), *args, calls=20)
+               for name, f in ops.items()}
+        both = {name: harness.device_time_ms(_fwd_bwd(f, range(4)), *args, dout, calls=10)
+                for name, f in ops.items()}
+        shape = f"{tokens}x{n}x{hidden} bf16 dynamic"
+        # Forward: x read by pre and post, layer_input written and read, x_next written.
+        fwd_bytes = 3 * x.nbytes + 2 * x.nbytes // n
+        rows += [_row("mhc_pre+mhc_post", "fwd", shape, fwd, fwd_bytes, ceiling),
+                 _row("mhc_pre+mhc_post", "fwd+bwd", shape, both, fwd_bytes + 4 * x.nbytes,
+                      ceiling)]
+    return rows
 
 
 def sinkhorn_rows(backend, ceiling):

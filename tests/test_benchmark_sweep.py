@@ -1,0 +1,25 @@
+"""benchmarks.ssd_sweep on the CPU: its grid is the Mamba-2 family the SSD goal names, and
+a row times a (tiny) problem end to end through the interpreter."""
+import pytest
+
+from benchmarks import cases, ssd_sweep
+from tests.conftest import KERNEL_BACKEND
+
+
+def test_the_grid_covers_the_family():
+    shapes = cases.ssd_sweep_shapes()
+    assert len(set(shapes)) == len(shapes) == 72
+    assert {s[3] for s in shapes} == {64, 128} and {s[5] for s in shapes} == {64, 128, 256}
+    assert {s[4] for s in shapes} == {1, 8} and {s[6] for s in shapes} == {128, 256}
+    assert {(s[0], s[1]) for s in shapes} == {(16, 512), (4, 4096), (1, 131072)}
+    assert all(s[2] % s[4] == 0 and s[2] * s[3] == 4096 for s in shapes)
+    parts = [ssd_sweep.part_of(shapes, f"{k}/5") for k in range(1, 6)]
+    assert sum(parts, []) == shapes
+    with pytest.raises(ValueError, match="K/N"):
+        ssd_sweep.part_of(shapes, "6/5")
+
+
+def test_a_row_times_a_problem():
+    row = ssd_sweep.shape_row((1, 40, 4, 16, 2, 16, 16), KERNEL_BACKEND, None, 1.0, 1.0, True)
+    assert row[0] == "b1 l40 h4 p16 g2 n16 Q16" and row[1] == "heuristic"
+    assert float(row[2]) > 0 and row[3] == "-" and float(row[4]) > 0

@@ -140,6 +140,19 @@ def test_the_command_tunes_and_the_op_then_runs_the_entry(tmp_path, user_cache, 
     assert (plan.config_source, plan.block_config) == ("cache", result.best)
 
 
+def test_the_command_shows_the_entries(user_cache, capsys):
+    cache.record("gated_activation", "cols=4,rows=3", pallas_gated.TileConfig(1, 128, 4),
+                 ms=0.5, heuristic_ms=0.6, objective=tuner.FORWARD_BACKWARD)
+    cli.main(["show"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (f"{user_cache}: gated_activation / cols=4,rows=3: 0.5 ms (heuristic "
+                        f"0.6 ms, forward+backward): TileConfig(block_rows=1, block_cols=128, "
+                        f"num_warps=4)")
+    cli.main(["show", "--device", "NVIDIA H200"])
+    shipped = capsys.readouterr().out
+    assert "ssd_chunk_scan / batch=2" in shipped and str(cache.SHIPPED) in shipped
+
+
 def test_the_command_builds_each_op():
     conv = cli.problem_of(cli._parser().parse_args(
         ["causal_conv1d", "--shape", "2,9,5", "--taps", "3", "--activation", "none"]))

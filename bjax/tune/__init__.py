@@ -19,6 +19,7 @@ precision, and records the fastest::
     python -m bjax.tune ssd_chunk_scan --batch 4 --seqlen 2048 --heads 80 --head-dim 64 \\
         --state 128 --groups 1 --chunk 256
 
+``python -m bjax.tune show`` lists the entries this device's calls can read;
 ``python -m bjax.tune --help`` lists the ops and options.
 """
 from bjax.tune.cache import (CACHE_ENV_VAR, device_kind, lookup, problem_key, record,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bjax.tune import problems, tuner
+from bjax.tune import cache, problems, tuner
 
 _GATED = ("swiglu", "geglu", "reglu", "glu")
 
@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--calls", type=int, default=20, help="calls per timing")
     common.add_argument("--trials", type=int, default=3, help="timings per candidate")
     ops = parser.add_subparsers(dest="op", required=True)
+    show = ops.add_parser("show", help="list the tuned entries for a device kind")
+    show.add_argument("--device", default=None, help="a device kind (default: this one's)")
     for kind in _GATED:
         sub = ops.add_parser(kind, parents=[common], help=f"bjax.{kind}")
         sub.add_argument("--shape", type=_ints, required=True, help="x's shape, e.g. 8192,28672")
@@ -59,8 +61,21 @@ def problem_of(args) -> tuner.Problem:
                                    **common)
 
 
-def main(argv=None) -> tuner.Result:
+def show(device: str | None) -> None:
+    """Prints every tuned entry for ``device`` that the ops can read, file by file."""
+    device = cache.device_kind() if device is None else device
+    found = cache.entries(device)
+    print(f"{len(found)} tuned entries for {device!r}")
+    for path, op, key, entry in found:
+        print(f"{path}: {op} / {key}: {entry.get('ms')} ms (heuristic {entry.get('heuristic_ms')}"
+              f" ms, {entry.get('objective')}): {cache.config_from_json(entry['config'])}")
+
+
+def main(argv=None) -> tuner.Result | None:
     args = _parser().parse_args(argv)
+    if args.op == "show":
+        show(args.device)
+        return None
     problem = problem_of(args)
     print(f"tuning {problem.op} / {problem.key}")
     result = tuner.tune(problem, calls=args.calls, trials=args.trials)

@@ -104,6 +104,15 @@ def _files() -> list[pathlib.Path]:
     return [user_cache_path(), *sorted(SHIPPED.glob("*.json"))]
 
 
+def entries(device: str | None = None) -> list[tuple[pathlib.Path, str, str, dict]]:
+    """Every entry for ``device`` (default: this process's kind), as ``(file, op, key,
+    entry)`` in lookup order (the user's cache first, then the shipped files)."""
+    device = device_kind() if device is None else device
+    return [(path, op, key, entry) for path in _files()
+            for op, by_key in sorted(_entries(path).get(device, {}).items())
+            for key, entry in sorted(by_key.items())]
+
+
 def lookup(op: str, key: str, device: str | None = None) -> Any | None:
     """The tuned config of ``op`` for problem ``key`` on ``device`` (default: this
     process's :func:`device_kind`), from the first file that has one; else ``None``."""

@@ -12,7 +12,7 @@ from bjax.cascade import (CascadeMergeDescriptor, MergeStateDescriptor, MergeSta
                           merge_state, merge_states)
 from bjax.conv import (CausalConv1dDescriptor, CausalConv1dStepDescriptor, causal_conv1d,
                        causal_conv1d_step)
-from bjax.errors import BjaxError, InvalidProblemError, UnsupportedError
+from bjax.errors import BjaxError, InvalidProblemError, TuningCacheError, UnsupportedError
 from bjax.hyper_connection import (DEEPSEEK_MHC_POST, DEEPSEEK_MHC_PRE,
                                     HyperConnectionDescriptor, MhcPostDescriptor,
                                     MhcPreDescriptor, SinkhornDescriptor, hyper_connection,
@@ -38,7 +38,7 @@ __all__ = [
     "GatedActivationDescriptor", "MergeStateDescriptor", "MergeStatesDescriptor",
     "HyperConnectionDescriptor", "MhcPostDescriptor", "MhcPreDescriptor", "SinkhornDescriptor",
     "hyper_connection", "mhc_post", "mhc_pre", "sinkhorn_knopp",
-    "InvalidProblemError", "Plan", "PrecisionGuarantee", "UnsupportedError",
+    "InvalidProblemError", "Plan", "PrecisionGuarantee", "TuningCacheError", "UnsupportedError",
     "WriteSliceDescriptor", "errors", "gated_activation", "geglu", "glu", "merge_state",
     "merge_states", "plan", "reglu", "SsdChunkScanDescriptor", "SsdStepDescriptor",
     "ssd_chunk_scan", "ssd_step", "swiglu", "write_slice",

@@ -213,8 +213,7 @@ class Choice:
         else ``(None, None)``.
 
         Raises:
-          InvalidProblemError: a cache entry that is not this candidate's config type or
-            cannot run ``desc``.
+          InvalidProblemError: a cache entry that cannot run ``desc``.
         """
         if self.config is not None:
             return self.config, "explicit"
@@ -225,22 +224,43 @@ class Choice:
         tuned = tuning.lookup(self.op, key)
         if tuned is None:
             return None, None
-        where = f"tuning cache entry {self.op} / {key} on {tuning.device_kind()!r}"
-        check(isinstance(tuned, impl.config_type), self.op, where,
-              f"a {impl.config_type.__name__}", type(tuned).__name__)
         if impl.check_config is not None:
             try:
                 impl.check_config(desc, tuned)
             except InvalidProblemError as error:
-                fail(self.op, where, "a config that runs this call (retune, or remove the "
-                     "entry)", str(error))
+                fail(self.op, _entry_name(self.op, key), "a config that runs this call "
+                     "(retune, or remove the entry)", str(error))
         return tuned, "cache"
+
+    def check_tuned(self, desc: Any) -> None:
+        """At trace time: every tuned entry of this op for this device is the candidate's
+        config type, and the whole problem's entry can run it. (A device's shard reads
+        its own entry later, while the program is partitioned.)
+
+        Raises:
+          InvalidProblemError: an entry of another config type, or one that cannot run
+            ``desc``.
+          TuningCacheError: a cache file that cannot be read.
+        """
+        impl = self.implementation
+        if self.config is not None or impl.tuning_key is None:
+            return
+        for _, op, key, entry in tuning.entries():
+            if op == self.op:
+                tuned = tuning.config_from_json(entry["config"])
+                check(isinstance(tuned, impl.config_type), op, _entry_name(op, key),
+                      f"a {impl.config_type.__name__}", type(tuned).__name__)
+        self.given_config(desc)
 
     def config_for(self, desc: Any, heuristic: Callable[[], Any]) -> Any:
         """The configuration of a kernel call for ``desc``: :meth:`given_config`, else
         ``heuristic()`` (derived for this shard)."""
         config, _ = self.given_config(desc)
         return heuristic() if config is None else config
+
+
+def _entry_name(op: str, key: str) -> str:
+    return f"tuning cache entry {op} / {key} on {tuning.device_kind()!r}"
 
 
 def _config_types(table) -> str:
@@ -258,7 +278,10 @@ def select(table: tuple[Implementation, ...], desc: Any, backend: str | None = N
 
     Raises:
       InvalidProblemError: an unknown backend name; ``config`` of a type no candidate
-        takes; ``config`` that the accepting candidate cannot run.
+        takes; ``config`` that the accepting candidate cannot run; a tuned entry of this
+        op that is not the candidate's config type, or that cannot run the call
+        (:meth:`Choice.check_tuned`).
+      TuningCacheError: a tuning cache file that cannot be read.
       UnsupportedError: no candidate accepts the call (with each one's reason); for an
         explicit backend, the reason of the last candidate of that backend.
     """
@@ -288,7 +311,9 @@ def select(table: tuple[Implementation, ...], desc: Any, backend: str | None = N
             continue
         if config is not None and impl.check_config is not None:
             impl.check_config(desc, config)
-        return Choice(impl, runs_on, config, tuple(rejected), op)
+        choice = Choice(impl, runs_on, config, tuple(rejected), op)
+        choice.check_tuned(desc)
+        return choice
     if requested is not None and last_error is not None:
         raise last_error
     raise UnsupportedError(f"{op}: no implementation runs this call: "

@@ -14,3 +14,8 @@ class InvalidProblemError(BjaxError, ValueError):
 
 class UnsupportedError(BjaxError, NotImplementedError):
     """The problem is well formed but outside what bjax implements (dtype, backend, ...)."""
+
+
+class TuningCacheError(BjaxError, ValueError):
+    """A tuning cache file (``bjax.tune``) that cannot be read: not JSON, another format,
+    or a config type outside ``pallas_kernels``."""

@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import bjax
+from bjax.tune import cache as tune_cache
 from pallas_kernels import cascade as pallas_cascade
 from pallas_kernels import sinkhorn as pallas_sinkhorn
 from pallas_kernels.tiling import TileConfig
@@ -120,6 +121,24 @@ def test_gated_split_axis_is_gathered(backend="interpret"):
     assert "all-gather" in collectives(forward)
     assert normalized(y.sharding.spec, 2) == ("data", None)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x)))
+
+
+def test_a_tuned_config_is_read_for_each_shard(tmp_path, monkeypatch, backend="interpret"):
+    """A tuning cache entry (bjax.tune) for the problem each device holds: the sharded call
+    runs it with no collective, sharded like its input, equal to the unsharded call. An
+    entry of the wrong type under that shard's key is then an error: the lookup is made for
+    the shard's problem, not the whole one."""
+    monkeypatch.setenv(tune_cache.CACHE_ENV_VAR, str(tmp_path / "tuning.json"))
+    x = jax.random.normal(jax.random.key(3), (16, 12, 64), jnp.float32)
+    shard = bjax.plan(bjax.swiglu, x[:2], backend="xla").descriptor
+    tune_cache.record("gated_activation", bjax.gated.tuning_key(shard), TileConfig(2, 16, 1))
+    check_partitioned(lambda x: bjax.swiglu(x, backend=backend), (x,), (P("data"),),
+                      mesh_of((8,)), (P("data"),))
+    tune_cache.record("gated_activation", bjax.gated.tuning_key(shard), pallas_cascade.MergeConfig())
+    sharded = jax.device_put(x, NamedSharding(mesh_of((8,)), P("data")))
+    with pytest.raises(bjax.InvalidProblemError, match="tuning cache entry gated_activation / "
+                                                       ".*rows=24.*must be a TileConfig"):
+        jax.jit(lambda x: bjax.swiglu(x, backend=backend))(sharded)
 
 
 def merge_problem(seed, v_shape, s_shape):

@@ -40,8 +40,11 @@ def test_configs_round_trip_through_json():
                    pallas_gated.TileConfig(4, 256, 8)):
         data = json.loads(json.dumps(cache.config_to_json(config)))
         assert cache.config_from_json(data) == config
-    with pytest.raises(ValueError, match="not in pallas_kernels"):
+    with pytest.raises(bjax.TuningCacheError, match="not in pallas_kernels"):
         cache.config_from_json({"type": "os:system", "fields": {}})
+    with pytest.raises(bjax.TuningCacheError, match=r"TileConfig.*fields \['block_rows'\]"):
+        cache.config_from_json({"type": "pallas_kernels.tiling:TileConfig",
+                                "fields": {"block_rows": 1}})
     with pytest.raises(TypeError, match="not a pallas_kernels config"):
         cache.config_to_json({"block_rows": 1})
 
@@ -60,11 +63,15 @@ def test_the_user_cache_comes_first_and_entries_are_replaced(user_cache, tmp_pat
     entry = stored["entries"][cache.device_kind()]["gated_activation"][key]
     assert stored["format"] == cache.FORMAT and entry["ms"] == 0.5 and entry["jax"]
     user_cache.write_text(json.dumps({"format": 99, "entries": {}}))
-    with pytest.raises(ValueError, match="format 99"):
+    with pytest.raises(bjax.TuningCacheError, match="format 99"):
         cache.lookup("gated_activation", key)
     user_cache.write_text("{not json")
-    with pytest.raises(ValueError, match="tuning.json: not a tuning cache"):
+    with pytest.raises(bjax.TuningCacheError, match="tuning.json: not a tuning cache"):
         cache.lookup("gated_activation", key)
+    # At trace time, from the op that reads it.
+    with pytest.raises(bjax.TuningCacheError, match="not a tuning cache"):
+        jax.jit(lambda x: bjax.swiglu(x, backend=KERNEL_BACKEND)).trace(
+            jax.ShapeDtypeStruct((3, 8), jnp.float32))
 
 
 def test_shipped_entries_are_valid_configs():

@@ -31,6 +31,8 @@ from typing import Any
 
 import jax
 
+from bjax.errors import TuningCacheError
+
 FORMAT = 1
 CACHE_ENV_VAR = "BJAX_TUNING_CACHE"
 SHIPPED = pathlib.Path(__file__).parent / "shipped"
@@ -69,15 +71,19 @@ def config_from_json(data: dict) -> Any:
     """The inverse of :func:`config_to_json`.
 
     Raises:
-      ValueError: a type outside ``pallas_kernels``, or fields it does not have.
+      TuningCacheError: a type outside ``pallas_kernels``, or fields it does not have.
     """
     module, _, name = data["type"].partition(":")
     if not module.startswith(_CONFIG_MODULES):
-        raise ValueError(f"config type {data['type']!r} is not in pallas_kernels")
+        raise TuningCacheError(f"config type {data['type']!r} is not in pallas_kernels")
     cls = getattr(importlib.import_module(module), name)
     fields = {key: config_from_json(value) if isinstance(value, dict) else value
               for key, value in data["fields"].items()}
-    return cls(**fields)
+    try:
+        return cls(**fields)
+    except TypeError as error:
+        raise TuningCacheError(f"config {data['type']!r} with fields {sorted(fields)}: "
+                               f"{error}") from None
 
 
 @functools.lru_cache(maxsize=16)
@@ -87,9 +93,10 @@ def _read(path: str, mtime_ns: int) -> dict:
         try:
             data = json.load(f)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not a tuning cache ({error})") from None
+            raise TuningCacheError(f"{path}: not a tuning cache ({error})") from None
     if data.get("format") != FORMAT:
-        raise ValueError(f"{path}: tuning cache format {data.get('format')!r}, expected {FORMAT}")
+        raise TuningCacheError(f"{path}: tuning cache format {data.get('format')!r}, "
+                               f"expected {FORMAT}")
     return data["entries"]
 
 
@@ -115,7 +122,12 @@ def entries(device: str | None = None) -> list[tuple[pathlib.Path, str, str, dic
 
 def lookup(op: str, key: str, device: str | None = None) -> Any | None:
     """The tuned config of ``op`` for problem ``key`` on ``device`` (default: this
-    process's :func:`device_kind`), from the first file that has one; else ``None``."""
+    process's :func:`device_kind`), from the first file that has one; else ``None``.
+
+    Raises:
+      TuningCacheError: a cache file that cannot be read (not JSON, another format), or
+        an entry naming a config outside ``pallas_kernels``.
+    """
     device = device_kind() if device is None else device
     for path in _files():
         entry = _entries(path).get(device, {}).get(op, {}).get(key)

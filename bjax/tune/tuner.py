@@ -118,12 +118,12 @@ def _function(problem: Problem, config: Any, objective: str):
         return jax.jit(forward)
 
     def forward_backward(*arrays):
-        def partial(*differentiated):
+        def of_differentiated(*differentiated):
             full = list(arrays)
             for i, value in zip(problem.wrt, differentiated):
                 full[i] = value
             return forward(*full)
-        outs, vjp = jax.vjp(partial, *(arrays[i] for i in problem.wrt))
+        outs, vjp = jax.vjp(of_differentiated, *(arrays[i] for i in problem.wrt))
         return outs, vjp(jax.tree.map(jnp.ones_like, outs))
 
     return jax.jit(forward_backward)

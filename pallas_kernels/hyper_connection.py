@@ -19,6 +19,7 @@ result is deterministic. Math is float32.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -26,8 +27,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import (bf16_pieces, columns, load, pallas_call, rows_cols, split_bf16,
-                                   split_dot)
+from pallas_kernels.blocks import (bf16_pieces, columns, load, padded, pallas_call, rows_cols,
+                                   split_bf16, split_dot)
 from pallas_kernels.tiling import TileConfig, fit_tile
 
 # Elements a program holds across its streams (x tiles), and programs to launch at least.
@@ -350,19 +351,8 @@ def aggregate_backward(x, h_pre, dout, *, with_dx: bool, interpret: bool = False
 
 # Shared memory a software-pipelined loop may fill (an H100 or H200 has 227 KiB).
 _PIPELINE_BYTES = 180 * 1024
-
-
-def projection_config(rows: int, flat: int, width: int, itemsize: int) -> tuple[TileConfig, int]:
-    """``(tile, stages)`` of :func:`project`: ``block_rows`` rows, ``block_cols`` of the
-    flattened row a step, as many pipeline stages (up to 3) as shared memory holds. An
-    H200 sweep at 16384 x 4 x 2560 bf16 put 128 x 128, 8 warps, 3 stages first (2x the
-    time at 32 x 128 unpipelined)."""
-    block_rows = min(128 if itemsize <= 2 else 64, max(16, 8192 // width),
-                     max(16, pl.next_power_of_2(rows)))
-    block_cols = 128 if width <= 64 else 64 if width <= 256 else 16
-    stage_bytes = block_rows * block_cols * itemsize + 3 * block_cols * width * 2
-    stages = max(1, min(3, _PIPELINE_BYTES // stage_bytes))
-    return TileConfig(block_rows, block_cols, 8 if block_rows * width >= 4096 else 4), stages
+# Programs of the projection: 4 for each of an H200's 132 SMs.
+_PROJECTION_PROGRAMS = 528
 
 
 def weight_grad_config(rows: int, flat: int, width: int) -> TileConfig:
@@ -372,27 +362,68 @@ def weight_grad_config(rows: int, flat: int, width: int) -> TileConfig:
     return TileConfig(min(32, max(16, pl.next_power_of_2(rows))), block_cols, 4)
 
 
-def _project_kernel(x_ref, phi_ref, proj_ref, squares_ref, *, rows, flat, width, count, config):
-    outs, outs_mask = columns(count, 0, width)
+@dataclasses.dataclass(frozen=True)
+class ProjectionConfig:
+    """Launch configuration of :func:`project`: a program owns ``block_rows`` rows and
+    ``block_width`` of phi's stacked piece columns, and sums ``block_cols`` of the
+    flattened row a step over its share of the row (one of ``splits``), in a loop of
+    ``num_stages`` software-pipeline stages."""
+    block_rows: int
+    block_cols: int
+    block_width: int
+    splits: int
+    num_warps: int
+    num_stages: int
+
+
+def projection_config(rows: int, flat: int, width: int, itemsize: int) -> ProjectionConfig:
+    """:class:`ProjectionConfig` for ``x_flat [rows, flat]`` against ``width`` stacked
+    columns: 64 x 64 tiles of x against up to 256 columns, 3 pipeline stages, and the
+    row split until ``_PROJECTION_PROGRAMS`` run (DeepSeek-V3's 8192 x 4 x 7168 has 128
+    row blocks). An H200 sweep at 8192 x 4 x 7168 and 16384 x 4 x 2560 bf16 (BENCHMARKS.md,
+    mHC) put these first: 0.178 and 0.117 ms, 1.3x faster than 128 x 128 on 2 stages."""
+    block_width = min(width, 256)
+    block_rows = min(64, max(16, pl.next_power_of_2(rows)))
+    block_cols = 64
+    programs = pl.cdiv(rows, block_rows) * (width // block_width)
+    steps = pl.cdiv(flat, block_cols)
+    splits = max(1, min(steps, pl.cdiv(_PROJECTION_PROGRAMS, programs)))
+    stage_bytes = block_rows * block_cols * itemsize + block_cols * block_width * 2
+    return ProjectionConfig(block_rows, block_cols, block_width, splits,
+                            8 if block_rows * block_width >= 16384 else 4,
+                            max(1, min(3, _PIPELINE_BYTES // stage_bytes)))
+
+
+def _project_kernel(x_ref, phi_ref, proj_ref, squares_ref, *, rows, flat, steps_per_split,
+                    config):
     row_start = pl.program_id(0) * config.block_rows
+    outs = pl.ds(pl.program_id(1) * config.block_width, config.block_width)
+    split = pl.program_id(2)
+    first = split * steps_per_split
+    last = jnp.minimum(first + steps_per_split, pl.cdiv(flat, config.block_cols))
 
     def piece(k, carry):
         acc, squares = carry
         tile = _Tile(rows, flat, row_start, k * config.block_cols, config)
         x = load(x_ref.at[tile.rows, tile.cols], tile.mask)
-        phi = [load(phi_ref.at[_at(p, tile.cols, outs)], rows_cols(tile.col_mask, outs_mask))
-               for p in range(phi_ref.shape[0])]
+        phi = load(phi_ref.at[tile.cols, outs], rows_cols(tile.col_mask, None))
         x32 = x.astype(jnp.float32)
-        return (acc + split_dot(split_bf16(x, bf16_pieces(x_ref.dtype)), phi),
-                squares + jnp.sum(x32 * x32, axis=1))
+        return (acc + split_dot(split_bf16(x, bf16_pieces(x_ref.dtype)), [phi]),
+                squares + x32 * x32)
 
+    # The squares summed cell by cell, reduced over the columns once at the end (faster
+    # than a row sum each step).
     acc, squares = jax.lax.fori_loop(
-        jnp.int32(0), jnp.int32(pl.cdiv(flat, config.block_cols)), piece,
-        (jnp.zeros((config.block_rows, width), jnp.float32),
-         jnp.zeros((config.block_rows,), jnp.float32)))
+        first, last, piece, (jnp.zeros((config.block_rows, config.block_width), jnp.float32),
+                             jnp.zeros((config.block_rows, config.block_cols), jnp.float32)))
+    squares = jnp.sum(squares, axis=1)
     tile = _Tile(rows, flat, row_start, 0, config)
-    plgpu.store(proj_ref.at[tile.rows, outs], acc, mask=rows_cols(tile.row_mask, outs_mask))
-    tile.store_per_row(squares_ref, squares)
+    plgpu.store(proj_ref.at[_at(split, tile.rows, outs)], acc,
+                mask=rows_cols(tile.row_mask, None))
+
+    @pl.when(pl.program_id(1) == 0)  # the squares once, by the first column block
+    def _():
+        tile.store_per_row(squares_ref, squares, split)
 
 
 def _phi_pieces(phi):
@@ -400,24 +431,41 @@ def _phi_pieces(phi):
     return jnp.stack(split_bf16(phi, 3))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def project(x_flat, phi, *, interpret: bool = False):
+def _stacked_phi_pieces(phi):
+    """float32 ``phi [n C, count]`` as its three exact bfloat16 pieces side by side,
+    ``[n C, width]``: piece ``p`` in columns ``p count .. (p + 1) count - 1``, zeros up to
+    a power-of-2 ``width``. One product with them is one wide tensor-core product (an
+    H200 runs a 128-column one far faster than three of 32)."""
+    stacked = jnp.concatenate(split_bf16(phi, 3), axis=1)
+    return jnp.pad(stacked, ((0, 0), (0, padded(stacked.shape[1]) - stacked.shape[1])))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def project(x_flat, phi, *, config: ProjectionConfig | None = None, interpret: bool = False):
     """``(x_flat @ phi [rows, count], sum(x_flat^2, -1) [rows])``, float32, for
     ``x_flat [rows, n C]`` and float32 ``phi [n C, count]``. The products run on bfloat16
     tensor cores over exact bfloat16 pieces of both operands: float32-exact products,
-    float32 accumulation."""
+    float32 accumulation, each of phi's pieces and each split of the row
+    (:class:`ProjectionConfig`) summed apart, then added in a fixed order."""
     rows, flat = x_flat.shape
     count = phi.shape[1]
-    width = max(16, pl.next_power_of_2(count))
-    config, stages = projection_config(rows, flat, width, jnp.dtype(x_flat.dtype).itemsize)
-    kernel = functools.partial(_project_kernel, rows=rows, flat=flat, width=width, count=count,
-                               config=config)
-    return pallas_call(
-        kernel, out_shape=(jax.ShapeDtypeStruct((rows, count), jnp.float32),
-                           jax.ShapeDtypeStruct((rows,), jnp.float32)),
-        grid=(pl.cdiv(rows, config.block_rows),),
-        compiler_params=_params(config, stages), interpret=interpret,
-        name="bjax_mhc_projection")(x_flat, _phi_pieces(phi))
+    phi_pieces = _stacked_phi_pieces(phi)
+    width = phi_pieces.shape[1]
+    config = config or projection_config(rows, flat, width, jnp.dtype(x_flat.dtype).itemsize)
+    steps = pl.cdiv(flat, config.block_cols)
+    steps_per_split = pl.cdiv(steps, config.splits)
+    splits = pl.cdiv(steps, steps_per_split)  # none left without a step
+    kernel = functools.partial(_project_kernel, rows=rows, flat=flat,
+                               steps_per_split=steps_per_split, config=config)
+    proj, squares = pallas_call(
+        kernel, out_shape=(jax.ShapeDtypeStruct((splits, rows, width), jnp.float32),
+                           jax.ShapeDtypeStruct((rows, splits), jnp.float32)),
+        grid=(pl.cdiv(rows, config.block_rows), width // config.block_width, splits),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                             num_stages=config.num_stages),
+        interpret=interpret, name="bjax_mhc_projection")(x_flat, phi_pieces)
+    proj = jnp.sum(proj, axis=0)
+    return sum(proj[:, p * count:(p + 1) * count] for p in range(3)), jnp.sum(squares, axis=1)
 
 
 def _input_grad_kernel(x_ref, pre_ref, dout_ref, dproj_ref, phi_ref, scale_ref, dx_ref, *, n,

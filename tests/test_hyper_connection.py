@@ -1,5 +1,6 @@
 """mHC against float64 oracles: Sinkhorn (values, exact gradient vs finite differences),
 the fused static op (HyperConnectionPlan), mhc_pre / mhc_post as the paper's layer, transforms, errors."""
+import dataclasses
 import math
 import re
 import typing
@@ -12,6 +13,7 @@ import pytest
 import bjax
 from bjax.hyper_connection import (SINKHORN_INITS, SINKHORN_ORDERS, SinkhornInit,
                                    SinkhornOrder)
+from pallas_kernels import hyper_connection as pallas_hc
 from pallas_kernels.formulas import sinkhorn as sinkhorn_math
 from tests import oracles
 from tests.conftest import BACKENDS, KERNEL_BACKEND, assert_close
@@ -364,6 +366,40 @@ def test_mhc_layer_shapes(shape, backend=KERNEL_BACKEND):
     outs = run_layer(x, bias, phi, alpha, backend)
     for out, ref in zip(outs, oracle_layer(x, bias, phi, alpha)):
         assert_close(out, ref, jnp.float32, 2 * SCALE[jnp.dtype(jnp.float32)])
+
+
+def _projection_configs(rows, flat, width, dtype):
+    """The heuristic's projection config and variants of it: one split, a split per
+    step, the most splits that leave one without a step, column blocks narrower than
+    the stacked pieces, the smallest row block, and 128 x 128 tiles on 2 stages."""
+    base = pallas_hc.projection_config(rows, flat, width, jnp.dtype(dtype).itemsize)
+    steps = -(-flat // base.block_cols)
+    variants = [base, dataclasses.replace(base, splits=1),
+                dataclasses.replace(base, splits=steps),
+                dataclasses.replace(base, splits=steps - 1),
+                dataclasses.replace(base, block_rows=16, block_width=min(width, 32)),
+                dataclasses.replace(base, block_rows=128, block_cols=128, num_warps=8,
+                                    num_stages=2)]
+    return list(dict.fromkeys(variants))
+
+
+# The projection's tiles and split of the row, over x dtypes, counts whose stacked pieces
+# need padding (n = 3: 15 x 3 -> 64) or several column blocks (n = 8: 80 x 3 -> 256), a
+# flattened row that is not a multiple of the tile, and rows that are not either.
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=_ids)
+@pytest.mark.parametrize("rows, n, hidden", [(37, 4, 300), (130, 3, 64), (9, 8, 40)], ids=str)
+def test_projection_configs_match_oracle(rows, n, hidden, dtype):
+    count = n * n + 2 * n
+    x = normal(40, (rows, n * hidden), dtype)
+    phi = normal(41, (n * hidden, count), std=0.05)
+    x64, phi64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x, phi))
+    width = pallas_hc._stacked_phi_pieces(phi).shape[1]
+    for config in _projection_configs(rows, n * hidden, width, dtype):
+        proj, squares = pallas_hc.project(x, phi, config=config,
+                                          interpret=KERNEL_BACKEND == "interpret")
+        # float32-exact products summed in float32 over n C terms: a few ulp of float32.
+        assert_close(proj, x64 @ phi64, jnp.float32, SCALE[jnp.dtype(jnp.float32)])
+        assert_close(squares, np.sum(x64 * x64, axis=1), jnp.float32)
 
 
 def layer_gradients(x, bias, phi, alpha, backend, **options):

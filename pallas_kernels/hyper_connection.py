@@ -396,17 +396,20 @@ def projection_config(rows: int, flat: int, width: int, itemsize: int) -> Projec
 
 def _project_kernel(x_ref, phi_ref, proj_ref, squares_ref, *, rows, flat, steps_per_split,
                     config):
-    row_start = pl.program_id(0) * config.block_rows
+    row_slice, row_mask = columns(rows, pl.program_id(0) * config.block_rows, config.block_rows)
     outs = pl.ds(pl.program_id(1) * config.block_width, config.block_width)
     split = pl.program_id(2)
-    first = split * steps_per_split
-    last = jnp.minimum(first + steps_per_split, pl.cdiv(flat, config.block_cols))
 
-    def piece(k, carry):
+    # Every split walks steps_per_split steps, those past the row masked: a pipelined loop
+    # with bounds that depend on the program computes wrong rows on an H200 (JAX 0.11.2)
+    # when a bfloat16 operand goes from its load to the tensor cores (see block_loop).
+    def piece(i, carry):
         acc, squares = carry
-        tile = _Tile(rows, flat, row_start, k * config.block_cols, config)
-        x = load(x_ref.at[tile.rows, tile.cols], tile.mask)
-        phi = load(phi_ref.at[tile.cols, outs], rows_cols(tile.col_mask, None))
+        col_start = (split * steps_per_split + i) * config.block_cols
+        cols = pl.ds(col_start, config.block_cols)
+        col_mask = col_start + jnp.arange(config.block_cols, dtype=jnp.int32) < flat
+        x = load(x_ref.at[row_slice, cols], rows_cols(row_mask, col_mask))
+        phi = load(phi_ref.at[cols, outs], rows_cols(col_mask, None))
         x32 = x.astype(jnp.float32)
         return (acc + split_dot(split_bf16(x, bf16_pieces(x_ref.dtype)), [phi]),
                 squares + x32 * x32)
@@ -414,16 +417,15 @@ def _project_kernel(x_ref, phi_ref, proj_ref, squares_ref, *, rows, flat, steps_
     # The squares summed cell by cell, reduced over the columns once at the end (faster
     # than a row sum each step).
     acc, squares = jax.lax.fori_loop(
-        first, last, piece, (jnp.zeros((config.block_rows, config.block_width), jnp.float32),
-                             jnp.zeros((config.block_rows, config.block_cols), jnp.float32)))
-    squares = jnp.sum(squares, axis=1)
-    tile = _Tile(rows, flat, row_start, 0, config)
-    plgpu.store(proj_ref.at[_at(split, tile.rows, outs)], acc,
-                mask=rows_cols(tile.row_mask, None))
+        jnp.int32(0), jnp.int32(steps_per_split), piece,
+        (jnp.zeros((config.block_rows, config.block_width), jnp.float32),
+         jnp.zeros((config.block_rows, config.block_cols), jnp.float32)))
+    plgpu.store(proj_ref.at[_at(split, row_slice, outs)], acc, mask=rows_cols(row_mask, None))
 
     @pl.when(pl.program_id(1) == 0)  # the squares once, by the first column block
     def _():
-        tile.store_per_row(squares_ref, squares, split)
+        plgpu.store(squares_ref.at[_at(row_slice, split)], jnp.sum(squares, axis=1),
+                    mask=row_mask)
 
 
 def _phi_pieces(phi):

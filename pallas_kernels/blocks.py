@@ -108,11 +108,7 @@ def split_bf16(v, pieces: int):
     exactly, 2 a float16 one, 3 a float32 one (8 significant bits each). Each piece is
     the float32 remainder with its low 16 bits cleared, so it converts to bfloat16
     exactly and the next remainder is exact (a masked bit pattern, which no compiler
-    folds away as it may fold ``f32(bf16(r))`` back to ``r``). A bfloat16 ``v`` in one
-    piece is ``v`` itself, left where it is (a tensor-core operand straight from shared
-    memory)."""
-    if pieces == 1 and jnp.dtype(v.dtype) == jnp.bfloat16:
-        return [v]
+    folds away as it may fold ``f32(bf16(r))`` back to ``r``)."""
     parts, rest = [], v.astype(jnp.float32)
     for _ in range(pieces):
         high = jax.lax.bitcast_convert_type(

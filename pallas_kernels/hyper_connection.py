@@ -399,6 +399,7 @@ def _project_kernel(x_ref, phi_ref, proj_ref, squares_ref, *, rows, flat, steps_
     row_slice, row_mask = columns(rows, pl.program_id(0) * config.block_rows, config.block_rows)
     outs = pl.ds(pl.program_id(1) * config.block_width, config.block_width)
     split = pl.program_id(2)
+    bfloat16 = jnp.dtype(x_ref.dtype) == jnp.bfloat16
 
     # Every split walks steps_per_split steps, those past the row masked: a pipelined loop
     # with bounds that depend on the program computes wrong rows on an H200 (JAX 0.11.2)
@@ -411,8 +412,9 @@ def _project_kernel(x_ref, phi_ref, proj_ref, squares_ref, *, rows, flat, steps_
         x = load(x_ref.at[row_slice, cols], rows_cols(row_mask, col_mask))
         phi = load(phi_ref.at[cols, outs], rows_cols(col_mask, None))
         x32 = x.astype(jnp.float32)
-        return (acc + split_dot(split_bf16(x, bf16_pieces(x_ref.dtype)), [phi]),
-                squares + x32 * x32)
+        # A bfloat16 x goes to the tensor cores as it was loaded; a wider one in pieces.
+        x_parts = [x] if bfloat16 else split_bf16(x, bf16_pieces(x_ref.dtype))
+        return acc + split_dot(x_parts, [phi]), squares + x32 * x32
 
     # The squares summed cell by cell, reduced over the columns once at the end (faster
     # than a row sum each step).

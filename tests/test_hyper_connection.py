@@ -402,6 +402,19 @@ def test_projection_configs_match_oracle(rows, n, hidden, dtype):
         assert_close(squares, np.sum(x64 * x64, axis=1), jnp.float32)
 
 
+# Many token chunks and phi tiles (1000 tokens: 27 chunks of 10 tiles), as at the
+# benchmarked widths, where the layer tests' few tokens make one chunk.
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=_ids)
+def test_projection_weight_grad_matches_oracle(dtype):
+    rows, flat, count = 1000, 4 * 300, 24
+    x = normal(42, (rows, flat), dtype)
+    dproj = normal(43, (rows, count))
+    got = pallas_hc.project_weight_grad(x, dproj, interpret=KERNEL_BACKEND == "interpret")
+    x64, d64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x, dproj))
+    # float32-exact products summed in float32 over 1000 tokens: a few ulp of float32.
+    assert_close(got, x64.T @ d64, jnp.float32, SCALE[jnp.dtype(jnp.float32)])
+
+
 def layer_gradients(x, bias, phi, alpha, backend, **options):
     cotangents = [normal(90 + i, s) for i, s in enumerate(
         (x.shape, x.shape[:-2] + x.shape[-1:], x.shape[:-1], x.shape[:-2] + x.shape[-2:-1] * 2))]

@@ -1,17 +1,14 @@
 """Per-kernel device times of the mHC layer (mhc_pre + mhc_post, dynamic H, bf16).
 
-    python scripts/mhc_profile.py [--shapes 8192x4x7168 16384x4x2560] [--sweep]
+    python scripts/mhc_profile.py [--shapes 8192x4x7168 16384x4x2560]
 
 Each kernel of the layer's forward and backward is timed alone on the layer's own
 operands, with its bytes (inputs read once, outputs written once) as a fraction of
-the device-copy ceiling; then the whole layer, forward and forward+backward.
-``--sweep`` first times the projection over configs around its heuristic's.
+the device-copy ceiling. The whole layer: ``python -m benchmarks.hyper_connection``.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +23,7 @@ def _nbytes(tree):
 
 def profile(shape, ceiling):
     tokens, n, hidden = shape
-    x, phi, alpha, bias = cases.mhc_layer_inputs(shape)
+    x, phi, _, _ = cases.mhc_layer_inputs(shape)
     count = phi.shape[1]
     keys = jax.random.split(jax.random.key(7), 6)
     x_flat = x.reshape(tokens, -1)
@@ -57,53 +54,14 @@ def profile(shape, ceiling):
         rows.append([name, "x".join(map(str, shape)), f"{ms:.4f}",
                      f"{100 * moved / (ms * 1e-3) / 1e12 / ceiling:.0f}%"])
         print(" | ".join(rows[-1]), flush=True)
-    layer = cases.mhc_layer("pallas")
-    fwd = jax.jit(layer)
-    both = jax.jit(lambda *a: jax.vjp(lambda *d: layer(*d), *a[:4])[1](a[4]))
-    for name, fn, args in (("layer fwd", fwd, (x, phi, alpha, bias)),
-                           ("layer fwd+bwd", both, (x, phi, alpha, bias, dout))):
-        ms = harness.device_time_ms(fn, *args, calls=10)
-        rows.append([name, "x".join(map(str, shape)), f"{ms:.4f}", ""])
-        print(" | ".join(rows[-1]), flush=True)
     return rows
-
-
-def sweep_projection(shape, ceiling):
-    """Times :func:`hc.project` over a grid of configs around the heuristic's."""
-    tokens, n, hidden = shape
-    x, phi, _, _ = cases.mhc_layer_inputs(shape)
-    x_flat, phi32 = x.reshape(tokens, -1), phi.astype(jnp.float32)
-    width = hc._stacked_phi_pieces(phi32).shape[1]
-    base = hc.projection_config(tokens, n * hidden, width, x.dtype.itemsize)
-    moved = x_flat.nbytes
-    results = []
-    for rows_, cols, splits, warps, stages in itertools.product(
-            (64, 128), (64, 128), (base.splits, 2 * base.splits), (4, 8), (2, 3)):
-        config = dataclasses.replace(base, block_rows=rows_, block_cols=cols, splits=splits,
-                                     num_warps=warps, num_stages=stages)
-        try:
-            ms = harness.device_time_ms(jax.jit(lambda a, p, c=config: hc.project(a, p, config=c)),
-                                        x_flat, phi32, calls=20)
-        except Exception as error:  # shared memory or registers: skip the config
-            print(config, type(error).__name__)
-            continue
-        results.append((ms, config))
-        print(f"{ms:.4f} {100 * moved / (ms * 1e-3) / 1e12 / ceiling:.0f}% {config}", flush=True)
-    results.sort(key=lambda r: r[0])
-    print("heuristic:", base)
-    for ms, config in results[:5]:
-        print(f"best {ms:.4f} {config}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=["8192x4x7168", "16384x4x2560"])
-    parser.add_argument("--sweep", action="store_true", help="sweep the projection's configs")
     args = parser.parse_args()
     ceiling, how = harness.copy_ceiling_tbps()
-    if args.sweep:
-        for text in args.shapes:
-            sweep_projection(tuple(map(int, text.split("x"))), ceiling)
     rows = []
     for text in args.shapes:
         rows += profile(tuple(map(int, text.split("x"))), ceiling)

@@ -376,18 +376,19 @@ class ProjectionConfig:
     num_stages: int
 
 
-def projection_config(rows: int, flat: int, width: int, itemsize: int) -> ProjectionConfig:
-    """:class:`ProjectionConfig` for ``x_flat [rows, flat]`` against ``width`` stacked
-    columns: 64 x 64 tiles of x against up to 256 columns, 3 pipeline stages, and the
-    row split until ``_PROJECTION_PROGRAMS`` run (DeepSeek-V3's 8192 x 4 x 7168 has 128
+def projection_config(rows: int, flat: int, width: int, dtype) -> ProjectionConfig:
+    """:class:`ProjectionConfig` for ``x_flat [rows, flat]`` of ``dtype`` against ``width``
+    stacked columns: 64 x 64 tiles of x against up to 256 columns, 3 pipeline stages, and
+    the row split until ``_PROJECTION_PROGRAMS`` run (DeepSeek-V3's 8192 x 4 x 7168 has 128
     row blocks). An H200 sweep at 8192 x 4 x 7168 and 16384 x 4 x 2560 bf16 (BENCHMARKS.md,
-    mHC) put these first: 0.178 and 0.117 ms, 1.3x faster than 128 x 128 on 2 stages."""
+    mHC) put these tiles first."""
     block_width = min(width, 256)
     block_rows = min(64, max(16, pl.next_power_of_2(rows)))
     block_cols = 64
     programs = pl.cdiv(rows, block_rows) * (width // block_width)
     steps = pl.cdiv(flat, block_cols)
     splits = max(1, min(steps, pl.cdiv(_PROJECTION_PROGRAMS, programs)))
+    itemsize = jnp.dtype(dtype).itemsize
     stage_bytes = block_rows * block_cols * itemsize + block_cols * block_width * 2
     return ProjectionConfig(block_rows, block_cols, block_width, splits,
                             8 if block_rows * block_width >= 16384 else 4,
@@ -399,11 +400,12 @@ def _project_kernel(x_ref, phi_ref, proj_ref, squares_ref, *, rows, flat, steps_
     row_slice, row_mask = columns(rows, pl.program_id(0) * config.block_rows, config.block_rows)
     outs = pl.ds(pl.program_id(1) * config.block_width, config.block_width)
     split = pl.program_id(2)
-    bfloat16 = jnp.dtype(x_ref.dtype) == jnp.bfloat16
 
-    # Every split walks steps_per_split steps, those past the row masked: a pipelined loop
-    # with bounds that depend on the program computes wrong rows on an H200 (JAX 0.11.2)
-    # when a bfloat16 operand goes from its load to the tensor cores (see block_loop).
+    # Every split walks steps_per_split steps, those past the row masked (see block_loop).
+    # x reaches the tensor cores through split_bf16's float32 round trip even when it is
+    # bfloat16: taken as loaded, it made the H200 (JAX 0.11.2, 2 or more pipeline stages)
+    # sum 0.3-4% of rows wrong, differently from run to run, at 8192 x 4 x 7168 and
+    # 16384 x 4 x 2560, with or without a split row (BENCHMARKS.md, mHC).
     def piece(i, carry):
         acc, squares = carry
         col_start = (split * steps_per_split + i) * config.block_cols
@@ -412,9 +414,8 @@ def _project_kernel(x_ref, phi_ref, proj_ref, squares_ref, *, rows, flat, steps_
         x = load(x_ref.at[row_slice, cols], rows_cols(row_mask, col_mask))
         phi = load(phi_ref.at[cols, outs], rows_cols(col_mask, None))
         x32 = x.astype(jnp.float32)
-        # A bfloat16 x goes to the tensor cores as it was loaded; a wider one in pieces.
-        x_parts = [x] if bfloat16 else split_bf16(x, bf16_pieces(x_ref.dtype))
-        return acc + split_dot(x_parts, [phi]), squares + x32 * x32
+        return (acc + split_dot(split_bf16(x, bf16_pieces(x_ref.dtype)), [phi]),
+                squares + x32 * x32)
 
     # The squares summed cell by cell, reduced over the columns once at the end (faster
     # than a row sum each step).
@@ -455,7 +456,7 @@ def project(x_flat, phi, *, config: ProjectionConfig | None = None, interpret: b
     count = phi.shape[1]
     phi_pieces = _stacked_phi_pieces(phi)
     width = phi_pieces.shape[1]
-    config = config or projection_config(rows, flat, width, jnp.dtype(x_flat.dtype).itemsize)
+    config = config or projection_config(rows, flat, width, x_flat.dtype)
     steps = pl.cdiv(flat, config.block_cols)
     steps_per_split = pl.cdiv(steps, config.splits)
     splits = pl.cdiv(steps, steps_per_split)  # none left without a step

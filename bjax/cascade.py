@@ -36,6 +36,7 @@ from jax.typing import ArrayLike
 
 from bjax import _op, _partition
 from bjax.errors import UnsupportedError
+from bjax.tune.cache import problem_key
 from bjax.xla import cascade as xla_cascade
 from pallas_kernels import cascade as pallas_cascade
 from pallas_kernels.formulas import cascade as formulas_cascade
@@ -304,6 +305,14 @@ def _check_config(desc: CascadeMergeDescriptor, config: pallas_cascade.MergeConf
             _op.check_launch(tile, desc.op)
 
 
+def tuning_key(desc: CascadeMergeDescriptor) -> str:
+    """The problem's key in the tuning cache (the op is the cache's op name)."""
+    return problem_key(seq_len=desc.seq_len, num_states=desc.num_states,
+                       num_heads=desc.num_heads, head_dim=desc.head_dim,
+                       v_dtype=jnp.dtype(desc.v_dtype).name, s_dtype=jnp.dtype(desc.s_dtype).name,
+                       lse_base=desc.lse_base, masked=desc.masked, in_place=desc.in_place)
+
+
 def _kernel_name(desc: CascadeMergeDescriptor) -> str:
     return f"bjax_{desc.op}"
 
@@ -318,7 +327,7 @@ IMPLEMENTATIONS = (
         config_type=pallas_cascade.MergeConfig,
         default_config=lambda desc: pallas_cascade.MergeConfig(desc.kernel_config,
                                                                desc.backward_config),
-        check_config=_check_config, sharding_rules=sharding_rules),
+        check_config=_check_config, sharding_rules=sharding_rules, tuning_key=tuning_key),
     _op.Implementation("xla", ("xla",), kernel=_xla_name),
 )
 """The merges' implementation table, in order of preference."""

@@ -35,7 +35,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.blocks import all_of, load, pallas_call
 from pallas_kernels.formulas.cascade import compute_dtype, merge_grad_math, merge_math
-from pallas_kernels.tiling import TileConfig, fit_tile
+from pallas_kernels.tiling import TileConfig, fit_tile, tile_search_space
 
 # Elements of one state's v per program, and programs to launch at least.
 _TILE_ELEMENTS = 4096
@@ -59,6 +59,15 @@ def backward_config(seq_len: int, num_heads: int, head_dim: int) -> TileConfig:
     config = default_config(seq_len, num_heads, head_dim)
     elements = config.block_rows * config.block_cols * pl.next_power_of_2(head_dim)
     return dataclasses.replace(config, num_warps=16) if elements >= 4096 else config
+
+
+def search_space(seq_len: int, num_heads: int, head_dim: int, *,
+                 backward: bool = False) -> tuple[TileConfig, ...]:
+    """The tiles the tuner tries (``bjax.tune``): rows by heads (whole head_dim) of 1024
+    to 16384 elements, 4 or 8 warps (the backward also 16)."""
+    return tile_search_space(seq_len, num_heads, min_elements=1024, max_elements=16384,
+                             cell=pl.next_power_of_2(head_dim), min_block_cols=1,
+                             warps=(4, 8, 16) if backward else (4, 8))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,19 +19,24 @@ class TileConfig:
 
 
 def tile_search_space(rows: int, cols: int, *, min_elements: int = 512,
-                      max_elements: int = 8192) -> tuple[TileConfig, ...]:
-    """Tiles to tune over: power-of-2 blocks of ``min_block_cols`` to ``_MAX_BLOCK_COLS``
-    columns (no wider than ``cols`` rounds up to), ``min_elements`` to ``max_elements`` a
-    tile (fewer where ``[rows, cols]`` is smaller), 4 or 8 warps."""
-    widest = min(pl.next_power_of_2(max(cols, 1)), _MAX_BLOCK_COLS)
+                      max_elements: int = 8192, cell: int = 1,
+                      min_block_cols: int = _MIN_BLOCK_COLS,
+                      max_block_cols: int = _MAX_BLOCK_COLS,
+                      warps: tuple[int, ...] = (4, 8)) -> tuple[TileConfig, ...]:
+    """Tiles to tune over: power-of-2 blocks of ``min_block_cols`` to ``max_block_cols``
+    columns (no wider than ``cols`` rounds up to) holding ``min_elements`` to
+    ``max_elements`` elements (``cell`` per row and column; fewer where ``[rows, cols]``
+    is smaller), with each of ``warps``."""
+    widest = min(pl.next_power_of_2(max(cols, 1)), max_block_cols)
     tallest = pl.next_power_of_2(max(rows, 1))
+    smallest = min(min_elements, tallest * widest * cell)
     space = []
-    block_cols = min(_MIN_BLOCK_COLS, widest)
+    block_cols = min(min_block_cols, widest)
     while block_cols <= widest:
         block_rows = 1
-        while block_rows <= tallest and block_rows * block_cols <= max_elements:
-            if block_rows * block_cols >= min(min_elements, tallest * widest):
-                space += [TileConfig(block_rows, block_cols, warps) for warps in (4, 8)]
+        while block_rows <= tallest and block_rows * block_cols * cell <= max_elements:
+            if block_rows * block_cols * cell >= smallest:
+                space += [TileConfig(block_rows, block_cols, w) for w in warps]
             block_rows *= 2
         block_cols *= 2
     return tuple(space)

@@ -11,11 +11,12 @@ import pytest
 import bjax
 from bjax.tune import __main__ as cli
 from bjax.tune import cache, problems, tuner
+from pallas_kernels import cascade as pallas_cascade
 from pallas_kernels import conv as pallas_conv
 from pallas_kernels import gated as pallas_gated
 from pallas_kernels import ssd as pallas_ssd
 from pallas_kernels import ssd_backward as pallas_ssd_backward
-from tests import oracles, test_conv, test_ssd
+from tests import oracles, test_cascade, test_conv, test_ssd
 from tests.conftest import KERNEL_BACKEND, assert_close, random
 
 
@@ -169,6 +170,11 @@ def test_the_command_builds_each_op():
          "--state", "16", "--groups", "2", "--chunk", "64", "--d", "hp", "--z"]))
     assert ssd.op == "ssd_chunk_scan" and "d=hp" in ssd.key and "z=True" in ssd.key
     assert [stage.objective for stage in ssd.stages] == [tuner.FORWARD, tuner.FORWARD_BACKWARD]
+    for argv, op in ((["merge_state"], "merge_state"), (["merge_states", "--states", "3"],
+                                                        "merge_states")):
+        merge = cli.problem_of(cli._parser().parse_args(
+            argv + ["--seq-len", "9", "--heads", "2", "--head-dim", "8"]))
+        assert merge.op == op and f"num_states={3 if op == 'merge_states' else 2}" in merge.key
 
 
 # Candidates of every declared search space against the float64 oracles, at the ops'
@@ -193,6 +199,31 @@ def test_conv_candidates_match_the_oracle(config):
     test_conv.check_forward(args, KERNEL_BACKEND, config=config)
     for name, error in test_conv.gradient_errors(args, KERNEL_BACKEND, config=config).items():
         assert error <= test_conv.GRAD_BOUND[jnp.dtype(jnp.float32)], (name, error)
+
+
+def _merge_candidates():
+    return list(zip(_spread(pallas_cascade.search_space(37, 5, 24), 3),
+                    _spread(pallas_cascade.search_space(37, 5, 24, backward=True), 3)[::-1]))
+
+
+@pytest.mark.parametrize("forward, backward", _merge_candidates(), ids=str)
+def test_merge_candidates_match_the_oracle(forward, backward):
+    config = pallas_cascade.MergeConfig(forward, backward)
+    v, s = test_cascade.states(25, 37, 3, 5, 24, jnp.float32, spread=3.0)
+    dv = random(26, (37, 5, 24), jnp.float32)
+    ds = random(27, (37, 5), jnp.float32)
+    for count, merge in ((3, bjax.merge_states), (2, lambda v, s, **kw: bjax.merge_state(
+            *test_cascade.pair(v, s), **kw))):
+        out, vjp = jax.vjp(lambda v, s: merge(v, s, backend=KERNEL_BACKEND, config=config),
+                           v[:, :count], s[:, :count])
+        want = test_cascade.reference(v[:, :count], s[:, :count], 2)
+        for got, ref in zip(out, want):
+            assert_close(got, ref, jnp.float32)
+        grads = vjp((dv, ds))
+        ref_dv, ref_ds = test_cascade._grad_reference(v[:, :count], s[:, :count], dv, ds, 2)
+        # As tests/test_cascade: the backward's dot products over head_dim, 4x for ds.
+        assert_close(grads[0], ref_dv, jnp.float32)
+        assert_close(grads[1], ref_ds, jnp.float32, scale=4)
 
 
 def _ssd_candidates():

@@ -33,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
         sub = ops.add_parser(kind, parents=[common], help=f"bjax.{kind}")
         sub.add_argument("--shape", type=_ints, required=True, help="x's shape, e.g. 8192,28672")
         sub.add_argument("--axis", type=int, default=-1)
+    for name, doc in (("merge_state", "bjax.merge_state of two states"),
+                      ("merge_states", "bjax.merge_states")):
+        sub = ops.add_parser(name, parents=[common], help=doc)
+        if name == "merge_states":
+            sub.add_argument("--states", type=int, required=True)
+        for dim in ("seq-len", "heads", "head-dim"):
+            sub.add_argument(f"--{dim}", type=int, required=True)
     sub = ops.add_parser("causal_conv1d", parents=[common], help="bjax.causal_conv1d")
     sub.add_argument("--shape", type=_ints, required=True, help="x's [b, l, d], e.g. 4,2048,5376")
     sub.add_argument("--taps", type=int, default=4)
@@ -51,6 +58,10 @@ def problem_of(args) -> tuner.Problem:
     common = dict(backend=args.backend)
     if args.op in _GATED:
         return problems.gated(args.op, args.shape, args.dtype, axis=args.axis, **common)
+    if args.op in ("merge_state", "merge_states"):
+        states = 2 if args.op == "merge_state" else args.states
+        return problems.merge_states(states, args.seq_len, args.heads, args.head_dim,
+                                     args.dtype, **common)
     if args.op == "causal_conv1d":
         activation = None if args.activation == "none" else args.activation
         return problems.causal_conv1d(args.shape, args.taps, args.dtype,

@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 
 import bjax
+from bjax import cascade as bjax_cascade
 from bjax import conv as bjax_conv
 from bjax import gated as bjax_gated
 from bjax import ssd as bjax_ssd
 from bjax.tune.tuner import FORWARD, FORWARD_BACKWARD, Problem, Stage
+from pallas_kernels import cascade as pallas_cascade
 from pallas_kernels import conv as pallas_conv
 from pallas_kernels import gated as pallas_gated
 from pallas_kernels import ssd as pallas_ssd
@@ -36,6 +38,40 @@ def gated(kind: str, shape: tuple[int, ...], dtype="bfloat16", *, axis: int = -1
     space = pallas_gated.search_space(desc.rows, desc.cols)
     return Problem("gated_activation", bjax_gated.tuning_key(desc), run, (x,), (0,),
                    desc.kernel_config, (Stage("tile", lambda best: space, FORWARD_BACKWARD),))
+
+
+def merge_states(num_states: int, seq_len: int, heads: int, head_dim: int,
+                 dtype="bfloat16", *, backend=None) -> Problem:
+    """``bjax.merge_states(v, s)`` with ``v`` ``[seq_len, num_states, heads, head_dim]``
+    (``num_states`` 2: ``bjax.merge_state`` of two such states). Two stages: the forward
+    tile, then the backward tile with it (:func:`pallas_kernels.cascade.search_space`)."""
+    keys = jax.random.split(jax.random.key(0), 2)
+    v = _normal(keys[0], (seq_len, num_states, heads, head_dim), dtype)
+    s = _normal(keys[1], (seq_len, num_states, heads), jnp.float32, 4.0)
+    if num_states == 2:
+        arrays = (v[:, 0], s[:, 0], v[:, 1], s[:, 1])
+
+        def run(config, v_a, s_a, v_b, s_b):
+            return bjax.merge_state(v_a, s_a, v_b, s_b, backend=backend, config=config)
+        desc = bjax.plan(bjax.merge_state, *arrays, backend="xla").descriptor
+    else:
+        arrays = (v, s)
+
+        def run(config, v, s):
+            return bjax.merge_states(v, s, backend=backend, config=config)
+        desc = bjax.plan(bjax.merge_states, *arrays, backend="xla").descriptor
+    MergeConfig = pallas_cascade.MergeConfig
+    stages = (
+        Stage("forward tile", lambda best: [
+            MergeConfig(tile, best.backward)
+            for tile in pallas_cascade.search_space(seq_len, heads, head_dim)], FORWARD),
+        Stage("backward tile", lambda best: [
+            MergeConfig(best.forward, tile)
+            for tile in pallas_cascade.search_space(seq_len, heads, head_dim, backward=True)],
+            FORWARD_BACKWARD))
+    return Problem(desc.op, bjax_cascade.tuning_key(desc), run, arrays,
+                   tuple(range(len(arrays))),
+                   MergeConfig(desc.kernel_config, desc.backward_config), stages)
 
 
 def causal_conv1d(shape: tuple[int, int, int], taps: int = 4, dtype="bfloat16", *,

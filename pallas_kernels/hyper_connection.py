@@ -380,8 +380,10 @@ def projection_config(rows: int, flat: int, width: int, dtype) -> ProjectionConf
     """:class:`ProjectionConfig` for ``x_flat [rows, flat]`` of ``dtype`` against ``width``
     stacked columns: 64 x 64 tiles of x against up to 256 columns, 3 pipeline stages, and
     the row split until ``_PROJECTION_PROGRAMS`` run (DeepSeek-V3's 8192 x 4 x 7168 has 128
-    row blocks). An H200 sweep at 8192 x 4 x 7168 and 16384 x 4 x 2560 bf16 (BENCHMARKS.md,
-    mHC) put these tiles first."""
+    row blocks). An H200 sweep at 8192 x 4 x 7168 and 16384 x 4 x 2560 bf16 put these tiles
+    first, with x taken as loaded (withdrawn since, see :func:`project`); with the round
+    trip, at 8192 x 4 x 7168, 0.30 ms against 0.37 for 128-row tiles and 10 splits
+    (BENCHMARKS.md, mHC). No wider sweep of the round trip yet."""
     block_width = min(width, 256)
     block_rows = min(64, max(16, pl.next_power_of_2(rows)))
     block_cols = 64

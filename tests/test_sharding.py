@@ -167,6 +167,26 @@ def test_merge_state_keeps_its_sharding(spec, mesh_shape, masked, backend):
                       (spec, state_spec(spec)), exact=backend != "xla")
 
 
+def test_merge_state_reads_a_tuned_config_for_each_shard(tmp_path, monkeypatch,
+                                                        backend="interpret"):
+    """As test_a_tuned_config_is_read_for_each_shard, for the merge: the entry of each
+    device's 2 steps runs with no collective, bit for bit the unsharded call's."""
+    monkeypatch.setenv(tune_cache.CACHE_ENV_VAR, str(tmp_path / "tuning.json"))
+    args = (*merge_problem(2, (16, 8, 32), (16, 8)), *merge_problem(3, (16, 8, 32), (16, 8)))
+    shard = bjax.plan(bjax.merge_state, *(a[:2] for a in args), backend="xla").descriptor
+    tuned = pallas_cascade.MergeConfig(TileConfig(1, 4, 4), TileConfig(2, 2, 4))
+    tune_cache.record("merge_state", bjax.cascade.tuning_key(shard), tuned)
+    spec = P("data")
+    check_partitioned(lambda *a: bjax.merge_state(*a, backend=backend), args,
+                      (spec, state_spec(spec)) * 2, mesh_of((8,)), (spec, state_spec(spec)))
+    tune_cache.record("merge_state", bjax.cascade.tuning_key(shard), TileConfig(1, 4, 4))
+    sharded = [jax.device_put(a, NamedSharding(mesh_of((8,)), s))
+               for a, s in zip(args, (spec, state_spec(spec)) * 2)]
+    with pytest.raises(bjax.InvalidProblemError, match="tuning cache entry merge_state / "
+                                                       ".*seq_len=2.*must be a MergeConfig"):
+        jax.jit(lambda *a: bjax.merge_state(*a, backend=backend))(*sharded)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("spec, mesh_shape", MERGE_CASES, ids=str)
 def test_merge_states_keeps_its_sharding(spec, mesh_shape, backend):

@@ -122,6 +122,26 @@ def test_a_cache_entry_that_cannot_run_is_an_error_naming_it(user_cache):
         bjax.plan(bjax.swiglu, x, backend=KERNEL_BACKEND)
 
 
+def test_merge_state_reads_its_tuned_entry_and_rejects_one_that_cannot_run(user_cache):
+    v, s = test_cascade.states(28, 9, 2, 3, 8, jnp.float32, spread=3.0)
+    args = test_cascade.pair(v, s)
+    key = bjax.cascade.tuning_key(bjax.plan(bjax.merge_state, *args, backend="xla").descriptor)
+    tuned = pallas_cascade.MergeConfig(pallas_cascade.TileConfig(2, 1, 4), None)
+    cache.record("merge_state", key, tuned)
+    plan = bjax.plan(bjax.merge_state, *args, backend=KERNEL_BACKEND)
+    assert (plan.config_source, plan.block_config) == ("cache", tuned)
+    for got, ref in zip(bjax.merge_state(*args, backend=KERNEL_BACKEND),
+                        test_cascade.reference(v, s, 2)):
+        assert_close(got, ref, jnp.float32)
+    cache.record("merge_state", key, pallas_cascade.MergeConfig(pallas_cascade.TileConfig(3, 1, 4)))
+    with pytest.raises(bjax.InvalidProblemError, match="merge_state: tuning cache entry "
+                       "merge_state / .* must be a config that runs this call"):
+        bjax.merge_state(*args, backend=KERNEL_BACKEND)
+    cache.record("merge_state", key, pallas_conv.ConvConfig())
+    with pytest.raises(bjax.InvalidProblemError, match="must be a MergeConfig; got ConvConfig"):
+        bjax.plan(bjax.merge_state, *args, backend=KERNEL_BACKEND)
+
+
 def test_the_tuner_rejects_a_candidate_whose_results_differ():
     """A toy problem whose 'config' scales the output: 1.0 is the heuristic, 1.0 + 1e-7
     is within float32's tolerance, 1.5 changes the results and must not be chosen."""

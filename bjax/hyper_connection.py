@@ -46,6 +46,7 @@ from jax.typing import ArrayLike
 
 from bjax import _op, _partition
 from bjax.errors import UnsupportedError
+from bjax.tune.cache import problem_key
 from bjax.xla import hyper_connection as xla_hc
 from pallas_kernels import hyper_connection as pallas_hc
 from pallas_kernels import sinkhorn as pallas_sinkhorn
@@ -249,13 +250,14 @@ SINKHORN_IMPLEMENTATIONS = (
 """``sinkhorn_knopp``'s implementation table, in order of preference."""
 
 
-def _mhc_table(op: str, kernels) -> tuple[_op.Implementation, ...]:
-    """The table of an mHC op: its kernels (at most :data:`MAX_KERNEL_STREAMS` streams; the
-    Sinkhorn kernel's configuration its heuristic; the others size their tiles from the
-    problem and take none), then the XLA implementation."""
+def _mhc_table(op: str, kernels, **config_fields) -> tuple[_op.Implementation, ...]:
+    """The table of an mHC op: its kernels (at most :data:`MAX_KERNEL_STREAMS` streams;
+    ``config_fields``, the :class:`~bjax._op.Implementation` fields of a config the op
+    takes; without them the kernels size their tiles from the problem), then the XLA
+    implementation."""
     return (_op.Implementation("pallas_triton", ("pallas", "interpret"), kernel=kernels,
                                check=functools.partial(_kernel_streams_rule, op=op),
-                               sharding_rules=token_rule),
+                               sharding_rules=token_rule, **config_fields),
             _op.Implementation("xla", ("xla",),
                                kernel=lambda desc: f"bjax.xla.hyper_connection.{op}"))
 
@@ -631,21 +633,23 @@ class MhcPostDescriptor:
 _POST_OPERANDS = (_STREAMS, ("t", "c"), ("t", "i"), ("t", "i", "j"))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _post(x, f_out, h_post, h_res, transpose: bool, choice: _op.Choice):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _post(x, f_out, h_post, h_res, transpose: bool, choice: _op.Choice,
+          tiles: pallas_hc.MixConfig):
     return _token_split(choice, pallas_hc.mix, _POST_OPERANDS, (_STREAMS,),
-                        transpose=transpose)(x, f_out, h_post, h_res)
+                        transpose=transpose, config=tiles.forward)(x, f_out, h_post, h_res)
 
 
-def _post_fwd(x, f_out, h_post, h_res, transpose, choice):
-    return _post(x, f_out, h_post, h_res, transpose, choice), (x, f_out, h_post, h_res)
+def _post_fwd(x, f_out, h_post, h_res, transpose, choice, tiles):
+    return (_post(x, f_out, h_post, h_res, transpose, choice, tiles),
+            (x, f_out, h_post, h_res))
 
 
-def _post_bwd(transpose, choice, residuals, dout):
+def _post_bwd(transpose, choice, tiles, residuals, dout):
     x, f_out, h_post, h_res = residuals
     dx, df, d_post, d_res = _token_split(
         choice, pallas_hc.mix_backward, (*_POST_OPERANDS, _STREAMS), _POST_OPERANDS,
-        transpose=transpose)(x, f_out, h_post, h_res, dout)
+        transpose=transpose, config=tiles.backward)(x, f_out, h_post, h_res, dout)
     return _partition.typed_like_primals(
         (dx, df, d_post.astype(h_post.dtype), d_res.astype(h_res.dtype)), residuals)
 
@@ -653,13 +657,30 @@ def _post_bwd(transpose, choice, residuals, dout):
 _post.defvjp(_post_fwd, _post_bwd)
 
 
-def _prepare_post(x, f_out, h_post, h_res, transpose_res, backend):
+def _check_post_config(desc: MhcPostDescriptor, config: pallas_hc.MixConfig) -> None:
+    # The kernels mask partial tiles of tokens and channels: any launchable tile runs.
+    for name in ("forward", "backward"):
+        tile = getattr(config, name)
+        if tile is not None:
+            _op.check(isinstance(tile, pallas_hc.TileConfig), "mhc_post", f"config.{name}",
+                      "a TileConfig or None", repr(tile))
+            _op.check_launch(tile, "mhc_post")
+
+
+def post_tuning_key(desc: MhcPostDescriptor) -> str:
+    """``mhc_post``'s key in the tuning cache."""
+    return problem_key(tokens=desc.tokens, n=desc.n, hidden=desc.hidden,
+                       dtype=jnp.dtype(desc.dtype).name, transpose_res=desc.transpose_res)
+
+
+def _prepare_post(x, f_out, h_post, h_res, transpose_res, backend, config):
     desc = MhcPostDescriptor.from_args(x, f_out, h_post, h_res, transpose_res)
-    return desc, _op.select(MHC_POST_IMPLEMENTATIONS, desc, backend, op="mhc_post")
+    return desc, _op.select(MHC_POST_IMPLEMENTATIONS, desc, backend, config, op="mhc_post")
 
 
 def mhc_post(x: ArrayLike, f_out: ArrayLike, h_post: ArrayLike, h_res: ArrayLike, *,
-             transpose_res: bool = False, backend: _op.Backend = None) -> jax.Array:
+             transpose_res: bool = False, backend: _op.Backend = None,
+             config: pallas_hc.MixConfig | None = None) -> jax.Array:
     """mHC after the sublayer: ``x_next[..., i, c] = sum_j h_res[..., i, j] x[..., j, c]
     + h_post[..., i] f_out[..., c]`` (module doc).
 
@@ -671,26 +692,32 @@ def mhc_post(x: ArrayLike, f_out: ArrayLike, h_post: ArrayLike, h_res: ArrayLike
       transpose_res: mix with ``h_res^T`` (``x_next_i = sum_j h_res[j, i] x_j``), the
         layout of DeepSeek's kernels.
       backend: as in :func:`sinkhorn_knopp`.
+      config: the kernels' tiles, ``MixConfig(forward, backward)`` of
+        ``TileConfig(block_rows tokens, block_cols channels, num_warps)`` per stream
+        (``None`` fields: the heuristic's); default: this device's tuned entry, else the
+        heuristic (``bjax.plan(...).config_source``).
 
     Returns ``x_next [..., n, C]`` in x's dtype; differentiable in all four arrays.
 
     Raises:
       InvalidProblemError: ``x`` of rank < 2 or with no streams or channels; ``f_out``,
         ``h_post`` or ``h_res`` of the wrong shape or dtype (``f_out`` in x's dtype, the
-        coefficients float); a non-bool ``transpose_res``.
+        coefficients float); a non-bool ``transpose_res``; ``config`` not a ``MixConfig``
+        or with a tile that cannot launch.
       UnsupportedError: ``x`` not float32, bfloat16 or float16, or a coefficient not
         float; more than ``MAX_KERNEL_STREAMS`` streams on the Pallas kernels;
-        ``backend="pallas"`` without a CUDA GPU.
+        ``backend="pallas"`` without a CUDA GPU; ``config`` with the XLA backend.
     """
     x, f_out, h_post, h_res = map(jnp.asarray, (x, f_out, h_post, h_res))
-    desc, choice = _prepare_post(x, f_out, h_post, h_res, transpose_res, backend)
+    desc, choice = _prepare_post(x, f_out, h_post, h_res, transpose_res, backend, config)
     if choice.on_xla:
         return xla_hc.mhc_post(x, f_out, h_post, h_res, transpose_res=desc.transpose_res)
     if desc.tokens == 0:
         return jnp.zeros(x.shape, x.dtype)
     t, n, hidden = desc.tokens, desc.n, desc.hidden
     out = _post(x.reshape(t, n, hidden), f_out.reshape(t, hidden), h_post.reshape(t, n),
-                h_res.reshape(t, n, n), desc.transpose_res, choice)
+                h_res.reshape(t, n, n), desc.transpose_res, choice,
+                choice.config_for(desc, pallas_hc.MixConfig))
     return out.reshape(x.shape)
 
 
@@ -699,7 +726,12 @@ MHC_PRE_IMPLEMENTATIONS = _mhc_table(
     + "bjax_sinkhorn + bjax_mhc_pre")
 """``mhc_pre``'s implementation table, in order of preference."""
 
-MHC_POST_IMPLEMENTATIONS = _mhc_table("mhc_post", lambda desc: "bjax_mhc_post")
+MHC_POST_IMPLEMENTATIONS = _mhc_table(
+    "mhc_post", lambda desc: "bjax_mhc_post", config_type=pallas_hc.MixConfig,
+    default_config=lambda desc: pallas_hc.MixConfig(
+        pallas_hc.mix_config(desc.tokens, desc.n, desc.hidden),
+        pallas_hc.mix_backward_config(desc.tokens, desc.n, desc.hidden)),
+    check_config=_check_post_config, tuning_key=post_tuning_key)
 """``mhc_post``'s implementation table, in order of preference."""
 
 
@@ -738,6 +770,6 @@ def _plan_mhc_pre(x, *, bias, phi=None, alpha=None, rmsnorm_eps=1e-6, sinkhorn_i
 
 
 @_op.register_planner(mhc_post)
-def _plan_mhc_post(x, f_out, h_post, h_res, *, transpose_res=False, backend=None):
-    desc, choice = _prepare_post(x, f_out, h_post, h_res, transpose_res, backend)
+def _plan_mhc_post(x, f_out, h_post, h_res, *, transpose_res=False, backend=None, config=None):
+    desc, choice = _prepare_post(x, f_out, h_post, h_res, transpose_res, backend, config)
     return _op.Plan.of("mhc_post", desc, choice, _PRECISION)

@@ -29,7 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.blocks import (bf16_pieces, columns, load, padded, pallas_call, rows_cols,
                                    split_bf16, split_dot)
-from pallas_kernels.tiling import TileConfig, fit_tile
+from pallas_kernels.tiling import TileConfig, fit_tile, tile_search_space
 
 # Elements a program holds across its streams (x tiles), and programs to launch at least.
 _PROGRAM_ELEMENTS = 16384
@@ -246,12 +246,43 @@ def _mix_kernel(x_ref, f_ref, post_ref, res_ref, out_ref, *, n, rows, hidden, tr
         tile.store(out_ref, _weighted_sum(weights, xs) + tile.per_row(post_ref, i) * f, i)
 
 
-@functools.partial(jax.jit, static_argnames=("transpose", "interpret"))
-def mix(x, f_out, h_post, h_res, *, transpose: bool, interpret: bool = False):
+def mix_config(rows: int, n: int, hidden: int) -> TileConfig:
+    """Tiles of :func:`mix`: ``[block_rows, block_cols]`` of each stream (:func:`stream_config`)."""
+    return stream_config(rows, n, hidden)
+
+
+def mix_backward_config(rows: int, n: int, hidden: int) -> TileConfig:
+    """Tiles of :func:`mix_backward`: narrow ones, since the ``n^2 + n`` row sums per tile
+    cost less (an H200 sweep: 4 x 256 on 4 warps, 17% faster than 2 x 1024)."""
+    return fit_tile(rows, hidden, tile_elements=max(128, 4096 // pl.next_power_of_2(n)),
+                    min_programs=_MIN_PROGRAMS, max_block_cols=256)
+
+
+def mix_search_space(rows: int, n: int, hidden: int, *,
+                     backward: bool = False) -> tuple[TileConfig, ...]:
+    """The tiles the tuner tries (``bjax.tune``) for :func:`mix` (or, with ``backward``,
+    :func:`mix_backward`): rows by channels of each stream, 1024 to 16384 cells over the
+    n streams (the backward up to 8192: it holds x and dout), 4 or 8 warps."""
+    return tile_search_space(rows, hidden, min_elements=1024,
+                             max_elements=8192 if backward else 16384,
+                             cell=pl.next_power_of_2(n))
+
+
+@dataclasses.dataclass(frozen=True)
+class MixConfig:
+    """Tiles of ``mhc_post``'s forward and backward kernels; ``None``: that one's heuristic
+    (:func:`mix_config`, :func:`mix_backward_config`)."""
+    forward: TileConfig | None = None
+    backward: TileConfig | None = None
+
+
+@functools.partial(jax.jit, static_argnames=("transpose", "config", "interpret"))
+def mix(x, f_out, h_post, h_res, *, transpose: bool, config: TileConfig | None = None,
+        interpret: bool = False):
     """``out [rows, n, C]`` (x's dtype): ``sum_j R_ij x_j + h_post_i f_out`` per row, ``R`` =
-    ``h_res [rows, n, n]`` or its transpose."""
+    ``h_res [rows, n, n]`` or its transpose; tiles ``config`` (default :func:`mix_config`)."""
     rows, n, hidden = x.shape
-    config = stream_config(rows, n, hidden)
+    config = config or mix_config(rows, n, hidden)
     kernel = functools.partial(_mix_kernel, n=n, rows=rows, hidden=hidden, transpose=transpose,
                                config=config)
     return pallas_call(
@@ -278,15 +309,13 @@ def _mix_backward_kernel(x_ref, f_ref, post_ref, res_ref, dout_ref, dx_ref, df_r
         tile.store_per_row(stats_ref, jnp.sum(douts[i] * f, axis=1), column, n * n + i)
 
 
-@functools.partial(jax.jit, static_argnames=("transpose", "interpret"))
-def mix_backward(x, f_out, h_post, h_res, dout, *, transpose: bool, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("transpose", "config", "interpret"))
+def mix_backward(x, f_out, h_post, h_res, dout, *, transpose: bool,
+                 config: TileConfig | None = None, interpret: bool = False):
     """``(dx, df_out, dh_post [rows, n], dh_res [rows, n, n])`` of :func:`mix` (the
-    coefficient gradients float32)."""
+    coefficient gradients float32); tiles ``config`` (default :func:`mix_backward_config`)."""
     rows, n, hidden = x.shape
-    # Narrow tiles: the n^2 + n row sums per tile cost less (an H200 sweep: 4 x 256 on
-    # 4 warps, 17% faster than 2 x 1024).
-    config = fit_tile(rows, hidden, tile_elements=max(128, 4096 // pl.next_power_of_2(n)),
-                      min_programs=_MIN_PROGRAMS, max_block_cols=256)
+    config = config or mix_backward_config(rows, n, hidden)
     grid = (pl.cdiv(rows, config.block_rows), pl.cdiv(hidden, config.block_cols))
     kernel = functools.partial(_mix_backward_kernel, n=n, rows=rows, hidden=hidden,
                                transpose=transpose, config=config)

@@ -16,6 +16,7 @@ from bjax.hyper_connection import (SINKHORN_INITS, SINKHORN_ORDERS, SinkhornInit
                                    SinkhornOrder)
 from pallas_kernels import hyper_connection as pallas_hc
 from pallas_kernels.formulas import sinkhorn as sinkhorn_math
+from pallas_kernels.tiling import TileConfig
 from tests import oracles
 from tests.conftest import BACKENDS, KERNEL_BACKEND, assert_close
 
@@ -571,23 +572,32 @@ def test_deepseek_presets_match_deepseek_formula(dtype, backend):
         assert_grad_close(g, r, GRAD_RTOL[jnp.dtype(dtype)], name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_mhc_post_gradients_of_every_argument(backend):
+def check_mhc_post(backend, config=None):
+    """mhc_post's output and the gradient of every argument, both mixes (h_res and its
+    transpose), against float64, on 6 tokens of 3 streams of 50 channels."""
     x = normal(7, (6, 3, 50))
     f_out, h_post, h_res = normal(8, (6, 50)), normal(9, (6, 3)), normal(10, (6, 3, 3))
     cotangent = normal(11, x.shape)
     for transpose in (False, True):
-        mine = jax.jit(jax.grad(lambda *a: jnp.sum(bjax.mhc_post(
-            *a, transpose_res=transpose, backend=backend) * cotangent), argnums=range(4)))(
-            x, f_out, h_post, h_res)
+        def mine(*a):
+            return bjax.mhc_post(*a, transpose_res=transpose, backend=backend, config=config)
 
         def oracle(x, f, hp, hr):
             r = jnp.swapaxes(hr, 1, 2) if transpose else hr
             return (r[:, :, :, None] * x[:, None]).sum(2) + hp[:, :, None] * f[:, None, :]
+        args64 = [a.astype(jnp.float64) for a in (x, f_out, h_post, h_res)]
+        assert_close(jax.jit(mine)(x, f_out, h_post, h_res), oracle(*args64), jnp.float32)
+        grads = jax.jit(jax.grad(lambda *a: jnp.sum(mine(*a) * cotangent), argnums=range(4)))(
+            x, f_out, h_post, h_res)
         ref = jax.jit(jax.grad(lambda *a: jnp.sum(oracle(*a) * cotangent), argnums=range(4)))(
-            *(a.astype(jnp.float64) for a in (x, f_out, h_post, h_res)))
-        for name, g, r in zip(("x", "f_out", "h_post", "h_res"), mine, ref):
+            *args64)
+        for name, g, r in zip(("x", "f_out", "h_post", "h_res"), grads, ref):
             assert_grad_close(g, r, GRAD_RTOL[jnp.dtype(jnp.float32)], name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mhc_post_gradients_of_every_argument(backend):
+    check_mhc_post(backend)
 
 
 # ---------------------------------------------------------------- transforms, determinism
@@ -634,6 +644,7 @@ def test_plan():
 
 F32 = jnp.float32
 _X = jnp.ones((2, 4, 8), F32)
+_POST_ARGS = (_X, jnp.ones((2, 8), F32), jnp.ones((2, 4), F32), jnp.ones((2, 4, 4), F32))
 _W, _V, _M = jnp.ones((8,), F32), jnp.ones((4,), F32), jnp.ones((4, 4), F32)
 _BIAS, _PHI, _ALPHA = jnp.ones((24,), F32), jnp.ones((32, 24), F32), jnp.ones((3,), F32)
 
@@ -730,6 +741,16 @@ ERRORS = [
     (lambda: bjax.mhc_post(_X, jnp.ones((2, 8), F32), jnp.ones((2, 4), F32), jnp.ones((2, 4, 4), F32),
                            transpose_res=1), bjax.InvalidProblemError,
      "transpose_res must be a bool; got 1"),
+    (lambda: bjax.mhc_post(*_POST_ARGS, backend="interpret", config=TileConfig(2, 64, 4)),
+     bjax.InvalidProblemError, "mhc_post: config must be MixConfig (pallas_triton), or None"),
+    (lambda: bjax.mhc_post(*_POST_ARGS, backend="interpret",
+                           config=pallas_hc.MixConfig(backward="tiles")),
+     bjax.InvalidProblemError, "mhc_post: config.backward must be a TileConfig or None; got 'tiles'"),
+    (lambda: bjax.mhc_post(*_POST_ARGS, backend="interpret",
+                           config=pallas_hc.MixConfig(TileConfig(3, 64, 4))),
+     bjax.InvalidProblemError, "mhc_post: config.block_rows must be a power of 2; got 3"),
+    (lambda: bjax.mhc_post(*_POST_ARGS, backend="xla", config=pallas_hc.MixConfig()),
+     bjax.UnsupportedError, "mhc_post: config must be None for xla, which takes no config"),
 ]
 
 

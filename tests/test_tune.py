@@ -14,9 +14,10 @@ from bjax.tune import cache, problems, tuner
 from pallas_kernels import cascade as pallas_cascade
 from pallas_kernels import conv as pallas_conv
 from pallas_kernels import gated as pallas_gated
+from pallas_kernels import hyper_connection as pallas_hc
 from pallas_kernels import ssd as pallas_ssd
 from pallas_kernels import ssd_backward as pallas_ssd_backward
-from tests import oracles, test_cascade, test_conv, test_ssd
+from tests import oracles, test_cascade, test_conv, test_hyper_connection, test_ssd
 from tests.conftest import KERNEL_BACKEND, assert_close, random
 
 
@@ -195,6 +196,10 @@ def test_the_command_builds_each_op():
         merge = cli.problem_of(cli._parser().parse_args(
             argv + ["--seq-len", "9", "--heads", "2", "--head-dim", "8"]))
         assert merge.op == op and f"num_states={3 if op == 'merge_states' else 2}" in merge.key
+    post = cli.problem_of(cli._parser().parse_args(
+        ["mhc_post", "--tokens", "6", "--streams", "3", "--hidden", "50", "--transpose-res"]))
+    assert post.op == "mhc_post" and "transpose_res=True" in post.key and "n=3" in post.key
+    assert [stage.objective for stage in post.stages] == [tuner.FORWARD, tuner.FORWARD_BACKWARD]
 
 
 # Candidates of every declared search space against the float64 oracles, at the ops'
@@ -244,6 +249,16 @@ def test_merge_candidates_match_the_oracle(forward, backward):
         # As tests/test_cascade: the backward's dot products over head_dim, 4x for ds.
         assert_close(grads[0], ref_dv, jnp.float32)
         assert_close(grads[1], ref_ds, jnp.float32, scale=4)
+
+
+def _mhc_post_candidates():
+    return list(zip(_spread(pallas_hc.mix_search_space(6, 3, 50), 3),
+                    _spread(pallas_hc.mix_search_space(6, 3, 50, backward=True), 3)[::-1]))
+
+
+@pytest.mark.parametrize("forward, backward", _mhc_post_candidates(), ids=str)
+def test_mhc_post_candidates_match_the_oracle(forward, backward):
+    test_hyper_connection.check_mhc_post(KERNEL_BACKEND, pallas_hc.MixConfig(forward, backward))
 
 
 def _ssd_candidates():

@@ -12,11 +12,13 @@ import bjax
 from bjax import cascade as bjax_cascade
 from bjax import conv as bjax_conv
 from bjax import gated as bjax_gated
+from bjax.hyper_connection import post_tuning_key as mhc_post_tuning_key
 from bjax import ssd as bjax_ssd
 from bjax.tune.tuner import FORWARD, FORWARD_BACKWARD, Problem, Stage
 from pallas_kernels import cascade as pallas_cascade
 from pallas_kernels import conv as pallas_conv
 from pallas_kernels import gated as pallas_gated
+from pallas_kernels import hyper_connection as pallas_hc
 from pallas_kernels import ssd as pallas_ssd
 from pallas_kernels import ssd_backward as pallas_ssd_backward
 
@@ -72,6 +74,39 @@ def merge_states(num_states: int, seq_len: int, heads: int, head_dim: int,
     return Problem(desc.op, bjax_cascade.tuning_key(desc), run, arrays,
                    tuple(range(len(arrays))),
                    MergeConfig(desc.kernel_config, desc.backward_config), stages)
+
+
+def mhc_post(tokens: int, n: int, hidden: int, dtype="bfloat16", *, transpose_res=False,
+             backend=None) -> Problem:
+    """``bjax.mhc_post(x, f_out, h_post, h_res)`` with x ``[tokens, n, hidden]`` and
+    coefficients as ``mhc_pre`` gives them (h_post in (0, 2), h_res doubly stochastic). Two
+    stages: the forward tile, then the backward tile with it
+    (:func:`pallas_kernels.hyper_connection.mix_search_space`)."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = _normal(keys[0], (tokens, n, hidden), dtype)
+    f_out = _normal(keys[1], (tokens, hidden), dtype)
+    h_post = 2 * jax.nn.sigmoid(_normal(keys[2], (tokens, n), jnp.float32))
+    h_res = bjax.sinkhorn_knopp(_normal(keys[3], (tokens, n, n), jnp.float32), backend="xla")
+    arrays = (x, f_out, h_post, h_res)
+
+    def run(config, *arrays):
+        return bjax.mhc_post(*arrays, transpose_res=transpose_res, backend=backend, config=config)
+
+    desc = bjax.plan(bjax.mhc_post, *arrays, transpose_res=transpose_res,
+                     backend="xla").descriptor
+    MixConfig = pallas_hc.MixConfig
+    stages = (
+        Stage("forward tile", lambda best: [
+            MixConfig(tile, best.backward)
+            for tile in pallas_hc.mix_search_space(tokens, n, hidden)], FORWARD),
+        Stage("backward tile", lambda best: [
+            MixConfig(best.forward, tile)
+            for tile in pallas_hc.mix_search_space(tokens, n, hidden, backward=True)],
+            FORWARD_BACKWARD))
+    heuristic = MixConfig(pallas_hc.mix_config(tokens, n, hidden),
+                          pallas_hc.mix_backward_config(tokens, n, hidden))
+    return Problem("mhc_post", mhc_post_tuning_key(desc), run, arrays, (0, 1, 2, 3),
+                   heuristic, stages)
 
 
 def causal_conv1d(shape: tuple[int, int, int], taps: int = 4, dtype="bfloat16", *,

@@ -320,10 +320,10 @@ def select(table: tuple[Implementation, ...], desc: Any, backend: str | None = N
                            + "; ".join(f"{name}: {why}" for name, why in rejected))
 
 
-def check_launch(config: Any, op: str) -> None:
+def check_launch(config: Any, op: str, name: str = "config") -> None:
     """The fields every Triton launch configuration shares: ``block*`` sizes and
     ``num_warps`` powers of two (Triton's block shapes and warp counts), ``num_stages``
-    and other counts at least 1.
+    and other counts at least 1. ``name``: the argument the config is (for the errors).
 
     Raises:
       InvalidProblemError: naming the field.
@@ -332,14 +332,14 @@ def check_launch(config: Any, op: str) -> None:
         value = getattr(config, field.name)
         if isinstance(value, bool):
             continue
-        argument = f"config.{field.name}"
+        argument = f"{name}.{field.name}"
         check(isinstance(value, int), op, argument, "a Python int", repr(value))
         if field.name.startswith("block") or field.name == "num_warps":
             check(value >= 1 and value & (value - 1) == 0, op, argument, "a power of 2", value)
         else:
             check(value >= 1, op, argument, ">= 1", value)
     warps = getattr(config, "num_warps", 1)
-    check(warps <= 32, op, "config.num_warps", "at most 32 (1024 threads)", warps)
+    check(warps <= 32, op, f"{name}.num_warps", "at most 32 (1024 threads)", warps)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -463,10 +463,19 @@ class MhcPreDescriptor:
                                                      "sinkhorn_init", "sinkhorn_order")))
 
 
+def _pre_tiles(desc: MhcPreDescriptor, choice: _op.Choice) -> pallas_hc.PreConfig:
+    """The caller's or the tuned :class:`PreConfig` (``None`` fields: the heuristics, which
+    each kernel derives from its own, possibly sharded, operands)."""
+    return pallas_hc.PreConfig() if choice.on_xla else choice.config_for(desc, pallas_hc.PreConfig)
+
+
 def _coefficients(h_tilde, desc: MhcPreDescriptor, choice):
-    """``(h_pre, h_post, h_res)`` from ``H~ [T, n^2 + 2n]`` (Sinkhorn on ``choice``)."""
+    """``(h_pre, h_post, h_res)`` from ``H~ [T, n^2 + 2n]`` (Sinkhorn on ``choice``, with
+    the Sinkhorn config of :func:`_pre_tiles`)."""
+    sinkhorn_choice = dataclasses.replace(choice, config=_pre_tiles(desc, choice).sinkhorn)
     return xla_hc.mhc_coefficients(
-        h_tilde, desc.n, sinkhorn=lambda logits: _sinkhorn_any(logits, desc.sinkhorn, choice),
+        h_tilde, desc.n,
+        sinkhorn=lambda logits: _sinkhorn_any(logits, desc.sinkhorn, sinkhorn_choice),
         pre_eps=desc.pre_eps, post_scale=desc.post_scale)
 
 
@@ -492,27 +501,29 @@ def _pre(x, phi, alpha, bias, desc: MhcPreDescriptor, choice: _op.Choice):
 
 
 def _pre_fwd(x, phi, alpha, bias, desc, choice):
+    tiles = _pre_tiles(desc, choice)
     if desc.dynamic:
         proj, squares = _token_split(choice, pallas_hc.project, (("t", "f"), ("f", "k")),
-                                     (("t", "k"), ("t",)))(
+                                     (("t", "k"), ("t",)), config=tiles.projection)(
             x.reshape(desc.tokens, -1), phi.astype(jnp.float32))
         h_pre, h_post, h_res = _dynamic_coefficients(proj, squares, alpha, bias, desc, choice)
     else:
         proj = squares = None
         h_pre, h_post, h_res = _static_coefficients(bias, x, desc, choice)
     layer_input = _token_split(choice, pallas_hc.aggregate, (_STREAMS, ("t", "i")),
-                               (("t", "c"),))(x, h_pre)
+                               (("t", "c"),), config=tiles.aggregate)(x, h_pre)
     return (layer_input, h_post, h_res), (x, phi, alpha, bias, proj, squares)
 
 
 def _pre_bwd(desc, choice, residuals, cotangents):
     x, phi, alpha, bias, proj, squares = residuals
     d_input, d_post, d_res = cotangents
+    tiles = _pre_tiles(desc, choice)
     if not desc.dynamic:
         (h_pre, _, _), coef_vjp = jax.vjp(lambda b: _static_coefficients(b, x, desc, choice), bias)
         dx, d_pre = _token_split(choice, pallas_hc.aggregate_backward,
                                  (_STREAMS, ("t", "i"), ("t", "c")), (_STREAMS, ("t", "i")),
-                                 with_dx=True)(x, h_pre, d_input)
+                                 with_dx=True, config=tiles.aggregate_backward)(x, h_pre, d_input)
         return _partition.typed_like_primals((dx, None, None, *coef_vjp((d_pre, d_post, d_res))),
                                              residuals[:4])
     # The coefficients are recomputed (a few [T, n^2 + 2n] ops and one Sinkhorn launch)
@@ -522,14 +533,16 @@ def _pre_bwd(desc, choice, residuals, cotangents):
         proj, squares, alpha, bias)
     d_pre = _token_split(choice, pallas_hc.aggregate_backward,
                          (_STREAMS, ("t", "i"), ("t", "c")), (("t", "i"),),
-                         with_dx=False)(x, h_pre, d_input)
+                         with_dx=False, config=tiles.aggregate_backward)(x, h_pre, d_input)
     d_proj, d_squares, d_alpha, d_bias = coef_vjp((d_pre, d_post, d_res))
     phi32 = phi.astype(jnp.float32)
     dx = _token_split(choice, pallas_hc.project_input_grad,
                       (_STREAMS, ("t", "i"), ("t", "c"), ("t", "k"), ("f", "k"), ("t",)),
-                      (_STREAMS,))(x, h_pre, d_input, d_proj, phi32, 2 * d_squares)
+                      (_STREAMS,), config=tiles.input_grad)(
+        x, h_pre, d_input, d_proj, phi32, 2 * d_squares)
     d_phi = _token_split(choice, pallas_hc.project_weight_grad, (("t", "f"), ("t", "k")),
-                         (("f", "k"),), reduced=True)(x.reshape(desc.tokens, -1), d_proj)
+                         (("f", "k"),), reduced=True, config=tiles.weight_grad)(
+        x.reshape(desc.tokens, -1), d_proj)
     return _partition.typed_like_primals((dx, d_phi.astype(phi.dtype), d_alpha, d_bias),
                                          residuals[:4])
 
@@ -537,19 +550,53 @@ def _pre_bwd(desc, choice, residuals, cotangents):
 _pre.defvjp(_pre_fwd, _pre_bwd)
 
 
+def _check_tiles(op: str, config, fields: dict) -> None:
+    """Each of ``fields`` (name: type) of ``config`` is None or a launchable config of
+    that type."""
+    for name, kind in fields.items():
+        tile = getattr(config, name)
+        if tile is not None:
+            _op.check(isinstance(tile, kind), op, f"config.{name}",
+                      f"a {kind.__name__} or None", repr(tile))
+            _op.check_launch(tile, op, f"config.{name}")
+
+
+def _check_pre_config(desc: MhcPreDescriptor, config: pallas_hc.PreConfig) -> None:
+    # The kernels mask partial tiles; the projection's column block must fit phi's
+    # stacked pieces, which it walks in whole blocks.
+    _check_tiles("mhc_pre", config, {
+        "projection": pallas_hc.ProjectionConfig, "aggregate": pallas_hc.TileConfig,
+        "aggregate_backward": pallas_hc.TileConfig, "input_grad": pallas_hc.TileConfig,
+        "weight_grad": pallas_hc.TileConfig, "sinkhorn": pallas_sinkhorn.SinkhornConfig})
+    if desc.dynamic and config.projection is not None:
+        width = pallas_hc.stacked_width(desc.n * desc.n + 2 * desc.n)
+        _op.check(config.projection.block_width <= width, "mhc_pre",
+                  "config.projection.block_width",
+                  f"<= {width} (phi's three pieces side by side, padded)",
+                  config.projection.block_width)
+
+
+def pre_tuning_key(desc: MhcPreDescriptor) -> str:
+    """``mhc_pre``'s key in the tuning cache."""
+    return problem_key(tokens=desc.tokens, n=desc.n, hidden=desc.hidden,
+                       dtype=jnp.dtype(desc.dtype).name, dynamic=desc.dynamic,
+                       sinkhorn_iters=desc.sinkhorn.iters)
+
+
 def _prepare_pre(x, phi, alpha, bias, rmsnorm_eps, sinkhorn_iters, sinkhorn_eps,
-                 sinkhorn_init, sinkhorn_order, pre_eps, post_scale, backend):
+                 sinkhorn_init, sinkhorn_order, pre_eps, post_scale, backend, config):
     desc = MhcPreDescriptor.from_args(x, phi, alpha, bias, rmsnorm_eps, sinkhorn_iters,
                                       sinkhorn_eps, sinkhorn_init, sinkhorn_order, pre_eps,
                                       post_scale)
-    return desc, _op.select(MHC_PRE_IMPLEMENTATIONS, desc, backend, op="mhc_pre")
+    return desc, _op.select(MHC_PRE_IMPLEMENTATIONS, desc, backend, config, op="mhc_pre")
 
 
 def mhc_pre(x: ArrayLike, *, bias: ArrayLike, phi: ArrayLike | None = None,
             alpha: ArrayLike | None = None, rmsnorm_eps: float = 1e-6, sinkhorn_iters: int = 20,
             sinkhorn_eps: float = 1e-5, sinkhorn_init: SinkhornInit = "exp",
             sinkhorn_order: SinkhornOrder = "columns_first", pre_eps: float = 0.0,
-            post_scale: float = 2.0, backend: _op.Backend = None
+            post_scale: float = 2.0, backend: _op.Backend = None,
+            config: pallas_hc.PreConfig | None = None
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """mHC before the sublayer: coefficients and the sublayer's input (module doc).
 
@@ -581,12 +628,13 @@ def mhc_pre(x: ArrayLike, *, bias: ArrayLike, phi: ArrayLike | None = None,
         :func:`sinkhorn_knopp`.
       UnsupportedError: ``x`` not float32, bfloat16 or float16, or a parameter not
         float; more than ``MAX_KERNEL_STREAMS`` streams on the Pallas kernels;
-        ``backend="pallas"`` without a CUDA GPU.
+        ``backend="pallas"`` without a CUDA GPU; ``config`` with the XLA backend.
     """
     x = jnp.asarray(x)
     phi, alpha, bias = (None if a is None else jnp.asarray(a) for a in (phi, alpha, bias))
     desc, choice = _prepare_pre(x, phi, alpha, bias, rmsnorm_eps, sinkhorn_iters, sinkhorn_eps,
-                                sinkhorn_init, sinkhorn_order, pre_eps, post_scale, backend)
+                                sinkhorn_init, sinkhorn_order, pre_eps, post_scale, backend,
+                                config)
     if choice.on_xla:
         return xla_hc.mhc_pre(x, phi, alpha, bias, rmsnorm_eps=desc.rmsnorm_eps,
                               sinkhorn=functools.partial(xla_hc.sinkhorn,
@@ -659,12 +707,8 @@ _post.defvjp(_post_fwd, _post_bwd)
 
 def _check_post_config(desc: MhcPostDescriptor, config: pallas_hc.MixConfig) -> None:
     # The kernels mask partial tiles of tokens and channels: any launchable tile runs.
-    for name in ("forward", "backward"):
-        tile = getattr(config, name)
-        if tile is not None:
-            _op.check(isinstance(tile, pallas_hc.TileConfig), "mhc_post", f"config.{name}",
-                      "a TileConfig or None", repr(tile))
-            _op.check_launch(tile, "mhc_post")
+    _check_tiles("mhc_post", config,
+                 {"forward": pallas_hc.TileConfig, "backward": pallas_hc.TileConfig})
 
 
 def post_tuning_key(desc: MhcPostDescriptor) -> str:
@@ -723,7 +767,10 @@ def mhc_post(x: ArrayLike, f_out: ArrayLike, h_post: ArrayLike, h_res: ArrayLike
 
 MHC_PRE_IMPLEMENTATIONS = _mhc_table(
     "mhc_pre", lambda desc: ("bjax_mhc_projection + " if desc.dynamic else "")
-    + "bjax_sinkhorn + bjax_mhc_pre")
+    + "bjax_sinkhorn + bjax_mhc_pre", config_type=pallas_hc.PreConfig,
+    default_config=lambda desc: pallas_hc.pre_config(
+        desc.tokens, desc.n, desc.hidden, desc.n * desc.n + 2 * desc.n, desc.dtype),
+    check_config=_check_pre_config, tuning_key=pre_tuning_key)
 """``mhc_pre``'s implementation table, in order of preference."""
 
 MHC_POST_IMPLEMENTATIONS = _mhc_table(
@@ -763,9 +810,10 @@ def _plan_hyper_connection(x_expanded, rmsnorm_weight, h_pre, h_post, h_res, *,
 @_op.register_planner(mhc_pre)
 def _plan_mhc_pre(x, *, bias, phi=None, alpha=None, rmsnorm_eps=1e-6, sinkhorn_iters=20,
                   sinkhorn_eps=1e-5, sinkhorn_init="exp", sinkhorn_order="columns_first",
-                  pre_eps=0.0, post_scale=2.0, backend=None):
+                  pre_eps=0.0, post_scale=2.0, backend=None, config=None):
     desc, choice = _prepare_pre(x, phi, alpha, bias, rmsnorm_eps, sinkhorn_iters, sinkhorn_eps,
-                                sinkhorn_init, sinkhorn_order, pre_eps, post_scale, backend)
+                                sinkhorn_init, sinkhorn_order, pre_eps, post_scale, backend,
+                                config)
     return _op.Plan.of("mhc_pre", desc, choice, _PRECISION)
 
 

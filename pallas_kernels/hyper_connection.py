@@ -29,6 +29,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.blocks import (bf16_pieces, columns, load, padded, pallas_call, rows_cols,
                                    split_bf16, split_dot)
+from pallas_kernels.sinkhorn import SinkhornConfig
+from pallas_kernels.sinkhorn import default_config as sinkhorn_default_config
 from pallas_kernels.tiling import TileConfig, fit_tile, tile_search_space
 
 # Elements a program holds across its streams (x tiles), and programs to launch at least.
@@ -337,11 +339,12 @@ def _aggregate_kernel(x_ref, pre_ref, out_ref, *, n, rows, hidden, config):
                                       tile.streams(x_ref, n)))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def aggregate(x, h_pre, *, interpret: bool = False):
-    """``sum_i h_pre[:, i] x[:, i, :]``: ``[rows, C]`` in x's dtype."""
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def aggregate(x, h_pre, *, config: TileConfig | None = None, interpret: bool = False):
+    """``sum_i h_pre[:, i] x[:, i, :]``: ``[rows, C]`` in x's dtype; tiles ``config``
+    (default :func:`stream_config`)."""
     rows, n, hidden = x.shape
-    config = stream_config(rows, n, hidden)
+    config = config or stream_config(rows, n, hidden)
     kernel = functools.partial(_aggregate_kernel, n=n, rows=rows, hidden=hidden, config=config)
     return pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((rows, hidden), x.dtype),
@@ -360,12 +363,13 @@ def _aggregate_backward_kernel(x_ref, pre_ref, dout_ref, *out_refs, n, rows, hid
         tile.store_per_row(stats_ref, jnp.sum(dout * xs[i], axis=1), pl.program_id(1), i)
 
 
-@functools.partial(jax.jit, static_argnames=("with_dx", "interpret"))
-def aggregate_backward(x, h_pre, dout, *, with_dx: bool, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("with_dx", "config", "interpret"))
+def aggregate_backward(x, h_pre, dout, *, with_dx: bool, config: TileConfig | None = None,
+                       interpret: bool = False):
     """``dh_pre [rows, n]`` float32 of :func:`aggregate`, after ``dx`` (x's dtype) when
-    ``with_dx``."""
+    ``with_dx``; tiles ``config`` (default :func:`stream_config`)."""
     rows, n, hidden = x.shape
-    config = stream_config(rows, n, hidden)
+    config = config or stream_config(rows, n, hidden)
     grid = (pl.cdiv(rows, config.block_rows), pl.cdiv(hidden, config.block_cols))
     kernel = functools.partial(_aggregate_backward_kernel, n=n, rows=rows, hidden=hidden,
                                with_dx=with_dx, config=config)
@@ -426,6 +430,70 @@ def projection_config(rows: int, flat: int, width: int, dtype) -> ProjectionConf
                             max(1, min(3, _PIPELINE_BYTES // stage_bytes)))
 
 
+@dataclasses.dataclass(frozen=True)
+class PreConfig:
+    """Launch configurations of ``mhc_pre``'s kernels; ``None``: that one's heuristic.
+
+    Attributes:
+      projection: :func:`project` (dynamic H), :func:`projection_config`.
+      aggregate: :func:`aggregate`, :func:`stream_config`.
+      aggregate_backward: :func:`aggregate_backward`, :func:`stream_config`.
+      input_grad: :func:`project_input_grad` (dynamic H), :func:`input_grad_config`.
+      weight_grad: :func:`project_weight_grad` (dynamic H), :func:`weight_grad_config`.
+      sinkhorn: the Sinkhorn kernels of the coefficients,
+        :func:`pallas_kernels.sinkhorn.default_config`.
+    """
+    projection: ProjectionConfig | None = None
+    aggregate: TileConfig | None = None
+    aggregate_backward: TileConfig | None = None
+    input_grad: TileConfig | None = None
+    weight_grad: TileConfig | None = None
+    sinkhorn: SinkhornConfig | None = None
+
+
+def pre_config(rows: int, n: int, hidden: int, count: int, dtype) -> PreConfig:
+    """Every heuristic of ``mhc_pre``'s kernels for ``x [rows, n, hidden]`` of ``dtype``
+    and ``count`` coefficients (the projection's fields only matter with dynamic H)."""
+    stream = stream_config(rows, n, hidden)
+    width = stacked_width(count)
+    return PreConfig(projection_config(rows, n * hidden, width, dtype), stream, stream,
+                     input_grad_config(rows, hidden),
+                     weight_grad_config(rows, n * hidden, max(16, pl.next_power_of_2(count))),
+                     sinkhorn_default_config(rows, n))
+
+
+def projection_search_space(rows: int, flat: int, width: int, dtype) -> tuple:
+    """The projection configs the tuner tries: 64 or 128 rows by 64 or 128 columns, the
+    heuristic's split count and twice it, 4 or 8 warps, 2 or 3 stages."""
+    base = projection_config(rows, flat, width, dtype)
+    return tuple(dataclasses.replace(base, block_rows=block_rows, block_cols=block_cols,
+                                     splits=splits, num_warps=warps, num_stages=stages)
+                 for block_rows in (64, 128) for block_cols in (64, 128)
+                 for splits in dict.fromkeys((base.splits, 2 * base.splits))
+                 for warps in (4, 8) for stages in (2, 3))
+
+
+def stream_search_space(rows: int, n: int, hidden: int) -> tuple[TileConfig, ...]:
+    """Tiles the tuner tries for :func:`aggregate` and :func:`aggregate_backward` (all n
+    streams of a tile live at once): 1024 to 16384 cells over the streams, 4 or 8 warps."""
+    return tile_search_space(rows, hidden, min_elements=1024, max_elements=16384,
+                             cell=pl.next_power_of_2(n))
+
+
+def input_grad_search_space(rows: int, hidden: int) -> tuple[TileConfig, ...]:
+    """Tiles the tuner tries for :func:`project_input_grad` (one stream at a time): 1024 to
+    16384 elements, up to 256 columns, 4 or 8 warps."""
+    return tile_search_space(rows, hidden, min_elements=1024, max_elements=16384,
+                             max_block_cols=256)
+
+
+def weight_grad_search_space() -> tuple[TileConfig, ...]:
+    """Tiles the tuner tries for :func:`project_weight_grad`: 16 to 64 tokens a step by 32
+    to 128 rows of phi, 4 or 8 warps."""
+    return tuple(TileConfig(block_rows, block_cols, warps) for block_rows in (16, 32, 64)
+                 for block_cols in (32, 64, 128) for warps in (4, 8))
+
+
 def _project_kernel(x_ref, phi_ref, proj_ref, squares_ref, *, rows, flat, steps_per_split,
                     config):
     row_slice, row_mask = columns(rows, pl.program_id(0) * config.block_rows, config.block_rows)
@@ -473,7 +541,12 @@ def _stacked_phi_pieces(phi):
     a power-of-2 ``width``: one tensor-core product a step instead of three narrow ones
     (as fast on the H200, and a single accumulator)."""
     stacked = jnp.concatenate(split_bf16(phi, 3), axis=1)
-    return jnp.pad(stacked, ((0, 0), (0, padded(stacked.shape[1]) - stacked.shape[1])))
+    return jnp.pad(stacked, ((0, 0), (0, stacked_width(phi.shape[1]) - stacked.shape[1])))
+
+
+def stacked_width(count: int) -> int:
+    """Columns of :func:`_stacked_phi_pieces` for ``count`` columns of phi."""
+    return padded(3 * count)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -532,16 +605,17 @@ def input_grad_config(rows: int, hidden: int) -> TileConfig:
     return TileConfig(config.block_rows, config.block_cols, 4)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def project_input_grad(x, h_pre, dout, dproj, phi, x_scale, *, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def project_input_grad(x, h_pre, dout, dproj, phi, x_scale, *, config: TileConfig | None = None,
+                       interpret: bool = False):
     """``dx [rows, n, C]`` (x's dtype) of ``aggregate(x, h_pre)`` and of the dynamic
     coefficients: ``h_pre_i dout + (dproj phi^T)_i + x_scale x_i``, with ``dproj [rows,
     count]`` the gradient of ``x_flat phi`` and ``x_scale [rows]`` that of the sum of
-    squares, times 2."""
+    squares, times 2; tiles ``config`` (default :func:`input_grad_config`)."""
     rows, n, hidden = x.shape
     count = phi.shape[1]
     width = max(16, pl.next_power_of_2(count))
-    config = input_grad_config(rows, hidden)
+    config = config or input_grad_config(rows, hidden)
     kernel = functools.partial(_input_grad_kernel, n=n, rows=rows, hidden=hidden, width=width,
                                count=count, config=config)
     return pallas_call(
@@ -571,15 +645,17 @@ def _weight_grad_kernel(x_ref, dproj_ref, out_ref, *, rows, flat, width, count, 
                 mask=rows_cols(col_mask, outs_mask))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def project_weight_grad(x_flat, dproj, *, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def project_weight_grad(x_flat, dproj, *, config: TileConfig | None = None,
+                        interpret: bool = False):
     """``x_flat^T dproj [n C, count]`` float32: the gradient of ``phi`` in
-    :func:`project`. Programs own ``block_cols`` rows of phi and a chunk of tokens; the
-    chunks' partial sums are reduced after."""
+    :func:`project`. Programs own ``block_cols`` rows of phi and a chunk of tokens, walked
+    ``block_rows`` tokens a step; the chunks' partial sums are reduced after. Tiles
+    ``config`` (default :func:`weight_grad_config`)."""
     rows, flat = x_flat.shape
     count = dproj.shape[1]
     width = max(16, pl.next_power_of_2(count))
-    config = weight_grad_config(rows, flat, width)
+    config = config or weight_grad_config(rows, flat, width)
     tiles = pl.cdiv(flat, config.block_cols)
     chunks = max(1, min(pl.cdiv(rows, config.block_rows), pl.cdiv(_MIN_PROGRAMS, tiles)))
     chunk = pl.cdiv(pl.cdiv(rows, chunks), config.block_rows) * config.block_rows

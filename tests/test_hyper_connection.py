@@ -294,10 +294,10 @@ def sublayer(u):
     return jnp.tanh(u) * 1.5
 
 
-def run_layer(x, bias, phi, alpha, backend, x_post=None, **options):
+def run_layer(x, bias, phi, alpha, backend, x_post=None, pre_config=None, **options):
     post_options = {"transpose_res": options.pop("transpose_res", False)}
     layer_input, h_post, h_res = bjax.mhc_pre(x, bias=bias, phi=phi, alpha=alpha,
-                                              backend=backend, **options)
+                                              backend=backend, config=pre_config, **options)
     f_out = sublayer(layer_input.astype(jnp.float32)).astype(x.dtype)
     x_post = x if x_post is None else x_post
     return bjax.mhc_post(x_post, f_out, h_post, h_res, backend=backend, **post_options), \
@@ -433,7 +433,7 @@ def test_projection_weight_grad_matches_oracle(dtype):
     assert_close(got, x64.T @ d64, jnp.float32, SCALE[jnp.dtype(jnp.float32)])
 
 
-def layer_gradients(x, bias, phi, alpha, backend, **options):
+def layer_gradients(x, bias, phi, alpha, backend, pre_config=None, **options):
     cotangents = [normal(90 + i, s) for i, s in enumerate(
         (x.shape, x.shape[:-2] + x.shape[-1:], x.shape[:-1], x.shape[:-2] + x.shape[-2:-1] * 2))]
     # x enters mhc_pre and mhc_post as two arguments: each op's dx is rounded to x's
@@ -447,7 +447,8 @@ def layer_gradients(x, bias, phi, alpha, backend, **options):
                    for o, c in zip(outs, cotangents))
 
     mine = jax.jit(jax.grad(lambda x, b, p, a, x_post: loss(run_layer(
-        x, b, p, a, backend, x_post=x_post, **options)), argnums=argnums))(x, bias, phi, alpha, x)
+        x, b, p, a, backend, x_post=x_post, pre_config=pre_config, **options)),
+        argnums=argnums))(x, bias, phi, alpha, x)
     as64 = lambda a: None if a is None else a.astype(jnp.float64)  # noqa: E731
     def oracle_loss(x64, b, p, a, x_post):
         x_next, layer_input, h_post, h_res = oracle_layer(x64, b, p, a, x_dtype=x.dtype,
@@ -483,6 +484,22 @@ def test_mhc_layer_gradients(dtype, dynamic, options, backend):
     mine, ref = layer_gradients(x, bias, phi, alpha, backend, **options)
     names = ("x", "bias", "phi", "alpha", "x_post") if dynamic else ("x", "bias", "x_post")
     for name, g, r in zip(names, mine, ref):
+        assert_grad_close(g, r, GRAD_RTOL[jnp.dtype(dtype)], name)
+
+
+def check_mhc_pre(backend, config=None, dtype=jnp.float32):
+    """The layer with dynamic H (mhc_pre with ``config``): every output and gradient
+    against float64, on 15 tokens of 4 streams of 48 channels."""
+    x, bias, phi, alpha = layer_problem(6, (3, 5), 4, 48, dtype, True)
+    outs = jax.jit(lambda *a: run_layer(*a, backend, pre_config=config))(x, bias, phi, alpha)
+    for name, out, ref in zip(("x_next", "layer_input", "h_post", "h_res"), outs,
+                              oracle_layer(x, bias, phi, alpha)):
+        out_dtype = dtype if name in ("x_next", "layer_input") else jnp.float32
+        # As test_mhc_layer_matches_oracle: x_next rounds f_out once more.
+        assert_close(out, ref, out_dtype, SCALE[jnp.dtype(out_dtype)]
+                     * (2 if name == "x_next" else 1))
+    mine, ref = layer_gradients(x, bias, phi, alpha, backend, pre_config=config)
+    for name, g, r in zip(("x", "bias", "phi", "alpha", "x_post"), mine, ref):
         assert_grad_close(g, r, GRAD_RTOL[jnp.dtype(dtype)], name)
 
 
@@ -644,6 +661,8 @@ def test_plan():
 
 F32 = jnp.float32
 _X = jnp.ones((2, 4, 8), F32)
+_PRE_KWARGS = dict(bias=jnp.ones((24,), F32), phi=jnp.ones((32, 24), F32),
+                   alpha=jnp.ones((3,), F32))
 _POST_ARGS = (_X, jnp.ones((2, 8), F32), jnp.ones((2, 4), F32), jnp.ones((2, 4, 4), F32))
 _W, _V, _M = jnp.ones((8,), F32), jnp.ones((4,), F32), jnp.ones((4, 4), F32)
 _BIAS, _PHI, _ALPHA = jnp.ones((24,), F32), jnp.ones((32, 24), F32), jnp.ones((3,), F32)
@@ -748,9 +767,26 @@ ERRORS = [
      bjax.InvalidProblemError, "mhc_post: config.backward must be a TileConfig or None; got 'tiles'"),
     (lambda: bjax.mhc_post(*_POST_ARGS, backend="interpret",
                            config=pallas_hc.MixConfig(TileConfig(3, 64, 4))),
-     bjax.InvalidProblemError, "mhc_post: config.block_rows must be a power of 2; got 3"),
+     bjax.InvalidProblemError, "mhc_post: config.forward.block_rows must be a power of 2; got 3"),
     (lambda: bjax.mhc_post(*_POST_ARGS, backend="xla", config=pallas_hc.MixConfig()),
      bjax.UnsupportedError, "mhc_post: config must be None for xla, which takes no config"),
+    (lambda: bjax.mhc_pre(_X, **_PRE_KWARGS, backend="interpret", config=pallas_hc.MixConfig()),
+     bjax.InvalidProblemError, "mhc_pre: config must be PreConfig (pallas_triton), or None"),
+    (lambda: bjax.mhc_pre(_X, **_PRE_KWARGS, backend="interpret", config=pallas_hc.PreConfig(
+        projection=pallas_hc.ProjectionConfig(64, 64, 256, 1, 4, 2))),
+     bjax.InvalidProblemError, "mhc_pre: config.projection.block_width must be <= 128 (phi's "
+     "three pieces side by side, padded); got 256"),
+    (lambda: bjax.mhc_pre(_X, **_PRE_KWARGS, backend="interpret", config=pallas_hc.PreConfig(
+        projection=pallas_hc.ProjectionConfig(64, 64, 64, 0, 4, 2))),
+     bjax.InvalidProblemError, "mhc_pre: config.projection.splits must be >= 1; got 0"),
+    (lambda: bjax.mhc_pre(_X, **_PRE_KWARGS, backend="interpret", config=pallas_hc.PreConfig(
+        input_grad=TileConfig(64, 48, 4))),
+     bjax.InvalidProblemError, "mhc_pre: config.input_grad.block_cols must be a power of 2"),
+    (lambda: bjax.mhc_pre(_X, **_PRE_KWARGS, backend="interpret",
+                          config=pallas_hc.PreConfig(sinkhorn=TileConfig(1, 2, 4))),
+     bjax.InvalidProblemError, "mhc_pre: config.sinkhorn must be a SinkhornConfig or None"),
+    (lambda: bjax.mhc_pre(_X, **_PRE_KWARGS, backend="xla", config=pallas_hc.PreConfig()),
+     bjax.UnsupportedError, "mhc_pre: config must be None for xla, which takes no config"),
 ]
 
 

@@ -196,6 +196,9 @@ def test_the_command_builds_each_op():
         merge = cli.problem_of(cli._parser().parse_args(
             argv + ["--seq-len", "9", "--heads", "2", "--head-dim", "8"]))
         assert merge.op == op and f"num_states={3 if op == 'merge_states' else 2}" in merge.key
+    pre = cli.problem_of(cli._parser().parse_args(
+        ["mhc_pre", "--tokens", "6", "--streams", "3", "--hidden", "50"]))
+    assert pre.op == "mhc_pre" and "dynamic=True" in pre.key and len(pre.stages) == 5
     post = cli.problem_of(cli._parser().parse_args(
         ["mhc_post", "--tokens", "6", "--streams", "3", "--hidden", "50", "--transpose-res"]))
     assert post.op == "mhc_post" and "transpose_res=True" in post.key and "n=3" in post.key
@@ -249,6 +252,22 @@ def test_merge_candidates_match_the_oracle(forward, backward):
         # As tests/test_cascade: the backward's dot products over head_dim, 4x for ds.
         assert_close(grads[0], ref_dv, jnp.float32)
         assert_close(grads[1], ref_ds, jnp.float32, scale=4)
+
+
+def _mhc_pre_candidates():
+    tokens, n, hidden = 15, 4, 48
+    width = pallas_hc.stacked_width(n * n + 2 * n)
+    spaces = (pallas_hc.projection_search_space(tokens, n * hidden, width, jnp.float32),
+              pallas_hc.stream_search_space(tokens, n, hidden),
+              pallas_hc.stream_search_space(tokens, n, hidden)[::-1],
+              pallas_hc.input_grad_search_space(tokens, hidden),
+              pallas_hc.weight_grad_search_space())
+    return [pallas_hc.PreConfig(*fields) for fields in zip(*(_spread(s, 3) for s in spaces))]
+
+
+@pytest.mark.parametrize("config", _mhc_pre_candidates(), ids=str)
+def test_mhc_pre_candidates_match_the_oracle(config):
+    test_hyper_connection.check_mhc_pre(KERNEL_BACKEND, config)
 
 
 def _mhc_post_candidates():

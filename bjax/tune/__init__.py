@@ -17,6 +17,7 @@ precision, and records the fastest::
     python -m bjax.tune swiglu --shape 8192,28672 --dtype bfloat16
     python -m bjax.tune causal_conv1d --shape 4,2048,5376 --taps 4 --activation silu
     python -m bjax.tune merge_states --states 4 --seq-len 8192 --heads 32 --head-dim 128
+    python -m bjax.tune mhc_pre --tokens 8192 --streams 4 --hidden 7168
     python -m bjax.tune mhc_post --tokens 8192 --streams 4 --hidden 7168
     python -m bjax.tune ssd_chunk_scan --batch 4 --seqlen 2048 --heads 80 --head-dim 64 \\
         --state 128 --groups 1 --chunk 256

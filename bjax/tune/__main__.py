@@ -40,9 +40,11 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--states", type=int, required=True)
         for dim in ("seq-len", "heads", "head-dim"):
             sub.add_argument(f"--{dim}", type=int, required=True)
-    sub = ops.add_parser("mhc_post", parents=[common], help="bjax.mhc_post")
-    for name in ("tokens", "streams", "hidden"):
-        sub.add_argument(f"--{name}", type=int, required=True)
+    for name in ("mhc_pre", "mhc_post"):
+        sub = ops.add_parser(name, parents=[common],
+                             help=f"bjax.{name}" + (" (dynamic H)" if name == "mhc_pre" else ""))
+        for dim in ("tokens", "streams", "hidden"):
+            sub.add_argument(f"--{dim}", type=int, required=True)
     sub.add_argument("--transpose-res", action="store_true")
     sub = ops.add_parser("causal_conv1d", parents=[common], help="bjax.causal_conv1d")
     sub.add_argument("--shape", type=_ints, required=True, help="x's [b, l, d], e.g. 4,2048,5376")
@@ -66,6 +68,8 @@ def problem_of(args) -> tuner.Problem:
         states = 2 if args.op == "merge_state" else args.states
         return problems.merge_states(states, args.seq_len, args.heads, args.head_dim,
                                      args.dtype, **common)
+    if args.op == "mhc_pre":
+        return problems.mhc_pre(args.tokens, args.streams, args.hidden, args.dtype, **common)
     if args.op == "mhc_post":
         return problems.mhc_post(args.tokens, args.streams, args.hidden, args.dtype,
                                  transpose_res=args.transpose_res, **common)

@@ -5,6 +5,8 @@ device. ``backend`` is the op's ``backend=`` (``None``: the kernels on a CUDA GP
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -13,6 +15,7 @@ from bjax import cascade as bjax_cascade
 from bjax import conv as bjax_conv
 from bjax import gated as bjax_gated
 from bjax.hyper_connection import post_tuning_key as mhc_post_tuning_key
+from bjax.hyper_connection import pre_tuning_key as mhc_pre_tuning_key
 from bjax import ssd as bjax_ssd
 from bjax.tune.tuner import FORWARD, FORWARD_BACKWARD, Problem, Stage
 from pallas_kernels import cascade as pallas_cascade
@@ -74,6 +77,44 @@ def merge_states(num_states: int, seq_len: int, heads: int, head_dim: int,
     return Problem(desc.op, bjax_cascade.tuning_key(desc), run, arrays,
                    tuple(range(len(arrays))),
                    MergeConfig(desc.kernel_config, desc.backward_config), stages)
+
+
+def mhc_pre(tokens: int, n: int, hidden: int, dtype="bfloat16", *, backend=None) -> Problem:
+    """``bjax.mhc_pre(x, bias=..., phi=..., alpha=...)`` (dynamic H) with x ``[tokens, n,
+    hidden]``. Stages, each with the best so far: the projection and the aggregate
+    (forward), then the aggregate's backward, the input gradient and the phi gradient
+    (forward + backward). The Sinkhorn kernels keep their heuristic."""
+    count = n * n + 2 * n
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = _normal(keys[0], (tokens, n, hidden), dtype)
+    phi = _normal(keys[1], (n * hidden, count), jnp.float32, 0.02)
+    alpha = jnp.array([0.8, 0.6, 1.1], jnp.float32)
+    bias = _normal(keys[2], (count,), jnp.float32)
+    arrays = (x, phi, alpha, bias)
+
+    def run(config, x, phi, alpha, bias):
+        return bjax.mhc_pre(x, bias=bias, phi=phi, alpha=alpha, backend=backend, config=config)
+
+    desc = bjax.plan(bjax.mhc_pre, x, bias=bias, phi=phi, alpha=alpha,
+                     backend="xla").descriptor
+    width = pallas_hc.stacked_width(count)
+
+    def stage(name, field, space, objective):
+        return Stage(name, lambda best: [dataclasses.replace(best, **{field: config})
+                                         for config in space], objective)
+    stages = (
+        stage("projection", "projection",
+              pallas_hc.projection_search_space(tokens, n * hidden, width, dtype), FORWARD),
+        stage("aggregate", "aggregate", pallas_hc.stream_search_space(tokens, n, hidden),
+              FORWARD),
+        stage("aggregate backward", "aggregate_backward",
+              pallas_hc.stream_search_space(tokens, n, hidden), FORWARD_BACKWARD),
+        stage("input gradient", "input_grad",
+              pallas_hc.input_grad_search_space(tokens, hidden), FORWARD_BACKWARD),
+        stage("phi gradient", "weight_grad", pallas_hc.weight_grad_search_space(),
+              FORWARD_BACKWARD))
+    return Problem("mhc_pre", mhc_pre_tuning_key(desc), run, arrays, (0, 1, 2, 3),
+                   pallas_hc.pre_config(tokens, n, hidden, count, dtype), stages)
 
 
 def mhc_post(tokens: int, n: int, hidden: int, dtype="bfloat16", *, transpose_res=False,

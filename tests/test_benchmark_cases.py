@@ -29,16 +29,28 @@ def _relative_error(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def _rows(a: np.ndarray, min_width: int = 64) -> np.ndarray:
+    """``a`` as rows: its shortest run of trailing axes with at least ``min_width``
+    elements (never the leading axis, so each row is at most one leading-axis entry).
+    SSD's y ``[b, l, h, p]`` gives one row per (b, t, head); a ``[tokens, 24]`` gradient
+    gives one per token."""
+    width, axis = 1, a.ndim
+    while axis > 1 and width < min_width:
+        axis -= 1
+        width *= a.shape[axis]
+    return a.reshape(-1, width)
+
+
 def _worst_row_error(out, ref) -> float:
-    """The largest relative norm error of one leading-axis row (token, batch entry or
-    weight row), against that row's norm or the typical row's, whichever is larger (rows
-    that cancel to nearly zero are not held to their own norm). A fault that sums some
-    rows wrong hides in the whole array's norm: at 8192 x 4 x 7168, 2% of the mHC
-    projection's rows wrong moved it by 1%."""
+    """The largest relative norm error of one row (:func:`_rows`), against that row's
+    norm or the typical row's, whichever is larger (rows that cancel to nearly zero are
+    not held to their own norm). A fault that sums some rows wrong hides in the whole
+    array's norm: at 8192 x 4 x 7168, 2% of the mHC projection's rows wrong moved it by
+    1%."""
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     if out.ndim < 2:
         return _relative_error(out, ref)
-    out, ref = out.reshape(out.shape[0], -1), ref.reshape(ref.shape[0], -1)
+    out, ref = _rows(out), _rows(ref)
     row_norms = np.linalg.norm(ref, axis=1)
     scale = np.maximum(row_norms, np.sqrt(np.mean(row_norms**2)))
     return float(np.max(np.linalg.norm(out - ref, axis=1) / np.maximum(scale, 1e-30)))

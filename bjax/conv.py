@@ -293,6 +293,14 @@ def tuning_key(desc: CausalConv1dDescriptor) -> str:
                        seq_idx=desc.has_seq_idx)
 
 
+def step_tuning_key(desc: CausalConv1dStepDescriptor) -> str:
+    """The step's key in the tuning cache: extents, dtypes and what the kernel reads."""
+    return problem_key(batch=desc.batch, channels=desc.channels, taps=desc.taps,
+                       dtype=jnp.dtype(desc.dtype).name,
+                       state_dtype=jnp.dtype(desc.state_dtype).name,
+                       activation=desc.activation, bias=desc.has_bias)
+
+
 def _check_config(desc, config: pallas_conv.ConvConfig) -> None:
     """Launchable, with pieces of whole steps (the kernels mask partial blocks: any such
     config runs any shape)."""
@@ -467,7 +475,8 @@ STEP_IMPLEMENTATIONS = (
         config_type=pallas_conv.ConvConfig,
         default_config=lambda desc: pallas_conv.default_config(desc.batch, 1, desc.channels),
         check=functools.partial(_kernel_taps_rule, op="causal_conv1d_step"),
-        check_config=_check_config, sharding_rules=step_sharding_rule),
+        check_config=_check_config, sharding_rules=step_sharding_rule,
+        tuning_key=step_tuning_key),
     _op.Implementation("xla", ("xla",), kernel=lambda desc: "bjax.xla.conv.step"),
 )
 """``causal_conv1d_step``'s implementation table, in order of preference."""

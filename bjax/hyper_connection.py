@@ -199,25 +199,46 @@ def _sinkhorn(logits, options: SinkhornOptions, choice: _op.Choice):
     """``SK(logits [count, n, n])`` float32, differentiable on every implementation."""
     if choice.on_xla:
         return xla_hc.sinkhorn(logits, **options.as_kwargs())
-    return _token_split(choice, pallas_sinkhorn.sinkhorn, (_MATRIX,), (_MATRIX,),
-                        **options.as_kwargs(), config=choice.config)(logits)
+    return _token_split(choice, _sinkhorn_tiles(pallas_sinkhorn.sinkhorn, options, choice),
+                        (_MATRIX,), (_MATRIX,), **options.as_kwargs())(logits)
+
+
+def _sinkhorn_tiles(kernel, options: SinkhornOptions, choice: _op.Choice):
+    """``kernel(logits [count, n, n], ...)`` with the config for the matrices it is given
+    (the whole call's, or one device's shard): ``choice``'s (a Sinkhorn table's choice),
+    else ``sinkhorn_knopp``'s tuned entry for them, else the heuristic."""
+    def call(logits, *rest, **static):
+        shard = SinkhornDescriptor((logits.shape[0],), logits.shape[-1],
+                                   jnp.dtype(logits.dtype), options)
+        return kernel(logits, *rest, config=choice.config_for(shard, lambda: None), **static)
+    return call
+
+
+def _sinkhorn_choice(choice: _op.Choice, config) -> _op.Choice:
+    """The Sinkhorn of an mHC op with ``choice`` (its backend) and ``config`` (``None``:
+    ``sinkhorn_knopp``'s tuned entry or heuristic)."""
+    table = SINKHORN_IMPLEMENTATIONS
+    return _op.Choice(table[-1] if choice.on_xla else table[0], choice.backend, config,
+                      op="sinkhorn_knopp")
 
 
 def _sinkhorn_fwd(logits, options, choice):
     if choice.on_xla:
         out, vjp = jax.vjp(lambda l: xla_hc.sinkhorn(l, **options.as_kwargs()), logits)
         return out, (vjp,)
-    out, scales = _token_split(choice, pallas_sinkhorn.sinkhorn, (_MATRIX,), (_MATRIX, _STEPS),
-                               **options.as_kwargs(), with_scales=True,
-                               config=choice.config)(logits)
+    out, scales = _token_split(choice, _sinkhorn_tiles(pallas_sinkhorn.sinkhorn, options, choice),
+                               (_MATRIX,), (_MATRIX, _STEPS), **options.as_kwargs(),
+                               with_scales=True)(logits)
     return out, (logits, scales)
 
 
 def _sinkhorn_bwd(options, choice, residuals, grad):
     if choice.on_xla:
         return residuals[0](grad)
-    grad = _token_split(choice, pallas_sinkhorn.sinkhorn_backward, (_MATRIX, _STEPS, _MATRIX),
-                        (_MATRIX,), **options.as_kwargs(), config=choice.config)(*residuals, grad)
+    grad = _token_split(choice, _sinkhorn_tiles(pallas_sinkhorn.sinkhorn_backward, options,
+                                                choice),
+                        (_MATRIX, _STEPS, _MATRIX), (_MATRIX,),
+                        **options.as_kwargs())(*residuals, grad)
     return _partition.typed_like_primals((grad,), residuals[:1])
 
 
@@ -237,6 +258,13 @@ def _check_sinkhorn_config(desc, config: pallas_sinkhorn.SinkhornConfig) -> None
     _op.check_launch(config, "sinkhorn_knopp")
 
 
+def sinkhorn_tuning_key(desc: SinkhornDescriptor) -> str:
+    """The problem's key in the tuning cache: matrices, their size, dtype and the walk."""
+    return problem_key(count=math.prod(desc.batch_shape), n=desc.n,
+                       dtype=jnp.dtype(desc.dtype).name, iters=desc.options.iters,
+                       init=desc.options.init, order=desc.options.order)
+
+
 SINKHORN_IMPLEMENTATIONS = (
     _op.Implementation(
         "pallas_triton", ("pallas", "interpret"), kernel=lambda desc: "bjax_sinkhorn",
@@ -244,7 +272,7 @@ SINKHORN_IMPLEMENTATIONS = (
         default_config=lambda desc: pallas_sinkhorn.default_config(
             math.prod(desc.batch_shape), desc.n),
         check=_kernel_sinkhorn_rule, check_config=_check_sinkhorn_config,
-        sharding_rules=token_rule),
+        sharding_rules=token_rule, tuning_key=sinkhorn_tuning_key),
     _op.Implementation("xla", ("xla",), kernel=lambda desc: "bjax.xla.hyper_connection.sinkhorn"),
 )
 """``sinkhorn_knopp``'s implementation table, in order of preference."""
@@ -396,8 +424,10 @@ def hyper_connection(x_expanded: ArrayLike, rmsnorm_weight: ArrayLike, h_pre: Ar
     if choice.on_xla:
         return xla_hc.hyper_connection(x, weight, h_pre, h_post, h_res, iters=options.iters,
                                        eps=options.eps, order=options.order)
+    sinkhorn_choice = _sinkhorn_choice(choice, None)
     s_pre, s_post, mix_matrix = xla_hc.fused_coefficients(
-        h_pre, h_post, h_res, sinkhorn=lambda logits: _sinkhorn(logits[None], options, choice)[0])
+        h_pre, h_post, h_res,
+        sinkhorn=lambda logits: _sinkhorn(logits[None], options, sinkhorn_choice)[0])
     return _fused(x, weight, s_pre, s_post, mix_matrix, options.eps, choice)
 
 
@@ -472,7 +502,7 @@ def _pre_tiles(desc: MhcPreDescriptor, choice: _op.Choice) -> pallas_hc.PreConfi
 def _coefficients(h_tilde, desc: MhcPreDescriptor, choice):
     """``(h_pre, h_post, h_res)`` from ``H~ [T, n^2 + 2n]`` (Sinkhorn on ``choice``, with
     the Sinkhorn config of :func:`_pre_tiles`)."""
-    sinkhorn_choice = dataclasses.replace(choice, config=_pre_tiles(desc, choice).sinkhorn)
+    sinkhorn_choice = _sinkhorn_choice(choice, _pre_tiles(desc, choice).sinkhorn)
     return xla_hc.mhc_coefficients(
         h_tilde, desc.n,
         sinkhorn=lambda logits: _sinkhorn_any(logits, desc.sinkhorn, sinkhorn_choice),

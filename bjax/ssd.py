@@ -526,8 +526,11 @@ def _step_forward(state, x, dt, A, B, C, D, z, dt_bias, desc: SsdStepDescriptor,
     kwargs = {"softplus": opts.dt_softplus, "limit": opts.dt_limit}
     if choice.on_xla:
         return xla_ssd.step(state, x, dt, a, B, C, bias, d, z, **kwargs)
+    config = choice.config_for(desc, lambda: pallas_ssd.step_config(
+        desc.heads, desc.head_dim, desc.state_dim))
+    _check_step_config(desc, config)   # a device's shard may hold fewer heads than the call
     return pallas_ssd.step(state, x, dt, a, B, C, bias, d, z, interpret=choice.interpret,
-                           config=choice.config, **kwargs)
+                           config=config, **kwargs)
 
 
 _STEP_ARGS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
@@ -631,8 +634,22 @@ def _check_scan_config(desc: SsdChunkScanDescriptor,
                   f"{whole}", value)
 
 
+def step_tuning_key(desc: SsdStepDescriptor) -> str:
+    """The step's key in the tuning cache: extents, dtype and the optional inputs that
+    change the kernel."""
+    return problem_key(batch=desc.batch, heads=desc.heads, head_dim=desc.head_dim,
+                       groups=desc.groups, state_dim=desc.state_dim,
+                       dtype=jnp.dtype(desc.dtype).name, d=desc.options.d_shape,
+                       z=desc.options.has_z, dt_bias=desc.options.has_dt_bias)
+
+
 def _check_step_config(desc: SsdStepDescriptor, config: pallas_ssd.StepConfig) -> None:
+    """Launchable, with whole programs of heads (a partial one would leave heads
+    unwritten)."""
     _op.check_launch(config, "ssd_step")
+    _op.check(desc.heads % config.heads_per_program == 0, "ssd_step",
+              "config.heads_per_program", f"a divisor of heads = {desc.heads}",
+              config.heads_per_program)
 
 
 CHUNK_SCAN_IMPLEMENTATIONS = (
@@ -656,7 +673,8 @@ STEP_IMPLEMENTATIONS = (
         default_config=lambda desc: pallas_ssd.step_config(desc.heads, desc.head_dim,
                                                            desc.state_dim),
         check=functools.partial(_kernel_dims_rule, op="ssd_step"),
-        check_config=_check_step_config, sharding_rules=step_sharding_rule),
+        check_config=_check_step_config, sharding_rules=step_sharding_rule,
+        tuning_key=step_tuning_key),
     _op.Implementation("xla", ("xla",), kernel=lambda desc: "bjax.xla.ssd.step"),
 )
 """``ssd_step``'s implementation table, in order of preference."""

@@ -40,6 +40,7 @@ from jax.typing import ArrayLike
 
 from bjax import _checks, _op, _partition
 from bjax.errors import UnsupportedError
+from bjax.tune.cache import problem_key
 from bjax.xla import write_slice as xla_write_slice
 from pallas_kernels import write_slice as pallas_write_slice
 
@@ -411,8 +412,23 @@ _write.defvjp(_write_fwd, _write_bwd)
 
 
 def _check_config(desc: WriteSliceDescriptor, config: pallas_write_slice.TileConfig) -> None:
-    del desc   # the kernel masks partial tiles
+    """Launchable (the kernel masks partial tiles), one row high where each row of a 2-d
+    view has its own position."""
     _op.check_launch(config, _OP)
+    view = desc.kernel_view()
+    if view is not None and desc.per_row and len(view.window_shape) == 2:
+        _op.check(config.block_rows == 1, _OP, "config.block_rows",
+                  "1 (per-row positions: each program row has its own start)",
+                  config.block_rows)
+
+
+def tuning_key(desc: WriteSliceDescriptor) -> str:
+    """The problem's key in the tuning cache: shapes, dtype and the starts (static values,
+    or ``scalar`` / ``per_row``), which fix the kernel's view of the window."""
+    def joined(values, sep):
+        return sep.join(map(str, values))
+    return problem_key(dest=joined(desc.dest_shape, "x"), window=joined(desc.source_shape, "x"),
+                       dtype=desc.dtype.name, starts=joined(desc.starts, "/"))
 
 
 def _default_config(desc: WriteSliceDescriptor):
@@ -424,7 +440,7 @@ IMPLEMENTATIONS = (
     _op.Implementation(
         "pallas_triton", ("pallas", "interpret"), kernel=lambda desc: "bjax_write_slice",
         config_type=pallas_write_slice.TileConfig, default_config=_default_config,
-        check_config=_check_config, sharding_rules=sharding_rules),
+        check_config=_check_config, sharding_rules=sharding_rules, tuning_key=tuning_key),
     _op.Implementation("xla", ("xla",), kernel=lambda desc: "lax.dynamic_update_slice (guarded)",
                        sharding_rules=sharding_rules),
 )

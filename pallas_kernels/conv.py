@@ -92,6 +92,16 @@ def search_space(batch: int, length: int, channels: int) -> tuple[ConvConfig, ..
                  for warps in (4, 8))
 
 
+
+def step_search_space(channels: int) -> tuple[ConvConfig, ...]:
+    """The step kernel's configurations the tuner tries (``bjax.tune``; it reads only
+    ``block_d`` and ``num_warps``): 64-1024 channels a program (no wider than
+    ``channels`` rounds up to), 1 to 8 warps."""
+    widest = max(64, pl.next_power_of_2(max(channels, 1)))
+    return tuple(ConvConfig(block_d, num_warps=warps)
+                 for block_d in (64, 128, 256, 512, 1024) if block_d <= widest
+                 for warps in (1, 2, 4, 8))
+
 def _tap(ref, j, cols, col_mask):
     """Row ``j`` of a ``[k, d]`` (or, ``j`` None, a ``[d]``) ref at ``cols``, float32."""
     index = (cols,) if j is None else (jnp.int32(j), cols)

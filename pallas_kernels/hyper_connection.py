@@ -440,7 +440,8 @@ class PreConfig:
       aggregate_backward: :func:`aggregate_backward`, :func:`stream_config`.
       input_grad: :func:`project_input_grad` (dynamic H), :func:`input_grad_config`.
       weight_grad: :func:`project_weight_grad` (dynamic H), :func:`weight_grad_config`.
-      sinkhorn: the Sinkhorn kernels of the coefficients,
+      sinkhorn: the Sinkhorn kernels of the coefficients; ``None``: ``sinkhorn_knopp``'s
+        tuned entry for those matrices (``bjax.tune sinkhorn_knopp``), else
         :func:`pallas_kernels.sinkhorn.default_config`.
     """
     projection: ProjectionConfig | None = None

@@ -36,6 +36,19 @@ def default_config(count: int, n: int) -> SinkhornConfig:
                                      _BLOCK_CELLS // (width * width))))
 
 
+
+def search_space(count: int, n: int) -> tuple[SinkhornConfig, ...]:
+    """The configs the tuner tries (``bjax.tune``): power-of-2 matrices per program
+    holding 256 to 8192 cells (fewer where ``count`` matrices hold fewer; one matrix
+    where it alone holds more), 1 to 8 warps."""
+    cells, most = pl.next_power_of_2(n) ** 2, pl.next_power_of_2(max(count, 1))
+    smallest, largest = min(256, most * cells), max(8192, cells)
+    return tuple(SinkhornConfig(block, warps)
+                 for block in (2**i for i in range(most.bit_length()))
+                 if smallest <= block * cells <= largest
+                 for warps in (1, 2, 4, 8))
+
+
 def _place(count, n, block_count):
     """Slices and masks of a program's ``[block_count, N, N]`` block and ``[block_count, N]``
     vectors."""

@@ -384,6 +384,22 @@ def step_config(heads: int, head_dim: int, state_dim: int) -> StepConfig:
                           max(1, 4096 // pl.next_power_of_2(state_dim))))
 
 
+def step_search_space(heads: int, head_dim: int, state_dim: int) -> tuple[StepConfig, ...]:
+    """The step configs the tuner tries (``bjax.tune``): ``block_p`` rows of whole state
+    rows holding 1024 to 16384 cells (fewer where head_dim is smaller), 1, 2 or 4 heads a
+    program (dividing ``heads``; 2 pipeline stages with more than one), 4 or 8 warps."""
+    width, tallest = pl.next_power_of_2(state_dim), pl.next_power_of_2(head_dim)
+    smallest = min(1024, tallest * width)
+    space, block_p = [], 1
+    while block_p <= tallest and block_p * width <= 16384:
+        if block_p * width >= smallest:
+            space += [StepConfig(block_p, per_program, warps, 1 if per_program == 1 else 2)
+                      for per_program in (1, 2, 4) if heads % per_program == 0
+                      for warps in (4, 8)]
+        block_p *= 2
+    return tuple(space)
+
+
 def _step_kernel(*refs, dims, has_bias, has_d, has_z, softplus, limit, config):
     state_ref, x_ref, dt_ref, a_ref, b_ref, c_ref, *rest = refs
     bias_ref = rest.pop(0) if has_bias else None

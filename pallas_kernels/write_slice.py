@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.blocks import pallas_call
-from pallas_kernels.tiling import TileConfig, fit_tile
+from pallas_kernels.tiling import TileConfig, fit_tile, tile_search_space
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,13 @@ def default_config(window_shape: tuple[int, ...], per_row: bool) -> TileConfig:
                     min_programs=_MIN_PROGRAMS, outer=math.prod(window_shape[:-2]),
                     max_block_rows=1 if per_row and len(window_shape) == 2 else None)
 
+
+
+def search_space(window_shape: tuple[int, ...], per_row: bool) -> tuple[TileConfig, ...]:
+    """The tiles the tuner tries (``bjax.tune``): over the window's last two axes, 1024 to
+    16384 elements (one row high for per-row positions on a 2-d view), 4 or 8 warps."""
+    rows = 1 if per_row and len(window_shape) == 2 else window_shape[-2]
+    return tile_search_space(rows, window_shape[-1], min_elements=1024, max_elements=16384)
 
 def _window_kernel(*refs, window, axes, config):
     *position_refs, source_ref, _, dest_ref = refs

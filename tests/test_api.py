@@ -100,6 +100,29 @@ def test_ssd_config_must_divide_the_chunk_and_the_group():
         bjax.ssd_chunk_scan(x, dt, A, B, B, chunk_size=16, backend=KERNEL_BACKEND, config=bad)
 
 
+def test_ssd_step_config_covers_whole_programs_of_heads():
+    """A program of 4 heads over 6 would leave heads 4 and 5 unwritten."""
+    state = jnp.zeros((2, 6, 8, 16), jnp.float32)
+    x, dt = jnp.ones((2, 6, 8), jnp.float32), jnp.ones((2, 6), jnp.float32)
+    A, B = -jnp.ones((6,), jnp.float32), jnp.ones((2, 1, 16), jnp.float32)
+    with pytest.raises(bjax.InvalidProblemError,
+                       match=r"ssd_step: config.heads_per_program must be a divisor of "
+                             r"heads = 6; got 4"):
+        bjax.ssd_step(state, x, dt, A, B, B, backend=KERNEL_BACKEND,
+                      config=pallas_ssd.StepConfig(8, heads_per_program=4))
+
+
+def test_write_slice_per_row_config_is_one_row_high():
+    """Each row of a 2-d view has its own position: a taller tile would mix them."""
+    dest, source = jnp.zeros((16, 64), jnp.float32), jnp.ones((16, 20), jnp.float32)
+    rows = jnp.arange(16, dtype=jnp.int32)
+    with pytest.raises(bjax.InvalidProblemError,
+                       match=r"write_slice: config.block_rows must be 1 \(per-row positions"
+                             r".*; got 4"):
+        bjax.write_slice(dest, source, (0, rows), backend=KERNEL_BACKEND,
+                         config=TileConfig(4, 32, 4))
+
+
 def _small_cases():
     """(op, args, kwargs, a config other than the heuristic) for every op that takes one."""
     x = random(0, (6, 40), jnp.float32)

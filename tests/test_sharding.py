@@ -13,9 +13,11 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import bjax
+from bjax.hyper_connection import sinkhorn_tuning_key
 from bjax.tune import cache as tune_cache
 from pallas_kernels import cascade as pallas_cascade
 from pallas_kernels import sinkhorn as pallas_sinkhorn
+from pallas_kernels import ssd as pallas_ssd
 from pallas_kernels.tiling import TileConfig
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
@@ -187,6 +189,25 @@ def test_merge_state_reads_a_tuned_config_for_each_shard(tmp_path, monkeypatch,
         jax.jit(lambda *a: bjax.merge_state(*a, backend=backend))(*sharded)
 
 
+def test_sinkhorn_reads_a_tuned_config_for_each_shard(tmp_path, monkeypatch,
+                                                     backend="interpret"):
+    """As test_a_tuned_config_is_read_for_each_shard, for sinkhorn_knopp: the entry of each
+    device's 5 matrices runs with no collective, bit for bit the unsharded call's; one
+    that cannot run under that shard's key is an error naming it."""
+    monkeypatch.setenv(tune_cache.CACHE_ENV_VAR, str(tmp_path / "tuning.json"))
+    logits = jax.random.normal(jax.random.key(5), (40, 4, 4), jnp.float32)
+    key = sinkhorn_tuning_key(bjax.plan(bjax.sinkhorn_knopp, logits[:5],
+                                        backend="xla").descriptor)
+    tune_cache.record("sinkhorn_knopp", key, pallas_sinkhorn.SinkhornConfig(2, 1))
+    check_partitioned(lambda m: bjax.sinkhorn_knopp(m, backend=backend), (logits,),
+                      (P("data"),), mesh_of((8,)), (P("data"),))
+    tune_cache.record("sinkhorn_knopp", key, pallas_sinkhorn.SinkhornConfig(3, 1))
+    sharded = jax.device_put(logits, NamedSharding(mesh_of((8,)), P("data")))
+    with pytest.raises(Exception, match=r"tuning cache entry sinkhorn_knopp / count=5,.*must "
+                                        r"be a config that runs this call"):
+        jax.jit(lambda m: bjax.sinkhorn_knopp(m, backend=backend))(sharded)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("spec, mesh_shape", MERGE_CASES, ids=str)
 def test_merge_states_keeps_its_sharding(spec, mesh_shape, backend):
@@ -333,6 +354,22 @@ def test_ssd_step_keeps_its_sharding(batch_axis, heads_axis, mesh_shape, backend
     check_partitioned(fn, tuple(step_args.values()), tuple(per_name[n] for n in names),
                       mesh_of(mesh_shape), (per_name["x"], per_name["state"]), exact=False,
                       reduced_grads=(3, 6, 8))
+
+
+def test_ssd_step_config_is_checked_against_each_shards_heads(backend="interpret"):
+    """A program of 4 heads suits the whole call's 4 but not a shard's 2 (those heads
+    would be left unwritten): an error naming the field, when the program is partitioned."""
+    problem = ssd_problem(8, 8, 1, 4, 16, 2, 16)
+    state = problem.pop("initial_states")
+    args = (state, *(problem[n][:, 0] for n in ("x", "dt")), problem["A"],
+            *(problem[n][:, 0] for n in ("B", "C")))
+    specs = (P("data", "model"),) * 3 + (P("model"),) + (P("data", "model"),) * 2
+    mesh = mesh_of((4, 2))
+    sharded = [jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in zip(args, specs)]
+    config = pallas_ssd.StepConfig(16, heads_per_program=4)
+    with pytest.raises(Exception, match=r"ssd_step: config.heads_per_program must be a "
+                                        r"divisor of heads = 2; got 4"):
+        jax.jit(lambda *a: bjax.ssd_step(*a, backend=backend, config=config))(*sharded)
 
 
 def conv_problem():

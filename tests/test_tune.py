@@ -9,14 +9,17 @@ import numpy as np
 import pytest
 
 import bjax
+from bjax.hyper_connection import sinkhorn_tuning_key
 from bjax.tune import __main__ as cli
 from bjax.tune import cache, problems, tuner
 from pallas_kernels import cascade as pallas_cascade
 from pallas_kernels import conv as pallas_conv
 from pallas_kernels import gated as pallas_gated
 from pallas_kernels import hyper_connection as pallas_hc
+from pallas_kernels import sinkhorn as pallas_sinkhorn
 from pallas_kernels import ssd as pallas_ssd
 from pallas_kernels import ssd_backward as pallas_ssd_backward
+from pallas_kernels import write_slice as pallas_write_slice
 from tests import oracles, test_cascade, test_conv, test_hyper_connection, test_ssd
 from tests.conftest import KERNEL_BACKEND, assert_close, random
 
@@ -203,10 +206,91 @@ def test_the_command_builds_each_op():
         ["mhc_post", "--tokens", "6", "--streams", "3", "--hidden", "50", "--transpose-res"]))
     assert post.op == "mhc_post" and "transpose_res=True" in post.key and "n=3" in post.key
     assert [stage.objective for stage in post.stages] == [tuner.FORWARD, tuner.FORWARD_BACKWARD]
+    step = cli.problem_of(cli._parser().parse_args(
+        ["ssd_step", "--batch", "2", "--heads", "4", "--head-dim", "8", "--state", "16",
+         "--d", "none", "--z"]))
+    assert step.op == "ssd_step" and "d=None" in step.key and "z=True" in step.key
+    conv_step = cli.problem_of(cli._parser().parse_args(
+        ["causal_conv1d_step", "--batch", "2", "--channels", "40", "--taps", "3"]))
+    assert conv_step.op == "causal_conv1d_step" and "taps=3" in conv_step.key
+    write = cli.problem_of(cli._parser().parse_args(
+        ["write_slice", "--dest", "4,64,300", "--window", "3,40,200", "--start", "1,5,30",
+         "--traced", "1", "--backend", "interpret"]))
+    assert write.op == "write_slice" and "starts=1/scalar/30" in write.key
+    sinkhorn = cli.problem_of(cli._parser().parse_args(
+        ["sinkhorn_knopp", "--count", "9", "--n", "4", "--order", "rows_first"]))
+    assert sinkhorn.op == "sinkhorn_knopp" and "order=rows_first" in sinkhorn.key
+    assert [len(p.stages) for p in (step, conv_step, write, sinkhorn)] == [1, 1, 1, 1]
+
+
+def test_the_command_refuses_a_window_the_kernel_does_not_write(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["write_slice", "--dest", "4,64,300", "--window", "1,2,3", "--start", "0,0,0",
+                  "--backend", "pallas"])
+    assert "runs 'dus', not the kernel: nothing to tune" in capsys.readouterr().err
 
 
 # Candidates of every declared search space against the float64 oracles, at the ops'
 # own test tolerances: a config changes blocks and summation order, never the result.
+
+@pytest.mark.parametrize("config", _spread(pallas_ssd.step_search_space(4, 24, 64), 4),
+                         ids=str)
+def test_ssd_step_candidates_match_the_oracle(config):
+    x, dt, A, B, C = test_ssd.problem(31, 2, 1, 4, 24, 2, 64, jnp.float32)
+    kwargs = test_ssd.features(32, x, 64, ("D2", "z", "dt", "init"))
+    state, z = kwargs.pop("initial_states"), kwargs.pop("z")
+    y, new_state = bjax.ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], z=z[:, 0],
+                                 backend=KERNEL_BACKEND, config=config, **kwargs)
+    ref_y, ref_state = oracles.ssd_scan(x, dt, A, B, C, z=z, initial_states=state, **kwargs)
+    # As tests/test_ssd's step: float32 math throughout.
+    assert_close(y, ref_y[:, 0], jnp.float32, 5.0)
+    assert_close(new_state, ref_state, jnp.float32, 5.0)
+
+
+@pytest.mark.parametrize("config", _spread(pallas_conv.step_search_space(300), 4), ids=str)
+def test_conv_step_candidates_match_the_oracle(config):
+    args = test_conv.problem(33, 3, 4, 300, 4, jnp.float32)
+    state, x = args["x"][:, 1:], args["x"][:, 0]
+    y, new_state = bjax.causal_conv1d_step(state, x, args["weight"], args["bias"],
+                                           activation="silu", backend=KERNEL_BACKEND,
+                                           config=config)
+    window = np.concatenate([np.asarray(state, np.float64),
+                             np.asarray(x, np.float64)[:, None]], axis=1)
+    ref_y = oracles.causal_conv1d(window, np.asarray(args["weight"], np.float64),
+                                  np.asarray(args["bias"], np.float64), activation="silu")
+    assert_close(y, ref_y[:, -1], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(new_state, np.float64), window[:, 1:])
+
+
+def _write_candidates():
+    view = bjax.WriteSliceDescriptor((4, 64, 300), (3, 40, 200), jnp.dtype(jnp.bfloat16),
+                                     (1, "scalar", 30)).kernel_view()
+    return _spread(pallas_write_slice.search_space(view.window_shape, False), 4)
+
+
+@pytest.mark.parametrize("config", _write_candidates(), ids=str)
+def test_write_slice_candidates_write_the_window_bit_for_bit(config):
+    dest = random(34, (4, 64, 300), jnp.bfloat16)
+    source = random(35, (3, 40, 200), jnp.bfloat16)
+    out = jax.jit(lambda d, s, p: bjax.write_slice(d, s, (1, p, 30), backend=KERNEL_BACKEND,
+                                                  config=config))(dest, source, jnp.int32(5))
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(
+        oracles.write_slice(dest, source, (1, 5, 30)), np.float32))
+
+
+@pytest.mark.parametrize("config", _spread(pallas_sinkhorn.search_space(37, 4), 4), ids=str)
+def test_sinkhorn_candidates_match_the_oracle(config):
+    logits = random(36, (37, 4, 4), jnp.float32, 1.5)
+    cotangent = random(37, (37, 4, 4), jnp.float32)
+    out, vjp = jax.vjp(lambda l: bjax.sinkhorn_knopp(l, iters=12, backend=KERNEL_BACKEND,
+                                                     config=config), logits)
+    logits64 = jnp.asarray(logits, jnp.float64)
+    ref, ref_vjp = jax.vjp(lambda l: oracles.sinkhorn(l, 12, 1e-5), logits64)
+    # As tests/test_hyper_connection's Sinkhorn: 12 float32 normalisations, 8 ulp.
+    assert_close(out, ref, jnp.float32, 8.0)
+    test_hyper_connection.assert_grad_close(vjp(cotangent)[0], ref_vjp(
+        jnp.asarray(cotangent, jnp.float64))[0], 2e-5, "dlogits")
+
 
 @pytest.mark.parametrize("config", _spread(pallas_gated.search_space(5, 300), 3), ids=str)
 def test_gated_candidates_match_the_oracle(config):
@@ -295,6 +379,55 @@ def test_ssd_candidates_match_the_oracle(forward, backward):
     test_ssd.check_gradients(x, dt, A, B, C, KERNEL_BACKEND,
                              test_ssd.GRAD_BOUND[jnp.dtype(jnp.float32)], chunk_size=64,
                              config=config, **kwargs)
+
+
+def _decode_and_sinkhorn_problems():
+    """(problem, plan of the same call without a config) for the ops tuned in one stage
+    at decode shapes, write_slice and Sinkhorn."""
+    step = problems.ssd_step(2, 4, 24, 64, 2, "float32", d_shape="hp", z=True,
+                             backend=KERNEL_BACKEND)
+    state, x, dt, A, B, C, dt_bias, D, z = step.arrays
+    conv = problems.causal_conv1d_step(3, 200, 4, "float32", activation=None,
+                                       backend=KERNEL_BACKEND)
+    write = problems.write_slice((4, 64, 300), (3, 40, 200), (1, 5, 30), "float32",
+                                 traced=(1,), backend=KERNEL_BACKEND)
+    dest, source, position = write.arrays
+    sinkhorn = problems.sinkhorn_knopp(37, 4, "float32", iters=7, init="softmax",
+                                       order="deepseek", backend=KERNEL_BACKEND)
+    return [
+        (step, lambda: bjax.plan(bjax.ssd_step, state, x, dt, A, B, C, D=D, z=z,
+                                 dt_bias=dt_bias, dt_softplus=True, backend=KERNEL_BACKEND)),
+        (conv, lambda: bjax.plan(bjax.causal_conv1d_step, *conv.arrays,
+                                 backend=KERNEL_BACKEND)),
+        (write, lambda: bjax.plan(bjax.write_slice, dest, source, (1, position, 30),
+                                  backend=KERNEL_BACKEND)),
+        (sinkhorn, lambda: bjax.plan(bjax.sinkhorn_knopp, *sinkhorn.arrays, iters=7,
+                                     init="softmax", order="deepseek", backend=KERNEL_BACKEND)),
+    ]
+
+
+def test_decode_write_and_sinkhorn_problems_reach_their_ops(user_cache):
+    """Each problem's entry is the one a plain call of that op reads, and its heuristic
+    is the call's."""
+    for problem, plan in _decode_and_sinkhorn_problems():
+        assert plan().block_config == problem.heuristic, problem.op
+        candidates = problem.stages[0].candidates(problem.heuristic)
+        tuned = next(c for c in candidates[::-1] if c != problem.heuristic)
+        cache.record(problem.op, problem.key, tuned)
+        assert (plan().config_source, plan().block_config) == ("cache", tuned), problem.op
+
+
+def test_mhc_pre_sinkhorn_reads_sinkhorn_knopps_entry(user_cache):
+    """mhc_pre's Sinkhorn, left to the heuristic by its config, reads sinkhorn_knopp's
+    entry for its matrices: one that cannot run is an error naming it."""
+    x, bias, phi, alpha = test_hyper_connection.layer_problem(61, (6,), 4, 16, jnp.float32,
+                                                              dynamic=True)
+    key = sinkhorn_tuning_key(bjax.plan(bjax.sinkhorn_knopp, jax.ShapeDtypeStruct(
+        (6, 4, 4), jnp.float32), backend="xla").descriptor)
+    cache.record("sinkhorn_knopp", key, pallas_sinkhorn.SinkhornConfig(3, 4))
+    with pytest.raises(bjax.InvalidProblemError, match=r"tuning cache entry sinkhorn_knopp / "
+                       r"count=6,.* must be a config that runs this call"):
+        bjax.mhc_pre(x, bias=bias, phi=phi, alpha=alpha, backend=KERNEL_BACKEND)
 
 
 def test_problems_match_their_ops_keys():

@@ -21,6 +21,11 @@ precision, and records the fastest::
     python -m bjax.tune mhc_post --tokens 8192 --streams 4 --hidden 7168
     python -m bjax.tune ssd_chunk_scan --batch 4 --seqlen 2048 --heads 80 --head-dim 64 \\
         --state 128 --groups 1 --chunk 256
+    python -m bjax.tune ssd_step --batch 64 --heads 64 --head-dim 64 --state 128
+    python -m bjax.tune causal_conv1d_step --batch 64 --channels 5376 --taps 4
+    python -m bjax.tune write_slice --dest 64,1024,4096 --window 48,768,3000 \\
+        --start 7,100,200 --traced 1
+    python -m bjax.tune sinkhorn_knopp --count 16384 --n 4 --iters 20 --dtype float32
 
 ``python -m bjax.tune show`` lists the entries this device's calls can read;
 ``python -m bjax.tune --help`` lists the ops and options.

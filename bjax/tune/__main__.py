@@ -50,6 +50,31 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--shape", type=_ints, required=True, help="x's [b, l, d], e.g. 4,2048,5376")
     sub.add_argument("--taps", type=int, default=4)
     sub.add_argument("--activation", default="silu", choices=("silu", "none"))
+    sub = ops.add_parser("causal_conv1d_step", parents=[common],
+                         help="bjax.causal_conv1d_step (one decode step)")
+    for name in ("batch", "channels"):
+        sub.add_argument(f"--{name}", type=int, required=True)
+    sub.add_argument("--taps", type=int, default=4)
+    sub.add_argument("--activation", default="silu", choices=("silu", "none"))
+    sub = ops.add_parser("ssd_step", parents=[common], help="bjax.ssd_step (one decode step)")
+    for name, default in (("batch", None), ("heads", None), ("head-dim", None),
+                          ("state", None), ("groups", 1)):
+        sub.add_argument(f"--{name}", type=int, required=default is None, default=default)
+    sub.add_argument("--d", default="h", choices=("h", "hp", "none"), help="D's shape")
+    sub.add_argument("--z", action="store_true", help="with the gate z")
+    sub = ops.add_parser("write_slice", parents=[common], help="bjax.write_slice")
+    sub.add_argument("--dest", type=_ints, required=True, help="dest's shape, e.g. 64,1024,4096")
+    sub.add_argument("--window", type=_ints, required=True, help="source's shape")
+    sub.add_argument("--start", type=_ints, required=True, help="the window's start")
+    sub.add_argument("--traced", type=_ints, default=(),
+                     help="axes whose start is a traced scalar (default: all static)")
+    sub = ops.add_parser("sinkhorn_knopp", parents=[common], help="bjax.sinkhorn_knopp")
+    sub.add_argument("--count", type=int, required=True, help="matrices")
+    sub.add_argument("--n", type=int, required=True, help="their size")
+    sub.add_argument("--iters", type=int, default=20)
+    sub.add_argument("--init", default="exp", choices=("exp", "softmax"))
+    sub.add_argument("--order", default="columns_first",
+                     choices=("columns_first", "rows_first", "deepseek"))
     sub = ops.add_parser("ssd_chunk_scan", parents=[common], help="bjax.ssd_chunk_scan")
     for name, default in (("batch", None), ("seqlen", None), ("heads", None),
                           ("head-dim", None), ("state", None), ("groups", 1), ("chunk", 256)):
@@ -77,6 +102,20 @@ def problem_of(args) -> tuner.Problem:
         activation = None if args.activation == "none" else args.activation
         return problems.causal_conv1d(args.shape, args.taps, args.dtype,
                                       activation=activation, **common)
+    if args.op == "causal_conv1d_step":
+        activation = None if args.activation == "none" else args.activation
+        return problems.causal_conv1d_step(args.batch, args.channels, args.taps, args.dtype,
+                                           activation=activation, **common)
+    if args.op == "ssd_step":
+        return problems.ssd_step(args.batch, args.heads, args.head_dim, args.state, args.groups,
+                                 args.dtype, d_shape=None if args.d == "none" else args.d,
+                                 z=args.z, **common)
+    if args.op == "write_slice":
+        return problems.write_slice(args.dest, args.window, args.start, args.dtype,
+                                    traced=args.traced, **common)
+    if args.op == "sinkhorn_knopp":
+        return problems.sinkhorn_knopp(args.count, args.n, args.dtype, iters=args.iters,
+                                       init=args.init, order=args.order, **common)
     return problems.ssd_chunk_scan(args.batch, args.seqlen, args.heads, args.head_dim,
                                    args.state, args.groups, args.chunk, args.dtype,
                                    d_shape=None if args.d == "none" else args.d, z=args.z,
@@ -98,7 +137,10 @@ def main(argv=None) -> tuner.Result | None:
     if args.op == "show":
         show(args.device)
         return None
-    problem = problem_of(args)
+    try:
+        problem = problem_of(args)
+    except ValueError as error:   # a problem with nothing to tune
+        _parser().error(str(error))
     print(f"tuning {problem.op} / {problem.key}")
     result = tuner.tune(problem, calls=args.calls, trials=args.trials)
     print(f"best: {result.best_ms:.4f} ms against the heuristic's {result.heuristic_ms:.4f} ms "

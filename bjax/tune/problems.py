@@ -16,14 +16,18 @@ from bjax import conv as bjax_conv
 from bjax import gated as bjax_gated
 from bjax.hyper_connection import post_tuning_key as mhc_post_tuning_key
 from bjax.hyper_connection import pre_tuning_key as mhc_pre_tuning_key
+from bjax.hyper_connection import sinkhorn_tuning_key
 from bjax import ssd as bjax_ssd
 from bjax.tune.tuner import FORWARD, FORWARD_BACKWARD, Problem, Stage
+from bjax.write_slice import tuning_key as write_slice_tuning_key
 from pallas_kernels import cascade as pallas_cascade
 from pallas_kernels import conv as pallas_conv
 from pallas_kernels import gated as pallas_gated
 from pallas_kernels import hyper_connection as pallas_hc
+from pallas_kernels import sinkhorn as pallas_sinkhorn
 from pallas_kernels import ssd as pallas_ssd
 from pallas_kernels import ssd_backward as pallas_ssd_backward
+from pallas_kernels import write_slice as pallas_write_slice
 
 
 def _normal(key, shape, dtype, scale=1.0):
@@ -169,6 +173,127 @@ def causal_conv1d(shape: tuple[int, int, int], taps: int = 4, dtype="bfloat16", 
     return Problem("causal_conv1d", bjax_conv.tuning_key(desc), run, (x, weight, bias),
                    (0, 1, 2), desc.kernel_config,
                    (Stage("walk", lambda best: space, FORWARD_BACKWARD),))
+
+
+def causal_conv1d_step(batch: int, channels: int, taps: int = 4, dtype="bfloat16", *,
+                       activation: str | None = "silu", backend=None) -> Problem:
+    """``bjax.causal_conv1d_step(conv_state, x, weight, bias, activation=...)``, one decode
+    step with x ``[batch, channels]``: one stage over
+    :func:`pallas_kernels.conv.step_search_space`, forward. The state is not donated, so
+    every timed call also copies it (the same for every candidate)."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    state = _normal(keys[0], (batch, taps - 1, channels), dtype)
+    x = _normal(keys[1], (batch, channels), dtype)
+    weight = _normal(keys[2], (channels, taps), jnp.float32, taps ** -0.5)
+    bias = _normal(keys[3], (channels,), jnp.float32)
+    desc = bjax_conv.CausalConv1dStepDescriptor.from_args(state, x, weight, bias,
+                                                          activation=activation)
+
+    def run(config, state, x, weight, bias):
+        return bjax.causal_conv1d_step(state, x, weight, bias, activation=activation,
+                                       backend=backend, config=config)
+
+    space = pallas_conv.step_search_space(channels)
+    return Problem("causal_conv1d_step", bjax_conv.step_tuning_key(desc), run,
+                   (state, x, weight, bias), (), pallas_conv.default_config(batch, 1, channels),
+                   (Stage("channels", lambda best: space, FORWARD),))
+
+
+def ssd_step(batch: int, heads: int, head_dim: int, state_dim: int, groups: int = 1,
+             dtype="bfloat16", *, d_shape: str | None = "h", z: bool = False,
+             backend=None) -> Problem:
+    """``bjax.ssd_step`` as the Mamba-2 mixer calls it at decode (``dt_bias``, softplus;
+    ``D`` of ``d_shape``; ``z`` if asked): one stage over
+    :func:`pallas_kernels.ssd.step_search_space`, forward. The state is not donated, so
+    every timed call also copies it (the same for every candidate)."""
+    keys = iter(jax.random.split(jax.random.key(0), 9))
+    state = _normal(next(keys), (batch, heads, head_dim, state_dim), jnp.float32)
+    x = _normal(next(keys), (batch, heads, head_dim), dtype)
+    dt = _normal(next(keys), (batch, heads), dtype, 0.5)
+    A = -jnp.exp(_normal(next(keys), (heads,), jnp.float32, 0.5))
+    B = _normal(next(keys), (batch, groups, state_dim), dtype)
+    C = _normal(next(keys), (batch, groups, state_dim), dtype)
+    dt_bias = _normal(next(keys), (heads,), jnp.float32, 0.5)
+    D = None if d_shape is None else _normal(
+        next(keys), (heads,) if d_shape == "h" else (heads, head_dim), jnp.float32)
+    zv = _normal(next(keys), x.shape, dtype) if z else None
+    arrays = (state, x, dt, A, B, C, dt_bias, D, zv)
+    present = tuple(i for i, v in enumerate(arrays) if v is not None)
+
+    def call(*full, config):
+        state, x, dt, A, B, C, dt_bias, D, zv = full
+        return bjax.ssd_step(state, x, dt, A, B, C, D=D, z=zv, dt_bias=dt_bias,
+                             dt_softplus=True, backend=backend, config=config)
+
+    def run(config, *given):
+        full = [None] * len(arrays)
+        for i, value in zip(present, given):
+            full[i] = value
+        return call(*full, config=config)
+
+    desc = bjax.plan(bjax.ssd_step, state, x, dt, A, B, C, D=D, z=zv, dt_bias=dt_bias,
+                     dt_softplus=True, backend="xla").descriptor
+    space = pallas_ssd.step_search_space(heads, head_dim, state_dim)
+    return Problem("ssd_step", bjax_ssd.step_tuning_key(desc), run,
+                   tuple(arrays[i] for i in present), (),
+                   pallas_ssd.step_config(heads, head_dim, state_dim),
+                   (Stage("step", lambda best: space, FORWARD),))
+
+
+def write_slice(dest_shape: tuple[int, ...], window_shape: tuple[int, ...],
+                start: tuple[int, ...], dtype="bfloat16", *, traced: tuple[int, ...] = (),
+                backend=None) -> Problem:
+    """``bjax.write_slice(dest, source, start)`` with ``source`` of ``window_shape`` at
+    ``start`` (a traced scalar on the axes in ``traced``, static elsewhere): one stage over
+    :func:`pallas_kernels.write_slice.search_space`, forward. ``dest`` is not donated, so
+    every timed call also copies it (the same for every candidate).
+
+    Raises:
+      ValueError: a window a plain call does not write with the kernel (small windows
+        take ``lax.dynamic_update_slice``; ``WriteSliceDescriptor.route``).
+    """
+    keys = jax.random.split(jax.random.key(0), 2)
+    dest = _normal(keys[0], dest_shape, dtype)
+    source = _normal(keys[1], window_shape, dtype)
+    positions = tuple(jnp.int32(v) if d in traced else v for d, v in enumerate(start))
+    desc, _ = bjax.WriteSliceDescriptor.from_args(dest, source, positions)
+    route = desc.route(backend or "pallas")
+    if route != "kernel":
+        raise ValueError(f"write_slice of this window runs {route!r}, not the kernel: "
+                         "nothing to tune")
+    view = desc.kernel_view()
+    starts = tuple(jnp.int32(start[d]) for d in traced)
+
+    def run(config, dest, source, *traced_starts):
+        given = dict(zip(traced, traced_starts))
+        return bjax.write_slice(dest, source, tuple(given.get(d, v) for d, v in enumerate(start)),
+                                backend=backend, config=config)
+
+    space = pallas_write_slice.search_space(view.window_shape, desc.per_row)
+    return Problem("write_slice", write_slice_tuning_key(desc), run,
+                   (dest, source, *starts), (), view.config,
+                   (Stage("tile", lambda best: space, FORWARD),))
+
+
+def sinkhorn_knopp(count: int, n: int, dtype="float32", *, iters: int = 20,
+                   init: str = "exp", order: str = "columns_first", backend=None) -> Problem:
+    """``bjax.sinkhorn_knopp(logits, iters=..., init=..., order=...)`` on ``count`` matrices
+    ``[n, n]``: one stage over :func:`pallas_kernels.sinkhorn.search_space`, forward and
+    backward (one config serves both). mhc_pre's Sinkhorn reads these entries where its
+    own config leaves the Sinkhorn's to them: ``count`` its tokens, float32, and its
+    ``sinkhorn_*`` options."""
+    logits = _normal(jax.random.key(0), (count, n, n), dtype, 2.0)
+
+    def run(config, logits):
+        return bjax.sinkhorn_knopp(logits, iters=iters, init=init, order=order,
+                                   backend=backend, config=config)
+
+    desc = bjax.plan(bjax.sinkhorn_knopp, logits, iters=iters, init=init, order=order,
+                     backend="xla").descriptor
+    space = pallas_sinkhorn.search_space(count, n)
+    return Problem("sinkhorn_knopp", sinkhorn_tuning_key(desc), run, (logits,), (0,),
+                   pallas_sinkhorn.default_config(count, n),
+                   (Stage("matrices", lambda best: space, FORWARD_BACKWARD),))
 
 
 def ssd_chunk_scan(batch: int, seq_len: int, heads: int, head_dim: int, state_dim: int,

@@ -159,10 +159,49 @@ def test_the_tuner_rejects_a_candidate_whose_results_differ():
     assert result.best in (1.0, 1.0 + 1e-7)
 
 
+def _toy_problem():
+    """A toy problem whose 'config' scales the output; "nan" poisons one entry, "raise"
+    fails to trace (as a candidate that does not compile)."""
+    def run(scale, x):
+        if scale == "raise":
+            raise ValueError("no such tile")
+        if scale == "nan":
+            return x.at[3].set(jnp.nan)
+        return x * scale
+    x = jnp.linspace(1.0, 2.0, 64, dtype=jnp.float32)
+    stage = tuner.Stage("scale", lambda best: ["nan", "raise", 1.5, 1.0 + 1e-7], tuner.FORWARD)
+    return tuner.Problem("toy", "n=64", run, (x,), (0,), 1.0, (stage,))
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_the_tuner_rejects_nan_and_reports_failures_on_any_number_of_threads(workers):
+    """One NaN among 64 outputs is rejected (not hidden by the other arrays' errors), a
+    candidate that fails is reported, and compiling on threads changes neither."""
+    result = tuner.tune(_toy_problem(), calls=1, trials=1, log=lambda line: None,
+                        workers=workers)
+    by_config = {trial.config: trial for trial in result.trials}
+    assert by_config["nan"].ms is None and "relative error nan" in by_config["nan"].note
+    assert by_config["raise"].ms is None
+    assert "failed: ValueError: no such tile" in by_config["raise"].note
+    assert by_config[1.5].ms is None and by_config[1.0 + 1e-7].ms is not None
+
+
+def test_relative_error_is_the_worst_arrays_and_nan_wins():
+    ones = jnp.ones((4, 8), jnp.float32)
+    assert tuner.relative_error((ones, ones * 1.001), (ones, ones)) == pytest.approx(1e-3,
+                                                                                     rel=1e-4)
+    assert np.isnan(tuner.relative_error((ones.at[0, 0].set(jnp.nan), ones * 1.001),
+                                         (ones, ones)))
+    huge = jnp.full((8,), 2.0**100, jnp.float32)   # squares overflow float32 unscaled
+    assert tuner.relative_error(huge * (1 + 2**-20), huge) == pytest.approx(2**-20, rel=1e-3)
+    assert tuner.relative_error(jnp.ones(3), jnp.zeros(3)) == np.inf
+
+
 def test_the_command_tunes_and_the_op_then_runs_the_entry(tmp_path, user_cache, capsys):
     written = tmp_path / "written.json"
     result = cli.main(["swiglu", "--shape", "4,48", "--dtype", "float32", "--calls", "1",
-                       "--trials", "1", "--backend", KERNEL_BACKEND, "--cache", str(written)])
+                       "--trials", "1", "--workers", "2", "--backend", KERNEL_BACKEND,
+                       "--cache", str(written)])
     assert "recorded in" in capsys.readouterr().out
     assert all(trial.ms is not None for trial in result.trials)
     assert not user_cache.exists()
@@ -389,7 +428,8 @@ def _decode_and_sinkhorn_problems():
     state, x, dt, A, B, C, dt_bias, D, z = step.arrays
     conv = problems.causal_conv1d_step(3, 200, 4, "float32", activation=None,
                                        backend=KERNEL_BACKEND)
-    write = problems.write_slice((4, 64, 300), (3, 40, 200), (1, 5, 30), "float32",
+    # A window over write_slice's 1 MiB: smaller ones run lax.dynamic_update_slice.
+    write = problems.write_slice((4, 128, 1000), (3, 100, 900), (1, 5, 30), "float32",
                                  traced=(1,), backend=KERNEL_BACKEND)
     dest, source, position = write.arrays
     sinkhorn = problems.sinkhorn_knopp(37, 4, "float32", iters=7, init="softmax",

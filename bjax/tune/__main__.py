@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="the ops' backend= (default: the kernels on a CUDA GPU)")
     common.add_argument("--calls", type=int, default=20, help="calls per timing")
     common.add_argument("--trials", type=int, default=3, help="timings per candidate")
+    common.add_argument("--workers", type=int, default=None,
+                        help="threads compiling a stage's candidates (default: one per core)")
     ops = parser.add_subparsers(dest="op", required=True)
     show = ops.add_parser("show", help="list the tuned entries for a device kind")
     show.add_argument("--device", default=None, help="a device kind (default: this one's)")
@@ -142,7 +144,7 @@ def main(argv=None) -> tuner.Result | None:
     except ValueError as error:   # a problem with nothing to tune
         _parser().error(str(error))
     print(f"tuning {problem.op} / {problem.key}")
-    result = tuner.tune(problem, calls=args.calls, trials=args.trials)
+    result = tuner.tune(problem, calls=args.calls, trials=args.trials, workers=args.workers)
     print(f"best: {result.best_ms:.4f} ms against the heuristic's {result.heuristic_ms:.4f} ms "
           f"({result.objective}): {result.best}")
     if not args.no_record:

@@ -12,12 +12,20 @@ compared with the heuristic's: a candidate whose relative error (Frobenius norm,
 array) exceeds :data:`TOLERANCE` of the output dtype is rejected, as is one that fails
 to compile. Configurations change block shapes and summation order, never the math, so
 honest candidates agree to float32 rounding (16-bit outputs: their own rounding).
+
+A stage's candidates compile ahead of time on several threads (XLA and Triton compile
+outside the GIL; compiling, not timing, is most of a tuning run), then run and are
+timed one at a time. A candidate whose compile fails on a thread compiles again alone
+before it counts as failed.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import jax
@@ -129,14 +137,24 @@ def _function(problem: Problem, config: Any, objective: str):
     return jax.jit(forward_backward)
 
 
+@jax.jit
+def _norms(a, b):
+    """``(|a - b|, |b|)`` in float32 on the device, both divided by ``max|b|`` (no overflow
+    of the squares; the ratio is unchanged)."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(b), initial=0.0), jnp.finfo(jnp.float32).tiny)
+    return jnp.linalg.norm(((a - b) / scale).ravel()), jnp.linalg.norm((b / scale).ravel())
+
+
 def relative_error(got, want) -> float:
-    """Largest relative Frobenius-norm error over the arrays of two matching pytrees."""
-    worst = 0.0
+    """Largest relative Frobenius-norm error over the arrays of two matching pytrees,
+    computed where they are (float32 sums: accurate to about 1e-6 of the error, well
+    within :data:`TOLERANCE`; a NaN or infinite result gives NaN or inf)."""
+    errors = []
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        scale = max(np.linalg.norm(b), np.finfo(np.float32).tiny)
-        worst = max(worst, float(np.linalg.norm(a - b) / scale))
-    return worst
+        diff, ref = (float(v) for v in _norms(a, b))
+        errors.append(diff / max(ref, float(np.finfo(np.float32).tiny)))
+    return math.nan if any(map(math.isnan, errors)) else max(errors, default=0.0)
 
 
 def _tolerance(results) -> float:
@@ -144,10 +162,26 @@ def _tolerance(results) -> float:
                for leaf in jax.tree.leaves(results))
 
 
+def _compile_all(problem: Problem, configs, objective: str, workers: int) -> dict:
+    """``{config: its compiled function, or the exception compiling it raised}``, compiled
+    on ``workers`` threads."""
+    def compile_one(config):
+        try:
+            return _function(problem, config, objective).lower(*problem.arrays).compile()
+        except Exception as failure:   # reported with the candidate
+            return failure
+    if workers <= 1 or len(configs) <= 1:
+        return {config: compile_one(config) for config in configs}
+    with ThreadPoolExecutor(min(workers, len(configs))) as pool:
+        return dict(zip(configs, pool.map(compile_one, configs)))
+
+
 def tune(problem: Problem, *, calls: int = 20, trials: int = 3,
-         log: Callable[[str], None] = print) -> Result:
+         log: Callable[[str], None] = print, workers: int | None = None) -> Result:
     """Runs ``problem``'s stages and returns the fastest agreeing config (nothing recorded:
-    see :func:`record`)."""
+    see :func:`record`). ``workers``: threads compiling a stage's candidates (``None``:
+    one per CPU core)."""
+    workers = (os.cpu_count() or 1) if workers is None else workers
     best, history = problem.heuristic, []
     best_ms = heuristic_ms = float("nan")
     for stage in problem.stages:
@@ -160,8 +194,11 @@ def tune(problem: Problem, *, calls: int = 20, trials: int = 3,
             trials=trials)
         log(f"{stage.name} ({stage.objective}): heuristic {heuristic_ms:.4f} ms, "
             f"start {best_ms:.4f} ms")
-        for config in dict.fromkeys(stage.candidates(best)):
-            trial = _try(problem, config, stage, reference, tolerance, calls, trials)
+        configs = list(dict.fromkeys(stage.candidates(best)))
+        compiled = _compile_all(problem, configs, stage.objective, workers)
+        for config in configs:
+            trial = _try(problem, config, compiled[config], stage, reference, tolerance,
+                         calls, trials)
             history.append(trial)
             log(f"  {trial.ms if trial.ms is None else round(trial.ms, 4)} ms {trial.note} "
                 f"{config}")
@@ -188,9 +225,12 @@ def _confirm(problem, best, objective, calls, trials, rounds: int = 5):
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def _try(problem, config, stage, reference, tolerance, calls, trials) -> Trial:
+def _try(problem, config, fn, stage, reference, tolerance, calls, trials) -> Trial:
+    """``config``'s trial with ``fn``, its compiled function (an exception: compiled again
+    here, alone)."""
     try:
-        fn = _function(problem, config, stage.objective)
+        if isinstance(fn, Exception):
+            fn = _function(problem, config, stage.objective)
         error = relative_error(jax.block_until_ready(fn(*problem.arrays)), reference)
         if not error <= tolerance:
             return Trial(stage.name, config, None, f"rejected: relative error {error:.2e} to "

@@ -34,6 +34,48 @@ def _normal(key, shape, dtype, scale=1.0):
     return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
+def _forward_then_backward(config_type, forward_space, backward_space) -> tuple[Stage, ...]:
+    """The two stages of a config with ``forward`` and ``backward`` fields: the forward
+    kernels' candidates (timed forward), then the backward kernels' with the best forward
+    (timed forward and backward)."""
+    return (Stage("forward kernels", lambda best: [
+                config_type(c, best.backward) for c in forward_space], FORWARD),
+            Stage("backward kernels", lambda best: [
+                config_type(best.forward, c) for c in backward_space], FORWARD_BACKWARD))
+
+
+def _optional_arrays(arrays: tuple, call):
+    """``(given, positions, run)`` for ``arrays`` of which some are None: the others,
+    their positions, and ``run(config, *given)`` = ``call(config, *arrays)`` (the None
+    ones back in place)."""
+    positions = tuple(i for i, v in enumerate(arrays) if v is not None)
+
+    def run(config, *given):
+        full = [None] * len(arrays)
+        for i, value in zip(positions, given):
+            full[i] = value
+        return call(config, *full)
+    return tuple(arrays[i] for i in positions), positions, run
+
+
+def _mixer_inputs(lead: tuple[int, ...], heads: int, head_dim: int, groups: int,
+                  state_dim: int, dtype, d_shape: str | None, z: bool) -> tuple:
+    """``(x, dt, A, B, C, dt_bias, D, z)`` of the Mamba-2 mixer's SSD call over the leading
+    axes ``lead`` (``[batch, seqlen]`` for the scan, ``[batch]`` for a decode step); ``D``
+    of ``d_shape`` and ``z`` None where not asked."""
+    keys = iter(jax.random.split(jax.random.key(0), 8))
+    x = _normal(next(keys), (*lead, heads, head_dim), dtype)
+    dt = _normal(next(keys), (*lead, heads), dtype, 0.5)
+    A = -jnp.exp(_normal(next(keys), (heads,), jnp.float32, 0.5))
+    B = _normal(next(keys), (*lead, groups, state_dim), dtype)
+    C = _normal(next(keys), (*lead, groups, state_dim), dtype)
+    dt_bias = _normal(next(keys), (heads,), jnp.float32, 0.5)
+    D = None if d_shape is None else _normal(
+        next(keys), (heads,) if d_shape == "h" else (heads, head_dim), jnp.float32)
+    zv = _normal(next(keys), x.shape, dtype) if z else None
+    return x, dt, A, B, C, dt_bias, D, zv
+
+
 def gated(kind: str, shape: tuple[int, ...], dtype="bfloat16", *, axis: int = -1,
           backend=None) -> Problem:
     """``bjax.gated_activation(x, kind, axis=axis)`` on ``x`` of ``shape``: one stage over
@@ -70,14 +112,9 @@ def merge_states(num_states: int, seq_len: int, heads: int, head_dim: int,
             return bjax.merge_states(v, s, backend=backend, config=config)
         desc = bjax.plan(bjax.merge_states, *arrays, backend="xla").descriptor
     MergeConfig = pallas_cascade.MergeConfig
-    stages = (
-        Stage("forward tile", lambda best: [
-            MergeConfig(tile, best.backward)
-            for tile in pallas_cascade.search_space(seq_len, heads, head_dim)], FORWARD),
-        Stage("backward tile", lambda best: [
-            MergeConfig(best.forward, tile)
-            for tile in pallas_cascade.search_space(seq_len, heads, head_dim, backward=True)],
-            FORWARD_BACKWARD))
+    stages = _forward_then_backward(
+        MergeConfig, pallas_cascade.search_space(seq_len, heads, head_dim),
+        pallas_cascade.search_space(seq_len, heads, head_dim, backward=True))
     return Problem(desc.op, bjax_cascade.tuning_key(desc), run, arrays,
                    tuple(range(len(arrays))),
                    MergeConfig(desc.kernel_config, desc.backward_config), stages)
@@ -140,14 +177,9 @@ def mhc_post(tokens: int, n: int, hidden: int, dtype="bfloat16", *, transpose_re
     desc = bjax.plan(bjax.mhc_post, *arrays, transpose_res=transpose_res,
                      backend="xla").descriptor
     MixConfig = pallas_hc.MixConfig
-    stages = (
-        Stage("forward tile", lambda best: [
-            MixConfig(tile, best.backward)
-            for tile in pallas_hc.mix_search_space(tokens, n, hidden)], FORWARD),
-        Stage("backward tile", lambda best: [
-            MixConfig(best.forward, tile)
-            for tile in pallas_hc.mix_search_space(tokens, n, hidden, backward=True)],
-            FORWARD_BACKWARD))
+    stages = _forward_then_backward(
+        MixConfig, pallas_hc.mix_search_space(tokens, n, hidden),
+        pallas_hc.mix_search_space(tokens, n, hidden, backward=True))
     heuristic = MixConfig(pallas_hc.mix_config(tokens, n, hidden),
                           pallas_hc.mix_backward_config(tokens, n, hidden))
     return Problem("mhc_post", mhc_post_tuning_key(desc), run, arrays, (0, 1, 2, 3),
@@ -206,36 +238,19 @@ def ssd_step(batch: int, heads: int, head_dim: int, state_dim: int, groups: int 
     ``D`` of ``d_shape``; ``z`` if asked): one stage over
     :func:`pallas_kernels.ssd.step_search_space`, forward. The state is not donated, so
     every timed call also copies it (the same for every candidate)."""
-    keys = iter(jax.random.split(jax.random.key(0), 9))
-    state = _normal(next(keys), (batch, heads, head_dim, state_dim), jnp.float32)
-    x = _normal(next(keys), (batch, heads, head_dim), dtype)
-    dt = _normal(next(keys), (batch, heads), dtype, 0.5)
-    A = -jnp.exp(_normal(next(keys), (heads,), jnp.float32, 0.5))
-    B = _normal(next(keys), (batch, groups, state_dim), dtype)
-    C = _normal(next(keys), (batch, groups, state_dim), dtype)
-    dt_bias = _normal(next(keys), (heads,), jnp.float32, 0.5)
-    D = None if d_shape is None else _normal(
-        next(keys), (heads,) if d_shape == "h" else (heads, head_dim), jnp.float32)
-    zv = _normal(next(keys), x.shape, dtype) if z else None
-    arrays = (state, x, dt, A, B, C, dt_bias, D, zv)
-    present = tuple(i for i, v in enumerate(arrays) if v is not None)
+    state = _normal(jax.random.key(1), (batch, heads, head_dim, state_dim), jnp.float32)
+    inputs = _mixer_inputs((batch,), heads, head_dim, groups, state_dim, dtype, d_shape, z)
+    x, dt, A, B, C, dt_bias, D, zv = inputs
 
-    def call(*full, config):
-        state, x, dt, A, B, C, dt_bias, D, zv = full
+    def call(config, state, x, dt, A, B, C, dt_bias, D, zv):
         return bjax.ssd_step(state, x, dt, A, B, C, D=D, z=zv, dt_bias=dt_bias,
                              dt_softplus=True, backend=backend, config=config)
 
-    def run(config, *given):
-        full = [None] * len(arrays)
-        for i, value in zip(present, given):
-            full[i] = value
-        return call(*full, config=config)
-
+    given, _, run = _optional_arrays((state, *inputs), call)
     desc = bjax.plan(bjax.ssd_step, state, x, dt, A, B, C, D=D, z=zv, dt_bias=dt_bias,
                      dt_softplus=True, backend="xla").descriptor
     space = pallas_ssd.step_search_space(heads, head_dim, state_dim)
-    return Problem("ssd_step", bjax_ssd.step_tuning_key(desc), run,
-                   tuple(arrays[i] for i in present), (),
+    return Problem("ssd_step", bjax_ssd.step_tuning_key(desc), run, given, (),
                    pallas_ssd.step_config(heads, head_dim, state_dim),
                    (Stage("step", lambda best: space, FORWARD),))
 
@@ -304,41 +319,22 @@ def ssd_chunk_scan(batch: int, seq_len: int, heads: int, head_dim: int, state_di
     (:func:`pallas_kernels.ssd.search_space`, timed forward), then the backward kernels'
     with the best forward (:func:`pallas_kernels.ssd_backward.search_space`, timed
     forward and backward)."""
-    keys = iter(jax.random.split(jax.random.key(0), 8))
-    x = _normal(next(keys), (batch, seq_len, heads, head_dim), dtype)
-    dt = _normal(next(keys), (batch, seq_len, heads), dtype, 0.5)
-    A = -jnp.exp(_normal(next(keys), (heads,), jnp.float32, 0.5))
-    B = _normal(next(keys), (batch, seq_len, groups, state_dim), dtype)
-    C = _normal(next(keys), (batch, seq_len, groups, state_dim), dtype)
-    dt_bias = _normal(next(keys), (heads,), jnp.float32, 0.5)
-    D = None if d_shape is None else _normal(
-        next(keys), (heads,) if d_shape == "h" else (heads, head_dim), jnp.float32)
-    zv = _normal(next(keys), x.shape, dtype) if z else None
-    arrays = (x, dt, A, B, C, dt_bias, D, zv)
-    present = tuple(i for i, v in enumerate(arrays) if v is not None)
+    inputs = _mixer_inputs((batch, seq_len), heads, head_dim, groups, state_dim, dtype,
+                           d_shape, z)
+    x, dt, A, B, C, dt_bias, D, zv = inputs
 
-    def run(config, *given):
-        full = [None] * len(arrays)
-        for i, value in zip(present, given):
-            full[i] = value
-        x, dt, A, B, C, dt_bias, D, zv = full
+    def call(config, x, dt, A, B, C, dt_bias, D, zv):
         return bjax.ssd_chunk_scan(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=zv,
                                    dt_bias=dt_bias, dt_softplus=True, backend=backend,
                                    config=config)
 
+    given, positions, run = _optional_arrays(inputs, call)
     plan = bjax.plan(bjax.ssd_chunk_scan, x, dt, A, B, C, chunk_size=chunk_size, D=D, z=zv,
                      dt_bias=dt_bias, dt_softplus=True, backend=backend or "xla")
     desc = plan.descriptor
     args = (chunk_size, head_dim, state_dim, heads // groups, jnp.dtype(dtype))
     ChunkScanConfig = pallas_ssd_backward.ChunkScanConfig
-    stages = (
-        Stage("forward kernels",
-              lambda best: [ChunkScanConfig(c, best.backward)
-                            for c in pallas_ssd.search_space(*args)], FORWARD),
-        Stage("backward kernels",
-              lambda best: [ChunkScanConfig(best.forward, c)
-                            for c in pallas_ssd_backward.search_space(*args)],
-              FORWARD_BACKWARD))
-    return Problem("ssd_chunk_scan", bjax_ssd.tuning_key(desc), run,
-                   tuple(arrays[i] for i in present), present,
+    stages = _forward_then_backward(ChunkScanConfig, pallas_ssd.search_space(*args),
+                                    pallas_ssd_backward.search_space(*args))
+    return Problem("ssd_chunk_scan", bjax_ssd.tuning_key(desc), run, given, positions,
                    ChunkScanConfig(desc.kernel_config, desc.backward_config), stages)

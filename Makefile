@@ -20,9 +20,7 @@ demo: $(SETUP)
 	$(PY) -m bjax.demo
 
 test: $(SETUP)
-	BJAX_TEST_FAST_COMPILE=1 $(PY) -m pytest tests -q -n auto --durations=15 \
-		--ignore=tests/test_sharding.py
-	$(PY) -m pytest tests/test_sharding.py -q -n auto --durations=5
+	BJAX_TEST_FAST_COMPILE=1 $(PY) -m pytest tests -q -n auto --durations=15
 
 bench: $(SETUP)
 	for b in gated write_slice cascade ssd hyper_connection conv; do $(PY) -m benchmarks.$$b || exit 1; done

@@ -21,15 +21,16 @@ os.environ["BJAX_TUNING_CACHE"] = os.path.join(tempfile.gettempdir(),
 # optimisation passes (a third less time; the same IEEE arithmetic, no fast-math). And
 # eight CPU devices, over which tests/test_sharding.py partitions programs (every other
 # test runs on the first).
-# With BJAX_TEST_FAST_COMPILE=1 (`make test`, for every module but test_sharding.py),
-# XLA's older CPU fusion emitters too: a third less compile time again, but then the
-# sharded and the unsharded program of an interpreted kernel can differ in the last ulp,
-# which test_sharding.py's bit-for-bit comparisons would report.
+# With BJAX_TEST_FAST_COMPILE=1 (`make test`), XLA's older CPU fusion emitters too: a third
+# less compile time again, but then the sharded and the unsharded program of the masked
+# merge_state kernel differ in the last ulp of a few elements (tests/test_sharding.py
+# compares them within 1e-6 there, bit for bit elsewhere).
+FAST_COMPILE = False
 if not any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
-    _FAST_COMPILE = os.environ.get("BJAX_TEST_FAST_COMPILE") == "1"
+    FAST_COMPILE = os.environ.get("BJAX_TEST_FAST_COMPILE") == "1"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_backend_optimization_level=0"
-                               + (" --xla_cpu_use_fusion_emitters=false" if _FAST_COMPILE else "")
+                               + (" --xla_cpu_use_fusion_emitters=false" if FAST_COMPILE else "")
                                + " --xla_force_host_platform_device_count=8").strip()
 
 

@@ -19,6 +19,7 @@ from pallas_kernels import cascade as pallas_cascade
 from pallas_kernels import sinkhorn as pallas_sinkhorn
 from pallas_kernels import ssd as pallas_ssd
 from pallas_kernels.tiling import TileConfig
+from tests.conftest import FAST_COMPILE
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
 
@@ -164,9 +165,13 @@ def test_merge_state_keeps_its_sharding(spec, mesh_shape, masked, backend):
     v_a, s_a = merge_problem(2, (16, 8, 32), (16, 8))
     v_b, s_b = merge_problem(3, (16, 8, 32), (16, 8))
     mask = (jnp.arange(16) % 3 != 1) if masked else None   # a constant: sliced, not moved
+    # The kernels: bit for bit. XLA's implementation, and the interpreted masked kernel
+    # under XLA's older CPU fusion emitters (FAST_COMPILE, `make test`), compile the
+    # shard's program differently from the whole one's: 1 ulp off in a few elements.
+    exact = backend != "xla" and not (masked and FAST_COMPILE)
     check_partitioned(lambda *a: bjax.merge_state(*a, mask=mask, backend=backend),
                       (v_a, s_a, v_b, s_b), (spec, state_spec(spec)) * 2, mesh_of(mesh_shape),
-                      (spec, state_spec(spec)), exact=backend != "xla")
+                      (spec, state_spec(spec)), exact=exact)
 
 
 def test_merge_state_reads_a_tuned_config_for_each_shard(tmp_path, monkeypatch,

@@ -213,11 +213,14 @@ class Choice:
         else ``(None, None)``.
 
         Raises:
-          InvalidProblemError: a cache entry that cannot run ``desc``.
+          InvalidProblemError: the caller's config or a cache entry that cannot run
+            ``desc`` (a shard can hold less than the whole call the config was checked on).
         """
-        if self.config is not None:
-            return self.config, "explicit"
         impl = self.implementation
+        if self.config is not None:
+            if impl.check_config is not None:
+                impl.check_config(desc, self.config)
+            return self.config, "explicit"
         if impl.tuning_key is None:
             return None, None
         key = impl.tuning_key(desc)

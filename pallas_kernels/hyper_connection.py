@@ -262,11 +262,12 @@ def mix_backward_config(rows: int, n: int, hidden: int) -> TileConfig:
 
 def mix_search_space(rows: int, n: int, hidden: int, *,
                      backward: bool = False) -> tuple[TileConfig, ...]:
-    """The tiles the tuner tries (``bjax.tune``) for :func:`mix` (or, with ``backward``,
-    :func:`mix_backward`): rows by channels of each stream, 1024 to 16384 cells over the
-    n streams (the backward up to 8192: it holds x and dout), 4 or 8 warps."""
-    return tile_search_space(rows, hidden, min_elements=1024,
-                             max_elements=8192 if backward else 16384,
+    """The tiles the tuner tries (``bjax.tune``) for :func:`mix`: those of
+    :func:`stream_search_space`, whose heuristic it shares; with ``backward``, for
+    :func:`mix_backward`, the same up to 8192 cells (it holds x and dout)."""
+    if not backward:
+        return stream_search_space(rows, n, hidden)
+    return tile_search_space(rows, hidden, min_elements=1024, max_elements=8192,
                              cell=pl.next_power_of_2(n))
 
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 import bjax
+from bjax import _op
 from bjax import cascade as bjax_cascade
 from bjax import conv as bjax_conv
 from bjax import gated as bjax_gated
@@ -45,17 +46,15 @@ def _forward_then_backward(config_type, forward_space, backward_space) -> tuple[
 
 
 def _optional_arrays(arrays: tuple, call):
-    """``(given, positions, run)`` for ``arrays`` of which some are None: the others,
-    their positions, and ``run(config, *given)`` = ``call(config, *arrays)`` (the None
-    ones back in place)."""
-    positions = tuple(i for i, v in enumerate(arrays) if v is not None)
+    """``(given, positions, run)`` for ``arrays`` of which some are None: the others
+    (``_op.present``), their positions, and ``run(config, *given)`` = ``call(config,
+    *arrays)`` (the None ones back in place, ``_op.with_absent``)."""
+    flags = [v is not None for v in arrays]
 
     def run(config, *given):
-        full = [None] * len(arrays)
-        for i, value in zip(positions, given):
-            full[i] = value
-        return call(config, *full)
-    return tuple(arrays[i] for i in positions), positions, run
+        return call(config, *_op.with_absent(given, flags))
+    return (tuple(_op.present(arrays)), tuple(i for i, here in enumerate(flags) if here),
+            run)
 
 
 def _mixer_inputs(lead: tuple[int, ...], heads: int, head_dim: int, groups: int,

@@ -193,6 +193,20 @@ def test_the_tuner_rejects_nan_and_reports_failures_on_any_number_of_threads(wor
     assert by_config[1.5].ms is None and by_config[1.0 + 1e-7].ms is not None
 
 
+def test_the_tuner_compares_gradients_that_depend_on_the_inputs():
+    """Sinkhorn's matrices each sum to n, so a cotangent of ones has a zero gradient and
+    the tuner would compare two candidates' rounding noise (it once rejected a correct
+    config with a relative error of 1.16 that way). The tuner's cotangent gives a
+    gradient as large as the XLA implementation's for a random cotangent."""
+    problem = problems.sinkhorn_knopp(8, 4, backend="xla")
+    _, (grad,) = tuner._function(problem, None, tuner.FORWARD_BACKWARD)(*problem.arrays)
+    logits = problem.arrays[0]
+    _, vjp = jax.vjp(lambda l: bjax.sinkhorn_knopp(l, backend="xla"), logits)
+    ones_grad, = vjp(jnp.ones_like(logits))
+    assert float(jnp.linalg.norm(ones_grad)) < 1e-5 * float(jnp.linalg.norm(grad))
+    assert float(jnp.linalg.norm(grad)) > 1e-2 * float(jnp.linalg.norm(logits))
+
+
 def test_relative_error_is_the_worst_arrays_and_nan_wins():
     ones = jnp.ones((4, 8), jnp.float32)
     assert tuner.relative_error((ones, ones * 1.001), (ones, ones)) == pytest.approx(1e-3,

@@ -118,7 +118,8 @@ class Result:
 
 def _function(problem: Problem, config: Any, objective: str):
     """Jitted: the outputs, and with the backward also the gradients of ``<outputs,
-    cotangent>`` (a fixed cotangent of ones) with respect to ``problem.wrt``."""
+    cotangent>`` with respect to ``problem.wrt``, for a fixed random cotangent
+    (:func:`_cotangent`)."""
     def forward(*arrays):
         return problem.run(config, *arrays)
 
@@ -132,9 +133,20 @@ def _function(problem: Problem, config: Any, objective: str):
                 full[i] = value
             return forward(*full)
         outs, vjp = jax.vjp(of_differentiated, *(arrays[i] for i in problem.wrt))
-        return outs, vjp(jax.tree.map(jnp.ones_like, outs))
+        return outs, vjp(_cotangent(outs))
 
     return jax.jit(forward_backward)
+
+
+def _cotangent(outs):
+    """A fixed standard-normal cotangent for each output. Not ones: a cotangent of ones
+    has an exactly zero gradient wherever the outputs' sum does not depend on the inputs
+    (a Sinkhorn projection's matrices each sum to n), and the candidates' rounding
+    noise there is all a comparison would see."""
+    leaves, tree = jax.tree.flatten(outs)
+    keys = jax.random.split(jax.random.key(0), max(len(leaves), 1))
+    return jax.tree.unflatten(tree, [jax.random.normal(k, leaf.shape, leaf.dtype)
+                                     for k, leaf in zip(keys, leaves)])
 
 
 @jax.jit

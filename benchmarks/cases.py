@@ -121,11 +121,12 @@ def mhc_layer_inputs(shape=MHC_LAYER_SHAPES[0]):
             jnp.array([0.8, 0.6, 1.1], jnp.float32), jax.random.normal(k[2], (count,)))
 
 
-def mhc_layer(backend):
-    """``mhc_pre`` then ``mhc_post`` with the layer input as the sublayer's output."""
+def mhc_layer(backend, pre_config=None):
+    """``mhc_pre`` (with ``pre_config``) then ``mhc_post``, the layer input as the
+    sublayer's output."""
     def layer(x, phi, alpha, bias):
         layer_input, h_post, h_res = bjax.mhc_pre(x, phi=phi, alpha=alpha, bias=bias,
-                                                  backend=backend)
+                                                  backend=backend, config=pre_config)
         return bjax.mhc_post(x, layer_input, h_post, h_res, backend=backend)
     return layer
 

@@ -7,7 +7,8 @@
 * ``mhc_pre`` + ``mhc_post`` at 16384 tokens x C = 2560 and at DeepSeek-V3's 8192 x
   C = 7168 (``cases.MHC_LAYER_SHAPES``), n = 4, bfloat16, dynamic H
   (phi [n C, n^2 + 2n]), the sublayer taken as the identity; the backward gives
-  gradients for x, phi, alpha and bias.
+  gradients for x, phi, alpha and bias. A row per implementation of mhc_pre: the one a
+  plain call runs and, where that is the Mosaic GPU one, the Triton one beside it.
 * ``sinkhorn_knopp`` alone on one 4 x 4 matrix per token (16384 tokens).
 
 ``ratio`` is XLA time / bjax time (> 1: bjax faster). ``% copy`` is bjax's
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 
 import bjax
 from benchmarks import cases, harness
+from pallas_kernels.hyper_connection import PreConfig
 
 SEED_SHAPE = cases.HYPER_CONNECTION_SHAPE
 TOKENS, STREAMS = cases.MHC_TOKENS, cases.MHC_STREAMS
@@ -58,6 +60,10 @@ def layer_rows(backend, ceiling):
         x = args[0]
         dout = jax.random.normal(jax.random.key(3), x.shape, jnp.bfloat16)
         ops = {name: cases.mhc_layer(b) for name, b in (("bjax", backend), ("xla", "xla"))}
+        chosen = bjax.plan(bjax.mhc_pre, x, phi=args[1], alpha=args[2], bias=args[3],
+                           backend=backend).implementation
+        if chosen == "pallas_mosaic":   # the Triton implementation beside it
+            ops["pallas_triton"] = cases.mhc_layer(backend, PreConfig())
         fwd = {name: harness.device_time_ms(jax.jit(f), *args, calls=20)
                for name, f in ops.items()}
         both = {name: harness.device_time_ms(_fwd_bwd(f, range(4)), *args, dout, calls=10)
@@ -65,9 +71,13 @@ def layer_rows(backend, ceiling):
         shape = f"{tokens}x{n}x{hidden} bf16 dynamic"
         # Forward: x read by pre and post, layer_input written and read, x_next written.
         fwd_bytes = 3 * x.nbytes + 2 * x.nbytes // n
-        rows += [_row("mhc_pre+mhc_post", "fwd", shape, fwd, fwd_bytes, ceiling),
-                 _row("mhc_pre+mhc_post", "fwd+bwd", shape, both, fwd_bytes + 4 * x.nbytes,
-                      ceiling)]
+        for name in [chosen] + (["pallas_triton"] if "pallas_triton" in ops else []):
+            key = "bjax" if name == chosen else name
+            fwd_of, both_of = ({"bjax": t[key], "xla": t["xla"]} for t in (fwd, both))
+            rows += [_row(f"mhc_pre+mhc_post ({name})", "fwd", shape, fwd_of, fwd_bytes,
+                          ceiling),
+                     _row(f"mhc_pre+mhc_post ({name})", "fwd+bwd", shape, both_of,
+                          fwd_bytes + 4 * x.nbytes, ceiling)]
     return rows
 
 

@@ -9,7 +9,8 @@ cannot raises :class:`UnsupportedError`, which is recorded and falls through.
 
 Every candidate runs on one or more *backends*:
 
-* ``"pallas"``: Pallas kernels lowered through Triton (CUDA GPUs);
+* ``"pallas"``: Pallas kernels lowered through Triton, or Mosaic GPU where an op has
+  such an implementation (CUDA GPUs);
 * ``"interpret"``: the very same kernels run by the Pallas interpreter (any
   device; slow, used to test the kernels without a GPU);
 * ``"xla"``: a pure ``jax.numpy`` implementation (any device).
@@ -118,6 +119,15 @@ def cuda_available() -> bool:
         return False
 
 
+@functools.cache
+def cuda_compute_capability() -> str | None:
+    """The first CUDA GPU's compute capability (``"9.0"`` on Hopper), ``None`` without
+    one."""
+    if not cuda_available():
+        return None
+    return getattr(jax.devices("cuda")[0], "compute_capability", None)
+
+
 def requested_backend(backend: str | None, op: str) -> tuple[str | None, str]:
     """``(name, source)``: the backend asked for (``None``: choose automatically) and
     the argument it came from (``backend`` or ``$BJAX_BACKEND``).
@@ -157,7 +167,8 @@ class Implementation:
     """One candidate of an op's implementation table.
 
     Attributes:
-      name: ``"pallas_triton"`` (the Pallas kernels, Triton lowering) or ``"xla"``.
+      name: ``"pallas_triton"`` (the Pallas kernels, Triton lowering),
+        ``"pallas_mosaic"`` (some of them lowered through Mosaic GPU) or ``"xla"``.
       backends: the backends that run it; the first is the one an automatic choice uses.
       kernel: ``kernel(desc) -> str``, the name of what runs (for :class:`Plan`).
       config_type: the frozen class of its kernel configuration; ``None``: it takes none.
@@ -371,8 +382,8 @@ class Plan:
     Attributes:
       op: public name of the op.
       descriptor: the op's frozen descriptor (static facts, validated).
-      implementation: the candidate of the op's table that runs it (``"pallas_triton"``
-        or ``"xla"``).
+      implementation: the candidate of the op's table that runs it (``"pallas_triton"``,
+        ``"pallas_mosaic"`` or ``"xla"``).
       backend: ``"pallas"``, ``"interpret"`` or ``"xla"``.
       kernel: name of the kernel (or XLA function) it runs.
       block_config: the kernel's configuration (``None`` for XLA).

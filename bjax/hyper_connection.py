@@ -49,6 +49,7 @@ from bjax.errors import UnsupportedError
 from bjax.tune.cache import problem_key
 from bjax.xla import hyper_connection as xla_hc
 from pallas_kernels import hyper_connection as pallas_hc
+from pallas_kernels import hyper_connection_mosaic as mosaic_hc
 from pallas_kernels import sinkhorn as pallas_sinkhorn
 from pallas_kernels.formulas import sinkhorn as formulas_sinkhorn
 
@@ -494,9 +495,24 @@ class MhcPreDescriptor:
 
 
 def _pre_tiles(desc: MhcPreDescriptor, choice: _op.Choice) -> pallas_hc.PreConfig:
-    """The caller's or the tuned :class:`PreConfig` (``None`` fields: the heuristics, which
-    each kernel derives from its own, possibly sharded, operands)."""
-    return pallas_hc.PreConfig() if choice.on_xla else choice.config_for(desc, pallas_hc.PreConfig)
+    """The Triton kernels' :class:`PreConfig`: the caller's or the tuned one (of the Mosaic
+    implementation: its ``kernels``); ``None`` fields: the heuristics, which each kernel
+    derives from its own, possibly sharded, operands."""
+    if choice.on_xla:
+        return pallas_hc.PreConfig()
+    config = choice.config_for(desc, lambda: None)
+    if isinstance(config, mosaic_hc.MosaicPreConfig):
+        return config.kernels
+    return config or pallas_hc.PreConfig()
+
+
+def _projection(desc: MhcPreDescriptor, choice: _op.Choice):
+    """``(kernel, config)`` of the dynamic projection: the Mosaic kernel on the Mosaic
+    implementation, else the Triton one."""
+    if choice.implementation.name == "pallas_mosaic":
+        config = choice.config_for(desc, lambda: None)
+        return mosaic_hc.project, config.projection if config is not None else None
+    return pallas_hc.project, _pre_tiles(desc, choice).projection
 
 
 def _coefficients(h_tilde, desc: MhcPreDescriptor, choice):
@@ -533,8 +549,9 @@ def _pre(x, phi, alpha, bias, desc: MhcPreDescriptor, choice: _op.Choice):
 def _pre_fwd(x, phi, alpha, bias, desc, choice):
     tiles = _pre_tiles(desc, choice)
     if desc.dynamic:
-        proj, squares = _token_split(choice, pallas_hc.project, (("t", "f"), ("f", "k")),
-                                     (("t", "k"), ("t",)), config=tiles.projection)(
+        project, projection_config = _projection(desc, choice)
+        proj, squares = _token_split(choice, project, (("t", "f"), ("f", "k")),
+                                     (("t", "k"), ("t",)), config=projection_config)(
             x.reshape(desc.tokens, -1), phi.astype(jnp.float32))
         h_pre, h_post, h_res = _dynamic_coefficients(proj, squares, alpha, bias, desc, choice)
     else:
@@ -580,30 +597,69 @@ def _pre_bwd(desc, choice, residuals, cotangents):
 _pre.defvjp(_pre_fwd, _pre_bwd)
 
 
-def _check_tiles(op: str, config, fields: dict) -> None:
-    """Each of ``fields`` (name: type) of ``config`` is None or a launchable config of
-    that type."""
+def _check_tiles(op: str, config, fields: dict, prefix: str = "config") -> None:
+    """Each of ``fields`` (name: type) of ``config`` (the argument ``prefix``) is None or
+    a launchable config of that type."""
     for name, kind in fields.items():
         tile = getattr(config, name)
         if tile is not None:
-            _op.check(isinstance(tile, kind), op, f"config.{name}",
+            _op.check(isinstance(tile, kind), op, f"{prefix}.{name}",
                       f"a {kind.__name__} or None", repr(tile))
-            _op.check_launch(tile, op, f"config.{name}")
+            _op.check_launch(tile, op, f"{prefix}.{name}")
 
 
-def _check_pre_config(desc: MhcPreDescriptor, config: pallas_hc.PreConfig) -> None:
+def _check_pre_config(desc: MhcPreDescriptor, config: pallas_hc.PreConfig,
+                      prefix: str = "config") -> None:
     # The kernels mask partial tiles; the projection's column block must fit phi's
     # stacked pieces, which it walks in whole blocks.
     _check_tiles("mhc_pre", config, {
         "projection": pallas_hc.ProjectionConfig, "aggregate": pallas_hc.TileConfig,
         "aggregate_backward": pallas_hc.TileConfig, "input_grad": pallas_hc.TileConfig,
-        "weight_grad": pallas_hc.TileConfig, "sinkhorn": pallas_sinkhorn.SinkhornConfig})
+        "weight_grad": pallas_hc.TileConfig, "sinkhorn": pallas_sinkhorn.SinkhornConfig},
+        prefix)
     if desc.dynamic and config.projection is not None:
         width = pallas_hc.stacked_width(desc.n * desc.n + 2 * desc.n)
         _op.check(config.projection.block_width <= width, "mhc_pre",
-                  "config.projection.block_width",
+                  f"{prefix}.projection.block_width",
                   f"<= {width} (phi's three pieces side by side, padded)",
                   config.projection.block_width)
+
+
+def _mosaic_pre_rule(desc: MhcPreDescriptor) -> None:
+    """The Mosaic implementation runs dynamic H (its projection is the Mosaic kernel) on a
+    Hopper GPU (wgmma), where :func:`pallas_kernels.hyper_connection_mosaic.unsupported`
+    allows."""
+    op = "mhc_pre"
+    _kernel_streams_rule(desc, op)
+    _op.check(desc.dynamic, op, "phi", "given (dynamic H) for the Mosaic projection",
+              None, UnsupportedError)
+    capability = _op.cuda_compute_capability()
+    _op.check(capability == "9.0", op, "the GPU", "a Hopper GPU (compute capability 9.0: "
+              "wgmma) for the Mosaic projection", f"compute capability {capability}",
+              UnsupportedError)
+    width = pallas_hc.stacked_width(desc.coefficients)
+    why = mosaic_hc.unsupported(desc.tokens, desc.n * desc.hidden, width, desc.dtype)
+    _op.check(why is None, op, "x", "within the Mosaic projection's shapes", why,
+              UnsupportedError)
+
+
+def _check_mosaic_pre_config(desc: MhcPreDescriptor, config: mosaic_hc.MosaicPreConfig) -> None:
+    op = "mhc_pre"
+    _op.check(isinstance(config.kernels, pallas_hc.PreConfig), op, "config.kernels",
+              "a PreConfig", repr(config.kernels))
+    _op.check(config.kernels.projection is None, op, "config.kernels.projection",
+              "None (config.projection configures the Mosaic projection)",
+              repr(config.kernels.projection))
+    _check_pre_config(desc, config.kernels, "config.kernels")
+    projection = config.projection
+    if projection is None:
+        return
+    _op.check(isinstance(projection, mosaic_hc.MosaicProjectionConfig), op,
+              "config.projection", "a MosaicProjectionConfig or None", repr(projection))
+    width = pallas_hc.stacked_width(desc.coefficients)
+    for field, expected, got in mosaic_hc.config_errors(projection, desc.tokens,
+                                                        desc.n * desc.hidden, width):
+        _op.fail(op, f"config.projection.{field}", expected, got)
 
 
 def pre_tuning_key(desc: MhcPreDescriptor) -> str:
@@ -626,7 +682,7 @@ def mhc_pre(x: ArrayLike, *, bias: ArrayLike, phi: ArrayLike | None = None,
             sinkhorn_eps: float = 1e-5, sinkhorn_init: SinkhornInit = "exp",
             sinkhorn_order: SinkhornOrder = "columns_first", pre_eps: float = 0.0,
             post_scale: float = 2.0, backend: _op.Backend = None,
-            config: pallas_hc.PreConfig | None = None
+            config: pallas_hc.PreConfig | mosaic_hc.MosaicPreConfig | None = None
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """mHC before the sublayer: coefficients and the sublayer's input (module doc).
 
@@ -643,6 +699,11 @@ def mhc_pre(x: ArrayLike, *, bias: ArrayLike, phi: ArrayLike | None = None,
       pre_eps: added to ``sigmoid(H~_pre)``; >= 0.
       post_scale: ``h_post = post_scale * sigmoid(H~_post)`` (2 in the paper).
       backend: as in :func:`sinkhorn_knopp`.
+      config: ``None`` (the tuned entry, else the heuristics); a
+        :class:`~pallas_kernels.hyper_connection.PreConfig` runs the Triton
+        implementation with it, a
+        :class:`~pallas_kernels.hyper_connection_mosaic.MosaicPreConfig` the Mosaic one
+        (dynamic H, bfloat16, on a Hopper GPU: :data:`MHC_PRE_IMPLEMENTATIONS`).
 
     Returns:
       ``(layer_input [..., C] in x's dtype, h_post [..., n], h_res [..., n, n])``,
@@ -795,12 +856,30 @@ def mhc_post(x: ArrayLike, f_out: ArrayLike, h_post: ArrayLike, h_res: ArrayLike
     return out.reshape(x.shape)
 
 
-MHC_PRE_IMPLEMENTATIONS = _mhc_table(
-    "mhc_pre", lambda desc: ("bjax_mhc_projection + " if desc.dynamic else "")
-    + "bjax_sinkhorn + bjax_mhc_pre", config_type=pallas_hc.PreConfig,
-    default_config=lambda desc: pallas_hc.pre_config(
-        desc.tokens, desc.n, desc.hidden, desc.n * desc.n + 2 * desc.n, desc.dtype),
-    check_config=_check_pre_config, tuning_key=pre_tuning_key)
+def _mosaic_pre_default(desc: MhcPreDescriptor) -> mosaic_hc.MosaicPreConfig:
+    triton = pallas_hc.pre_config(desc.tokens, desc.n, desc.hidden, desc.coefficients,
+                                  desc.dtype)
+    return mosaic_hc.MosaicPreConfig(
+        mosaic_hc.projection_config(desc.tokens, desc.n * desc.hidden),
+        dataclasses.replace(triton, projection=None))
+
+
+MHC_PRE_IMPLEMENTATIONS = (
+    # The Mosaic GPU projection (1.8x the Triton one at DeepSeek widths on the H200,
+    # BENCHMARKS.md); the rest of the op runs the Triton kernels. Not tuned yet: its
+    # heuristic, or the caller's MosaicPreConfig.
+    _op.Implementation(
+        "pallas_mosaic", ("pallas",),
+        kernel=lambda desc: "bjax_mhc_projection_mosaic + bjax_sinkhorn + bjax_mhc_pre",
+        config_type=mosaic_hc.MosaicPreConfig, default_config=_mosaic_pre_default,
+        check=_mosaic_pre_rule, check_config=_check_mosaic_pre_config,
+        sharding_rules=token_rule),
+    *_mhc_table(
+        "mhc_pre", lambda desc: ("bjax_mhc_projection + " if desc.dynamic else "")
+        + "bjax_sinkhorn + bjax_mhc_pre", config_type=pallas_hc.PreConfig,
+        default_config=lambda desc: pallas_hc.pre_config(
+            desc.tokens, desc.n, desc.hidden, desc.coefficients, desc.dtype),
+        check_config=_check_pre_config, tuning_key=pre_tuning_key))
 """``mhc_pre``'s implementation table, in order of preference."""
 
 MHC_POST_IMPLEMENTATIONS = _mhc_table(

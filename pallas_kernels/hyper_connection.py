@@ -537,7 +537,7 @@ def _phi_pieces(phi):
     return jnp.stack(split_bf16(phi, 3))
 
 
-def _stacked_phi_pieces(phi):
+def stacked_phi_pieces(phi):
     """float32 ``phi [n C, count]`` as its three exact bfloat16 pieces side by side,
     ``[n C, width]``: piece ``p`` in columns ``p count .. (p + 1) count - 1``, zeros up to
     a power-of-2 ``width``: one tensor-core product a step instead of three narrow ones
@@ -547,7 +547,7 @@ def _stacked_phi_pieces(phi):
 
 
 def stacked_width(count: int) -> int:
-    """Columns of :func:`_stacked_phi_pieces` for ``count`` columns of phi."""
+    """Columns of :func:`stacked_phi_pieces` for ``count`` columns of phi."""
     return padded(3 * count)
 
 
@@ -560,7 +560,7 @@ def project(x_flat, phi, *, config: ProjectionConfig | None = None, interpret: b
     (:class:`ProjectionConfig`) summed apart, then added in a fixed order."""
     rows, flat = x_flat.shape
     count = phi.shape[1]
-    phi_pieces = _stacked_phi_pieces(phi)
+    phi_pieces = stacked_phi_pieces(phi)
     width = phi_pieces.shape[1]
     config = config or projection_config(rows, flat, width, x_flat.dtype)
     steps = pl.cdiv(flat, config.block_cols)

@@ -395,7 +395,7 @@ def test_projection_configs_match_oracle(rows, n, hidden, dtype):
     x = normal(40, (rows, n * hidden), dtype)
     phi = normal(41, (n * hidden, count), std=0.05)
     x64, phi64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x, phi))
-    width = pallas_hc._stacked_phi_pieces(phi).shape[1]
+    width = pallas_hc.stacked_phi_pieces(phi).shape[1]
     for config in _projection_configs(rows, n * hidden, width, dtype):
         proj, squares = pallas_hc.project(x, phi, config=config,
                                           interpret=KERNEL_BACKEND == "interpret")
@@ -771,7 +771,8 @@ ERRORS = [
     (lambda: bjax.mhc_post(*_POST_ARGS, backend="xla", config=pallas_hc.MixConfig()),
      bjax.UnsupportedError, "mhc_post: config must be None for xla, which takes no config"),
     (lambda: bjax.mhc_pre(_X, **_PRE_KWARGS, backend="interpret", config=pallas_hc.MixConfig()),
-     bjax.InvalidProblemError, "mhc_pre: config must be PreConfig (pallas_triton), or None"),
+     bjax.InvalidProblemError, "mhc_pre: config must be MosaicPreConfig (pallas_mosaic) or "
+     "PreConfig (pallas_triton), or None"),
     (lambda: bjax.mhc_pre(_X, **_PRE_KWARGS, backend="interpret", config=pallas_hc.PreConfig(
         projection=pallas_hc.ProjectionConfig(64, 64, 256, 1, 4, 2))),
      bjax.InvalidProblemError, "mhc_pre: config.projection.block_width must be <= 128 (phi's "

@@ -1,0 +1,201 @@
+"""mhc_pre's Mosaic GPU implementation: its projection kernel against float64 (GPU), its
+lowering for CUDA (on any machine: layouts, wgmma shapes and shared memory), its rules
+and config errors, and the op choosing it on a Hopper GPU."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bjax
+from bjax import _op
+from bjax.hyper_connection import _check_mosaic_pre_config, _mosaic_pre_rule
+from pallas_kernels import hyper_connection as pallas_hc
+from pallas_kernels import hyper_connection_mosaic as mosaic_hc
+from tests import test_hyper_connection as layer
+from tests.conftest import KERNEL_BACKEND, assert_close
+
+ON_GPU = KERNEL_BACKEND == "pallas"
+ON_HOPPER = ON_GPU and _op.cuda_compute_capability() == "9.0"
+F32 = jnp.dtype(jnp.float32)
+
+
+def _spread(space, count):
+    picks = np.linspace(0, len(space) - 1, count).round().astype(int)
+    return [space[i] for i in dict.fromkeys(picks)]
+
+
+def _configs(rows, flat, width):
+    """The heuristic, a spread of the search space, and its largest shared-memory user."""
+    space = mosaic_hc.search_space(rows, flat, width)
+    largest = max(space, key=lambda c: mosaic_hc.shared_memory_bytes(c, width))
+    return list(dict.fromkeys([mosaic_hc.projection_config(rows, flat), *_spread(space, 5),
+                               largest]))
+
+
+def _lower_for_cuda(x_shape, count, config):
+    x = jax.ShapeDtypeStruct(x_shape, jnp.bfloat16)
+    phi = jax.ShapeDtypeStruct((x_shape[1], count), jnp.float32)
+    return jax.jit(lambda a, p: mosaic_hc.project(a, p, config=config)).trace(x, phi).lower(
+        lowering_platforms=("cuda",))
+
+
+# DeepSeek-V3's width (28672 = 4 x 7168) and rows that take 64-row blocks only (192).
+LOWERED = [((8192, 28672), 24), ((192, 640), 24)]
+
+
+@pytest.mark.parametrize("x_shape, count", LOWERED, ids=str)
+def test_every_config_tried_lowers_for_cuda(x_shape, count):
+    """Mosaic GPU checks a kernel's layouts, wgmma shapes and shared memory while
+    lowering, which needs no GPU: the configs the heuristic and a sweep can choose lower."""
+    width = pallas_hc.stacked_width(count)
+    for config in _configs(*x_shape, width):
+        _lower_for_cuda(x_shape, count, config)
+
+
+def test_the_shared_memory_bound_is_the_compilers(monkeypatch):
+    """A config refused for shared memory (4 stages of 64 x 128 tiles beside 64 x 128
+    results) is one Mosaic GPU refuses too, and one stage fewer lowers."""
+    over = mosaic_hc.MosaicProjectionConfig(64, 128, 4, 4)
+    width = pallas_hc.stacked_width(24)
+    assert [e[0] for e in mosaic_hc.config_errors(over, 8192, 28672, width)] == ["num_stages"]
+    with pytest.raises(ValueError, match="num_stages must be few enough"):
+        _lower_for_cuda((8192, 28672), 24, over)
+    monkeypatch.setattr(mosaic_hc, "SHARED_MEMORY_BYTES", 10**9)
+    with pytest.raises(Exception, match="exceeds available shared memory"):
+        _lower_for_cuda((8192, 28672), 24, over)
+    _lower_for_cuda((8192, 28672), 24, dataclasses.replace(over, num_stages=3))
+
+
+def test_what_the_mosaic_projection_runs():
+    assert mosaic_hc.unsupported(128, 256, 128, jnp.bfloat16) is None
+    assert "bfloat16" in mosaic_hc.unsupported(128, 256, 128, jnp.float32)
+    assert "multiples of 64" in mosaic_hc.unsupported(72, 256, 128, jnp.bfloat16)
+    assert "at most 256" in mosaic_hc.unsupported(128, 256, 512, jnp.bfloat16)
+    assert mosaic_hc.projection_config(8192, 28672) == mosaic_hc.MosaicProjectionConfig(
+        128, 64, 4, 4)
+    assert mosaic_hc.projection_config(192, 640).block_rows == 64
+
+
+def _descriptor(tokens=128, n=4, hidden=64, dtype=jnp.bfloat16, dynamic=True):
+    x, bias, phi, alpha = layer.layer_problem(1, (tokens,), n, hidden, dtype, dynamic)
+    return bjax.plan(bjax.mhc_pre, x, bias=bias, phi=phi, alpha=alpha, backend="xla").descriptor
+
+
+@pytest.mark.parametrize("capability, change, reason", [
+    ("9.0", {}, None),
+    ("10.0", {}, "compute capability 10.0"),
+    (None, {}, "compute capability None"),
+    ("9.0", {"dynamic": False}, "phi must be given"),
+    ("9.0", {"dtype": jnp.float16}, "got float16"),
+    ("9.0", {"tokens": 72}, "got 72 and 256"),
+])
+def test_the_mosaic_implementation_says_why_it_steps_aside(monkeypatch, capability, change,
+                                                           reason):
+    monkeypatch.setattr(_op, "cuda_compute_capability", lambda: capability)
+    desc = _descriptor(**change)
+    if reason is None:
+        _mosaic_pre_rule(desc)
+        return
+    with pytest.raises(bjax.UnsupportedError, match=reason):
+        _mosaic_pre_rule(desc)
+
+
+@pytest.mark.parametrize("config, message", [
+    (mosaic_hc.MosaicPreConfig(mosaic_hc.MosaicProjectionConfig(block_rows=32)),
+     r"config.projection.block_rows must be 64 or 128; got 32"),
+    (mosaic_hc.MosaicPreConfig(mosaic_hc.MosaicProjectionConfig(splits=3)),
+     r"config.projection.splits must be such that block_cols \* splits divides n C = 256; "
+     r"got 3"),
+    (mosaic_hc.MosaicPreConfig(mosaic_hc.MosaicProjectionConfig(64, 64, 1, 9)),
+     r"config.projection.num_stages must be few enough for 232448 bytes"),
+    (mosaic_hc.MosaicPreConfig(mosaic_hc.MosaicProjectionConfig(block_rows=128),
+                               pallas_hc.PreConfig(projection=pallas_hc.ProjectionConfig(
+                                   64, 64, 128, 1, 4, 3))),
+     r"config.kernels.projection must be None \(config.projection configures"),
+    (mosaic_hc.MosaicPreConfig(pallas_hc.ProjectionConfig(64, 64, 128, 1, 4, 3)),
+     r"config.projection must be a MosaicProjectionConfig or None"),
+    (mosaic_hc.MosaicPreConfig(kernels=pallas_hc.PreConfig(
+        aggregate=pallas_hc.TileConfig(3, 64, 4))),
+     r"config.kernels.aggregate.block_rows must be a power of 2; got 3"),
+], ids=["block_rows", "splits", "shared-memory", "triton-projection", "config-type",
+        "triton-tile"])
+def test_mosaic_config_errors_name_the_field(config, message):
+    with pytest.raises(bjax.InvalidProblemError, match=message):
+        _check_mosaic_pre_config(_descriptor(), config)
+
+
+def test_a_mosaic_config_needs_the_gpu_it_runs_on():
+    """Anywhere but a Hopper GPU (here: the interpreter) no candidate takes it."""
+    x, bias, phi, alpha = layer.layer_problem(1, (128,), 4, 64, jnp.bfloat16, True)
+    with pytest.raises(bjax.UnsupportedError, match="takes PreConfig"):
+        bjax.mhc_pre(x, bias=bias, phi=phi, alpha=alpha, backend="interpret",
+                     config=mosaic_hc.MosaicPreConfig())
+
+
+def _oracle_projection(x, phi):
+    x64, phi64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x, phi))
+    return x64 @ phi64, np.sum(x64 * x64, axis=1)
+
+
+def _assert_projection(got, want):
+    # float32-exact products summed in float32 over n C terms: a few ulp of float32.
+    assert_close(got[0], want[0], jnp.float32, layer.SCALE[F32])
+    assert_close(got[1], want[1], jnp.float32)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU kernel (wgmma): a Hopper GPU")
+@pytest.mark.parametrize("rows, n, hidden", [(256, 4, 64), (192, 4, 160), (128, 8, 48)],
+                         ids=str)
+def test_projection_configs_match_oracle(rows, n, hidden):
+    count = n * n + 2 * n
+    x = layer.normal(40, (rows, n * hidden), jnp.bfloat16)
+    phi = layer.normal(41, (n * hidden, count), std=0.05)
+    want = _oracle_projection(x, phi)
+    for config in _configs(rows, n * hidden, pallas_hc.stacked_width(count)):
+        _assert_projection(mosaic_hc.project(x, phi, config=config), want)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU kernel (wgmma): a Hopper GPU")
+def test_projection_at_benchmarked_widths():
+    """The layer's benchmarked widths (hundreds of pipeline steps a program), twice: a
+    pipelined kernel can sum rows wrong from run to run."""
+    for shape in layer.cases.MHC_LAYER_SHAPES:
+        x, phi, _, _ = layer.cases.mhc_layer_inputs(shape)
+        x_flat = x.reshape(shape[0], -1)
+        want = _oracle_projection(x_flat, phi)
+        for _ in range(2):
+            _assert_projection(mosaic_hc.project(x_flat, phi), want)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="compiled kernels")
+def test_rows_the_mosaic_kernel_cannot_take_run_the_triton_kernel():
+    """As a shard of 72 tokens would (a whole call of 576 is a multiple of 64)."""
+    x = layer.normal(42, (72, 256), jnp.bfloat16)
+    phi = layer.normal(43, (256, 24), std=0.05)
+    for got, want in zip(mosaic_hc.project(x, phi), pallas_hc.project(x, phi)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU kernel (wgmma): a Hopper GPU")
+@pytest.mark.parametrize("config", [None, mosaic_hc.MosaicPreConfig(
+    mosaic_hc.MosaicProjectionConfig(64, 64, 2, 3),
+    pallas_hc.PreConfig(aggregate=pallas_hc.TileConfig(2, 64, 4)))], ids=["heuristic", "given"])
+def test_mhc_pre_runs_the_mosaic_projection_on_hopper(config):
+    """The layer with dynamic H through the Mosaic implementation: every output and
+    gradient against float64 (128 tokens of 4 streams of 64 channels, bfloat16)."""
+    x, bias, phi, alpha = layer.layer_problem(6, (2, 64), 4, 64, jnp.bfloat16, True)
+    plan = bjax.plan(bjax.mhc_pre, x, bias=bias, phi=phi, alpha=alpha, config=config)
+    assert plan.implementation == "pallas_mosaic"
+    assert plan.config_source == ("heuristic" if config is None else "explicit")
+    outs = jax.jit(lambda *a: layer.run_layer(*a, "pallas", pre_config=config))(
+        x, bias, phi, alpha)
+    for name, out, ref in zip(("x_next", "layer_input", "h_post", "h_res"), outs,
+                              layer.oracle_layer(x, bias, phi, alpha)):
+        out_dtype = jnp.bfloat16 if name in ("x_next", "layer_input") else jnp.float32
+        assert_close(out, ref, out_dtype, layer.SCALE[jnp.dtype(out_dtype)]
+                     * (2 if name == "x_next" else 1))
+    mine, ref = layer.layer_gradients(x, bias, phi, alpha, "pallas", pre_config=config)
+    for name, g, r in zip(("x", "bias", "phi", "alpha", "x_post"), mine, ref):
+        layer.assert_grad_close(g, r, layer.GRAD_RTOL[jnp.dtype(jnp.bfloat16)], name)

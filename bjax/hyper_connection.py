@@ -860,7 +860,8 @@ def _mosaic_pre_default(desc: MhcPreDescriptor) -> mosaic_hc.MosaicPreConfig:
     triton = pallas_hc.pre_config(desc.tokens, desc.n, desc.hidden, desc.coefficients,
                                   desc.dtype)
     return mosaic_hc.MosaicPreConfig(
-        mosaic_hc.projection_config(desc.tokens, desc.n * desc.hidden),
+        mosaic_hc.projection_config(desc.tokens, desc.n * desc.hidden,
+                                    pallas_hc.stacked_width(desc.coefficients)),
         dataclasses.replace(triton, projection=None))
 
 

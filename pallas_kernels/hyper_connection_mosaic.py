@@ -43,9 +43,12 @@ from pallas_kernels import hyper_connection as pallas_hc
 # lowering of the configs just over the bound).
 SHARED_MEMORY_BYTES = 232448
 _SHARED_MEMORY_OVERHEAD = 4096
-# Row blocks times splits a launch aims at: on the H200 64 row blocks ran fastest with 4
-# splits and 128 with 1 or 2 (BENCHMARKS.md, "A Mosaic GPU projection").
-_TARGET_PROGRAMS = 256
+# Row blocks times splits a launch aims at, about one program per SM: on the H200 the
+# fastest split counts were 2 for 64 row blocks and 1 for 128 (BENCHMARKS.md, "A Mosaic
+# GPU projection").
+_TARGET_PROGRAMS = 128
+# Pipeline stages the heuristic wants (more, where memory allows, ran no faster).
+_STAGES = 4
 # The widest wgmma (N).
 _MAX_WIDTH = 256
 
@@ -128,16 +131,25 @@ def config_errors(config: MosaicProjectionConfig, rows: int, flat: int,
     return errors
 
 
-def projection_config(rows: int, flat: int) -> MosaicProjectionConfig:
-    """The heuristic for ``x_flat [rows, flat]``: 128-row blocks where the rows allow
-    (else 64), 64 columns a step, 4 stages, and about ``_TARGET_PROGRAMS`` programs
-    (the split count nearest it that divides the row's steps)."""
-    block_rows = 128 if rows % 128 == 0 else 64
+def projection_config(rows: int, flat: int, width: int) -> MosaicProjectionConfig:
+    """The heuristic for ``x_flat [rows, flat]`` against ``width`` stacked columns (a case
+    :func:`unsupported` allows): 128-row blocks where the rows allow and 2 stages fit
+    (else 64), 64 columns a step, up to ``_STAGES`` stages as shared memory allows, and
+    about ``_TARGET_PROGRAMS`` programs (the split count nearest it that divides the
+    row's steps)."""
     steps = flat // 64
-    wanted = max(1, round(_TARGET_PROGRAMS / (rows // block_rows)))
-    splits = min((s for s in range(1, steps + 1) if steps % s == 0),
-                 key=lambda s: (abs(s - wanted), s))
-    return MosaicProjectionConfig(block_rows, 64, splits, 4)
+    for block_rows in (128, 64):
+        if rows % block_rows:
+            continue
+        wanted = max(1, round(_TARGET_PROGRAMS / (rows // block_rows)))
+        splits = min((s for s in range(1, steps + 1) if steps % s == 0),
+                     key=lambda s: (abs(s - wanted), s))
+        for stages in range(_STAGES, 1, -1):
+            config = MosaicProjectionConfig(block_rows, 64, splits, stages)
+            if shared_memory_bytes(config, width) <= SHARED_MEMORY_BYTES:
+                return config
+    raise ValueError(f"no projection config for x_flat [{rows}, {flat}] and {width} "
+                     f"columns: {unsupported(rows, flat, width, jnp.bfloat16)}")
 
 
 def search_space(rows: int, flat: int, width: int) -> tuple[MosaicProjectionConfig, ...]:
@@ -219,7 +231,7 @@ def project(x_flat, phi, *, config: MosaicProjectionConfig | None = None,
     if config is None:
         if interpret or unsupported(rows, flat, width, x_flat.dtype):
             return pallas_hc.project(x_flat, phi, interpret=interpret)
-        config = projection_config(rows, flat)
+        config = projection_config(rows, flat, width)
     errors = config_errors(config, rows, flat, width)
     if errors:
         raise ValueError(f"{config} cannot run x_flat [{rows}, {flat}]: " + "; ".join(

@@ -30,7 +30,8 @@ def _configs(rows, flat, width):
     """The heuristic, a spread of the search space, and its largest shared-memory user."""
     space = mosaic_hc.search_space(rows, flat, width)
     largest = max(space, key=lambda c: mosaic_hc.shared_memory_bytes(c, width))
-    return list(dict.fromkeys([mosaic_hc.projection_config(rows, flat), *_spread(space, 5),
+    return list(dict.fromkeys([mosaic_hc.projection_config(rows, flat, width),
+                               *_spread(space, 5),
                                largest]))
 
 
@@ -73,9 +74,21 @@ def test_what_the_mosaic_projection_runs():
     assert "bfloat16" in mosaic_hc.unsupported(128, 256, 128, jnp.float32)
     assert "multiples of 64" in mosaic_hc.unsupported(72, 256, 128, jnp.bfloat16)
     assert "at most 256" in mosaic_hc.unsupported(128, 256, 512, jnp.bfloat16)
-    assert mosaic_hc.projection_config(8192, 28672) == mosaic_hc.MosaicProjectionConfig(
-        128, 64, 4, 4)
-    assert mosaic_hc.projection_config(192, 640).block_rows == 64
+    assert mosaic_hc.projection_config(8192, 28672, 128) == mosaic_hc.MosaicProjectionConfig(
+        128, 64, 2, 4)
+    assert mosaic_hc.projection_config(192, 640, 128).block_rows == 64
+
+
+@pytest.mark.parametrize("rows", [64, 192, 256, 8192])
+def test_the_heuristic_fits_every_case_the_kernel_takes(rows):
+    """Up to 8 streams (256 stacked columns, where 2 stages of 128-row blocks no longer
+    fit shared memory) and a flat row of one to hundreds of steps."""
+    for n in range(1, 9):
+        width = pallas_hc.stacked_width(n * n + 2 * n)
+        for flat in (64, 4 * 160, 4 * 7168):
+            assert mosaic_hc.unsupported(rows, flat, width, jnp.bfloat16) is None
+            config = mosaic_hc.projection_config(rows, flat, width)
+            assert mosaic_hc.config_errors(config, rows, flat, width) == [], (n, flat, config)
 
 
 def _descriptor(tokens=128, n=4, hidden=64, dtype=jnp.bfloat16, dynamic=True):
@@ -149,6 +162,8 @@ def _assert_projection(got, want):
 @pytest.mark.parametrize("rows, n, hidden", [(256, 4, 64), (192, 4, 160), (128, 8, 48)],
                          ids=str)
 def test_projection_configs_match_oracle(rows, n, hidden):
+    """Stacked widths of 128 (n = 4) and 256 (n = 8: the heuristic's 128-row blocks fit
+    shared memory with 1 stage only, so it takes 64), 64- and 128-row blocks."""
     count = n * n + 2 * n
     x = layer.normal(40, (rows, n * hidden), jnp.bfloat16)
     phi = layer.normal(41, (n * hidden, count), std=0.05)

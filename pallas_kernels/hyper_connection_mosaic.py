@@ -45,8 +45,15 @@ SHARED_MEMORY_BYTES = 232448
 _SHARED_MEMORY_OVERHEAD = 4096
 # Row blocks times splits a launch aims at, about one program per SM: on the H200 the
 # fastest split counts were 2 for 64 row blocks and 1 for 128 (BENCHMARKS.md, "A Mosaic
-# GPU projection").
+# GPU projection"); MAX_SPAN raises them to 4 and 2 there, 2.5% and 4% slower.
 _TARGET_PROGRAMS = 128
+# Products one accumulator sums, at most. wgmma's float32 accumulation loses accuracy
+# in proportion to the span: the H200's worst row errors at 8192 x 4 x 7168 were 5.4e-5,
+# 2.8e-5 and 1.2e-5 of the row's largest entry for spans of 28672, 14336 and 7168 (the
+# Triton kernel: 1.0e-5), and a span of 14336 broke the float32 bound the projection
+# promises (``tests/test_hyper_connection_mosaic.py``). 7168 is the longest span checked
+# within it.
+MAX_SPAN = 7168
 # Pipeline stages the heuristic wants (more, where memory allows, ran no faster).
 _STAGES = 4
 # The widest wgmma (N).
@@ -61,7 +68,7 @@ class MosaicProjectionConfig:
       block_rows: rows a program owns: 64 or 128 (one or two wgmma M).
       block_cols: columns of the flat axis a pipeline step reads: 64 or 128.
       splits: equal ranges of the flat axis, one per program, summed apart
-        (``n C`` a multiple of ``block_cols * splits``).
+        (``n C`` a multiple of ``block_cols * splits``, each at most :data:`MAX_SPAN`).
       num_stages: pipeline steps in flight (shared memory holds each one's tiles).
     """
     block_rows: int = 128
@@ -124,6 +131,9 @@ def config_errors(config: MosaicProjectionConfig, rows: int, flat: int,
     if flat % (config.block_cols * config.splits):
         errors.append(("splits", f"such that block_cols * splits divides n C = {flat}",
                        config.splits))
+    elif flat // config.splits > MAX_SPAN:
+        errors.append(("splits", f"at least {-(-flat // MAX_SPAN)} (each split sums at most "
+                                 f"{MAX_SPAN} of n C = {flat} products)", config.splits))
     memory = shared_memory_bytes(config, width)
     if memory > SHARED_MEMORY_BYTES:
         errors.append(("num_stages", f"few enough for {SHARED_MEMORY_BYTES} bytes of shared "
@@ -136,13 +146,14 @@ def projection_config(rows: int, flat: int, width: int) -> MosaicProjectionConfi
     :func:`unsupported` allows): 128-row blocks where the rows allow and 2 stages fit
     (else 64), 64 columns a step, up to ``_STAGES`` stages as shared memory allows, and
     about ``_TARGET_PROGRAMS`` programs (the split count nearest it that divides the
-    row's steps)."""
+    row's steps and keeps each split's span within :data:`MAX_SPAN`)."""
     steps = flat // 64
     for block_rows in (128, 64):
         if rows % block_rows:
             continue
         wanted = max(1, round(_TARGET_PROGRAMS / (rows // block_rows)))
-        splits = min((s for s in range(1, steps + 1) if steps % s == 0),
+        splits = min((s for s in range(1, steps + 1)
+                      if steps % s == 0 and flat // s <= MAX_SPAN),
                      key=lambda s: (abs(s - wanted), s))
         for stages in range(_STAGES, 1, -1):
             config = MosaicProjectionConfig(block_rows, 64, splits, stages)
@@ -154,7 +165,8 @@ def projection_config(rows: int, flat: int, width: int) -> MosaicProjectionConfi
 
 def search_space(rows: int, flat: int, width: int) -> tuple[MosaicProjectionConfig, ...]:
     """The configs a sweep tries: 64 or 128 rows by 64 or 128 columns, 1 to 8 splits
-    that divide the row, 2 to 6 stages, those that fit shared memory."""
+    that divide the row within :data:`MAX_SPAN`, 2 to 6 stages, those that fit shared
+    memory."""
     return tuple(config for block_rows in (64, 128) for block_cols in (64, 128)
                  for splits in (1, 2, 4, 7, 8) for stages in (2, 3, 4, 5, 6)
                  if not config_errors(config := MosaicProjectionConfig(

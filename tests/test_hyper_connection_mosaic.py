@@ -75,7 +75,7 @@ def test_what_the_mosaic_projection_runs():
     assert "multiples of 64" in mosaic_hc.unsupported(72, 256, 128, jnp.bfloat16)
     assert "at most 256" in mosaic_hc.unsupported(128, 256, 512, jnp.bfloat16)
     assert mosaic_hc.projection_config(8192, 28672, 128) == mosaic_hc.MosaicProjectionConfig(
-        128, 64, 2, 4)
+        128, 64, 4, 4)
     assert mosaic_hc.projection_config(192, 640, 128).block_rows == 64
 
 
@@ -137,6 +137,17 @@ def test_the_mosaic_implementation_says_why_it_steps_aside(monkeypatch, capabili
 def test_mosaic_config_errors_name_the_field(config, message):
     with pytest.raises(bjax.InvalidProblemError, match=message):
         _check_mosaic_pre_config(_descriptor(), config)
+
+
+def test_a_split_longer_than_the_checked_span_is_an_error():
+    """The span bounds the accumulated error (MAX_SPAN): n C = 8192 needs 2 splits."""
+    config = mosaic_hc.MosaicPreConfig(mosaic_hc.MosaicProjectionConfig(128, 64, 1, 4))
+    with pytest.raises(bjax.InvalidProblemError,
+                       match=r"config.projection.splits must be at least 2 \(each split sums "
+                             r"at most 7168 of n C = 8192 products\); got 1"):
+        _check_mosaic_pre_config(_descriptor(hidden=2048), config)
+    _check_mosaic_pre_config(_descriptor(hidden=2048), mosaic_hc.MosaicPreConfig(
+        dataclasses.replace(config.projection, splits=2)))
 
 
 def test_a_mosaic_config_needs_the_gpu_it_runs_on():

@@ -18,7 +18,8 @@ Every candidate runs on one or more *backends*:
 ``backend=`` on every op forces the candidates of one backend; ``config=`` passes
 a kernel configuration to the candidate whose config type it is (others step
 aside); without it, a kernel runs the configuration tuned for this device and problem
-(:mod:`bjax.tune`), else its heuristic. ``bjax.plan(op, *args, **kwargs)`` returns the
+(:mod:`bjax.tune`), else its heuristic. Where an op has several tuned candidates, the
+entry's config type also picks the candidate (the tuner records the fastest of them). ``bjax.plan(op, *args, **kwargs)`` returns the
 :class:`Plan` the call would run, with the candidate chosen, the ones passed over and
 why, and the config and where it came from, without running anything.
 """
@@ -232,11 +233,10 @@ class Choice:
             if impl.check_config is not None:
                 impl.check_config(desc, self.config)
             return self.config, "explicit"
-        if impl.tuning_key is None:
-            return None, None
-        key = impl.tuning_key(desc)
-        tuned = tuning.lookup(self.op, key)
-        if tuned is None:
+        tuned, key = self.tuned_entry(desc)
+        if tuned is None or not isinstance(tuned, impl.config_type):
+            # None, or (for a shard) the entry of another candidate of the op's table
+            # (check_tuned): this call's candidate was chosen for the whole problem.
             return None, None
         if impl.check_config is not None:
             try:
@@ -246,10 +246,19 @@ class Choice:
                      "(retune, or remove the entry)", str(error))
         return tuned, "cache"
 
-    def check_tuned(self, desc: Any) -> None:
-        """At trace time: every tuned entry of this op for this device is the candidate's
-        config type, and the whole problem's entry can run it. (A device's shard reads
-        its own entry later, while the program is partitioned.)
+    def tuned_entry(self, desc: Any) -> tuple[Any, str | None]:
+        """``(config, key)``: this device's tuned entry for ``desc`` (``None`` if there is
+        none, or the candidate is not tuned) and its key."""
+        if self.implementation.tuning_key is None:
+            return None, None
+        key = self.implementation.tuning_key(desc)
+        return tuning.lookup(self.op, key), key
+
+    def check_tuned(self, desc: Any, config_types: tuple[type, ...]) -> None:
+        """At trace time: every tuned entry of this op for this device is of one of
+        ``config_types`` (those of the op's tuned candidates), and the whole problem's
+        entry can run the candidate. (A device's shard reads its own entry later, while
+        the program is partitioned.)
 
         Raises:
           InvalidProblemError: an entry of another config type, or one that cannot run
@@ -259,11 +268,12 @@ class Choice:
         impl = self.implementation
         if self.config is not None or impl.tuning_key is None:
             return
+        names = " or ".join(t.__name__ for t in config_types)
         for _, op, key, entry in tuning.entries():
             if op == self.op:
                 tuned = tuning.config_from_json(entry["config"])
-                check(isinstance(tuned, impl.config_type), op, _entry_name(op, key),
-                      f"a {impl.config_type.__name__}", type(tuned).__name__)
+                check(isinstance(tuned, config_types), op, _entry_name(op, key),
+                      f"a {names}", type(tuned).__name__)
         self.given_config(desc)
 
     def config_for(self, desc: Any, heuristic: Callable[[], Any]) -> Any:
@@ -271,6 +281,17 @@ class Choice:
         ``heuristic()`` (derived for this shard)."""
         config, _ = self.given_config(desc)
         return heuristic() if config is None else config
+
+
+def _tuned_for_another(choice: Choice, table, desc: Any) -> str | None:
+    """The name of the candidate of ``table`` whose config type the whole problem's tuned
+    entry is, when that is not ``choice``'s: the tuner found that candidate faster here
+    (an op with several tuned candidates records whichever won)."""
+    tuned, _ = choice.tuned_entry(desc)
+    if tuned is None or isinstance(tuned, choice.implementation.config_type):
+        return None
+    return next((impl.name for impl in table if impl is not choice.implementation
+                 and impl.tuning_key and isinstance(tuned, impl.config_type)), None)
 
 
 def _entry_name(op: str, key: str) -> str:
@@ -288,7 +309,9 @@ def select(table: tuple[Implementation, ...], desc: Any, backend: str | None = N
 
     A candidate is passed over when it does not run on the requested backend (with
     ``backend=None``, when its first backend is not available here), when its check
-    raises :class:`UnsupportedError`, or when ``config`` is not its config type.
+    raises :class:`UnsupportedError`, when ``config`` is not its config type, or (without
+    ``config``) when this device's tuned entry for the problem is another candidate's
+    config: where an op has several tuned candidates, the tuner records the fastest.
 
     Raises:
       InvalidProblemError: an unknown backend name; ``config`` of a type no candidate
@@ -326,7 +349,11 @@ def select(table: tuple[Implementation, ...], desc: Any, backend: str | None = N
         if config is not None and impl.check_config is not None:
             impl.check_config(desc, config)
         choice = Choice(impl, runs_on, config, tuple(rejected), op)
-        choice.check_tuned(desc)
+        owner = None if config is not None else _tuned_for_another(choice, table, desc)
+        if owner is not None:
+            rejected.append((impl.name, f"the tuned entry for this problem is {owner}'s"))
+            continue
+        choice.check_tuned(desc, tuple(i.config_type for i in table if i.tuning_key))
         return choice
     if requested is not None and last_error is not None:
         raise last_error

@@ -867,14 +867,15 @@ def _mosaic_pre_default(desc: MhcPreDescriptor) -> mosaic_hc.MosaicPreConfig:
 
 MHC_PRE_IMPLEMENTATIONS = (
     # The Mosaic GPU projection (1.8x the Triton one at DeepSeek widths on the H200,
-    # BENCHMARKS.md); the rest of the op runs the Triton kernels. Not tuned yet: its
-    # heuristic, or the caller's MosaicPreConfig.
+    # BENCHMARKS.md); the rest of the op runs the Triton kernels. Both candidates share
+    # the tuning key: `bjax.tune mhc_pre` records whichever config is fastest, and a
+    # Triton entry makes this candidate step aside for that problem.
     _op.Implementation(
         "pallas_mosaic", ("pallas",),
         kernel=lambda desc: "bjax_mhc_projection_mosaic + bjax_sinkhorn + bjax_mhc_pre",
         config_type=mosaic_hc.MosaicPreConfig, default_config=_mosaic_pre_default,
         check=_mosaic_pre_rule, check_config=_check_mosaic_pre_config,
-        sharding_rules=token_rule),
+        sharding_rules=token_rule, tuning_key=pre_tuning_key),
     *_mhc_table(
         "mhc_pre", lambda desc: ("bjax_mhc_projection + " if desc.dynamic else "")
         + "bjax_sinkhorn + bjax_mhc_pre", config_type=pallas_hc.PreConfig,

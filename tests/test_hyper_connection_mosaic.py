@@ -225,3 +225,28 @@ def test_mhc_pre_runs_the_mosaic_projection_on_hopper(config):
     mine, ref = layer.layer_gradients(x, bias, phi, alpha, "pallas", pre_config=config)
     for name, g, r in zip(("x", "bias", "phi", "alpha", "x_post"), mine, ref):
         layer.assert_grad_close(g, r, layer.GRAD_RTOL[jnp.dtype(jnp.bfloat16)], name)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU kernel (wgmma): a Hopper GPU")
+def test_the_tuner_weighs_both_implementations_and_the_entry_picks_one(tmp_path,
+                                                                       monkeypatch):
+    """`bjax.tune mhc_pre` offers the Triton and the Mosaic projections in one stage from
+    the Mosaic heuristic; a recorded Triton config makes mhc_pre run the Triton
+    implementation for that problem, a Mosaic one the Mosaic implementation."""
+    from bjax.tune import cache, problems
+    monkeypatch.setenv(cache.CACHE_ENV_VAR, str(tmp_path / "tuning.json"))
+    problem = problems.mhc_pre(128, 4, 64)
+    assert isinstance(problem.heuristic, mosaic_hc.MosaicPreConfig)
+    kinds = {type(c) for c in problem.stages[0].candidates(problem.heuristic)}
+    assert kinds == {pallas_hc.PreConfig, mosaic_hc.MosaicPreConfig}
+    x, phi, alpha, bias = problem.arrays
+    for entry, implementation in (
+            (dataclasses.replace(problem.heuristic.kernels,
+                                 projection=pallas_hc.ProjectionConfig(64, 64, 128, 2, 4, 2)),
+             "pallas_triton"),
+            (dataclasses.replace(problem.heuristic, projection=mosaic_hc.MosaicProjectionConfig(
+                64, 64, 2, 3)), "pallas_mosaic")):
+        cache.record("mhc_pre", problem.key, entry)
+        plan = bjax.plan(bjax.mhc_pre, x, bias=bias, phi=phi, alpha=alpha)
+        assert (plan.implementation, plan.config_source, plan.block_config) == (
+            implementation, "cache", entry)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import bjax
+from bjax import _op
 from bjax.hyper_connection import sinkhorn_tuning_key
 from bjax.tune import __main__ as cli
 from bjax.tune import cache, problems, tuner
@@ -131,6 +132,38 @@ def test_a_cache_entry_that_cannot_run_is_an_error_naming_it(user_cache):
     cache.record("gated_activation", _swiglu_key(x), pallas_conv.ConvConfig())
     with pytest.raises(bjax.InvalidProblemError, match="must be a TileConfig; got ConvConfig"):
         bjax.plan(bjax.swiglu, x, backend=KERNEL_BACKEND)
+
+
+def _two_tuned_candidates():
+    """A table of two tuned candidates that run anywhere, keyed by the descriptor."""
+    def candidate(name, config_type):
+        return _op.Implementation(name, ("xla",), kernel=lambda desc: name,
+                                  config_type=config_type, tuning_key=lambda desc: desc)
+    return (candidate("first", pallas_gated.TileConfig), candidate("second", pallas_conv.ConvConfig))
+
+
+def test_a_tuned_entry_picks_the_candidate_whose_config_it_is(user_cache):
+    """Where an op has several tuned candidates, the entry's config type says which the
+    tuner found fastest: the candidates before it step aside, for that problem only."""
+    table = _two_tuned_candidates()
+    assert _op.select(table, "rows=8", op="toy").implementation.name == "first"
+    tuned = pallas_conv.ConvConfig(block_d=128)
+    cache.record("toy", "rows=8", tuned)
+    choice = _op.select(table, "rows=8", op="toy")
+    assert choice.implementation.name == "second"
+    assert choice.rejected == (("first", "the tuned entry for this problem is second's"),)
+    assert choice.given_config("rows=8") == (tuned, "cache")
+    assert _op.select(table, "rows=9", op="toy").implementation.name == "first"
+    # A caller's config is the caller's choice, whatever the cache says.
+    given = pallas_gated.TileConfig(1, 128, 4)
+    assert _op.select(table, "rows=8", None, given, op="toy").implementation.name == "first"
+    # A shard's entry of the other candidate's type is not this candidate's to run.
+    first = _op.select(table, "rows=9", op="toy")
+    assert first.given_config("rows=8") == (None, None)
+    cache.record("toy", "rows=8", pallas_sinkhorn.SinkhornConfig(16, 2))
+    with pytest.raises(bjax.InvalidProblemError,
+                       match="must be a TileConfig or ConvConfig; got"):
+        _op.select(table, "rows=9", op="toy")
 
 
 def test_merge_state_reads_its_tuned_entry_and_rejects_one_that_cannot_run(user_cache):

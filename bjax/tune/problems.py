@@ -15,6 +15,7 @@ from bjax import _op
 from bjax import cascade as bjax_cascade
 from bjax import conv as bjax_conv
 from bjax import gated as bjax_gated
+from bjax.hyper_connection import MHC_PRE_IMPLEMENTATIONS
 from bjax.hyper_connection import post_tuning_key as mhc_post_tuning_key
 from bjax.hyper_connection import pre_tuning_key as mhc_pre_tuning_key
 from bjax.hyper_connection import sinkhorn_tuning_key
@@ -25,6 +26,7 @@ from pallas_kernels import cascade as pallas_cascade
 from pallas_kernels import conv as pallas_conv
 from pallas_kernels import gated as pallas_gated
 from pallas_kernels import hyper_connection as pallas_hc
+from pallas_kernels import hyper_connection_mosaic as mosaic_hc
 from pallas_kernels import sinkhorn as pallas_sinkhorn
 from pallas_kernels import ssd as pallas_ssd
 from pallas_kernels import ssd_backward as pallas_ssd_backward
@@ -119,11 +121,26 @@ def merge_states(num_states: int, seq_len: int, heads: int, head_dim: int,
                    MergeConfig(desc.kernel_config, desc.backward_config), stages)
 
 
+def _pre_kernels(config):
+    """The Triton kernels' :class:`PreConfig` of either mhc_pre config type."""
+    return config.kernels if isinstance(config, mosaic_hc.MosaicPreConfig) else config
+
+
+def _with_pre_kernel(config, field: str, value):
+    """``config`` (a PreConfig or a MosaicPreConfig) with the Triton kernel ``field`` set."""
+    kernels = dataclasses.replace(_pre_kernels(config), **{field: value})
+    if isinstance(config, mosaic_hc.MosaicPreConfig):
+        return dataclasses.replace(config, kernels=kernels)
+    return kernels
+
+
 def mhc_pre(tokens: int, n: int, hidden: int, dtype="bfloat16", *, backend=None) -> Problem:
     """``bjax.mhc_pre(x, bias=..., phi=..., alpha=...)`` (dynamic H) with x ``[tokens, n,
-    hidden]``. Stages, each with the best so far: the projection and the aggregate
-    (forward), then the aggregate's backward, the input gradient and the phi gradient
-    (forward + backward). The Sinkhorn kernels keep their heuristic."""
+    hidden]``, from what a plain call runs. Stages, each with the best so far: the
+    projection (the Triton kernel's configs, and where the Mosaic implementation runs
+    this call, the Mosaic kernel's: the winner's type picks the implementation) and the
+    aggregate (forward), then the aggregate's backward, the input gradient and the phi
+    gradient (forward + backward). The Sinkhorn kernels keep their heuristic."""
     count = n * n + 2 * n
     keys = jax.random.split(jax.random.key(0), 3)
     x = _normal(keys[0], (tokens, n, hidden), dtype)
@@ -137,14 +154,31 @@ def mhc_pre(tokens: int, n: int, hidden: int, dtype="bfloat16", *, backend=None)
 
     desc = bjax.plan(bjax.mhc_pre, x, bias=bias, phi=phi, alpha=alpha,
                      backend="xla").descriptor
-    width = pallas_hc.stacked_width(count)
+    flat, width = n * hidden, pallas_hc.stacked_width(count)
+    # Whether the Mosaic implementation runs this call here (asked with a config of its
+    # type, so that no tuned entry steps in): its heuristic is then what a plain call
+    # runs without one.
+    try:
+        bjax.plan(bjax.mhc_pre, x, bias=bias, phi=phi, alpha=alpha, backend=backend,
+                  config=mosaic_hc.MosaicPreConfig())
+        on_mosaic = True
+    except bjax.UnsupportedError:
+        on_mosaic = False
+    defaults = {impl.name: impl.default_config for impl in MHC_PRE_IMPLEMENTATIONS}
+    heuristic = defaults["pallas_mosaic" if on_mosaic else "pallas_triton"](desc)
+
+    def projections(best):
+        kernels = _pre_kernels(best)
+        return ([dataclasses.replace(kernels, projection=c) for c in
+                 pallas_hc.projection_search_space(tokens, flat, width, dtype)]
+                + [mosaic_hc.MosaicPreConfig(c, dataclasses.replace(kernels, projection=None))
+                   for c in (mosaic_hc.search_space(tokens, flat, width) if on_mosaic else ())])
 
     def stage(name, field, space, objective):
-        return Stage(name, lambda best: [dataclasses.replace(best, **{field: config})
+        return Stage(name, lambda best: [_with_pre_kernel(best, field, config)
                                          for config in space], objective)
     stages = (
-        stage("projection", "projection",
-              pallas_hc.projection_search_space(tokens, n * hidden, width, dtype), FORWARD),
+        Stage("projection", projections, FORWARD),
         stage("aggregate", "aggregate", pallas_hc.stream_search_space(tokens, n, hidden),
               FORWARD),
         stage("aggregate backward", "aggregate_backward",
@@ -154,7 +188,7 @@ def mhc_pre(tokens: int, n: int, hidden: int, dtype="bfloat16", *, backend=None)
         stage("phi gradient", "weight_grad", pallas_hc.weight_grad_search_space(),
               FORWARD_BACKWARD))
     return Problem("mhc_pre", mhc_pre_tuning_key(desc), run, arrays, (0, 1, 2, 3),
-                   pallas_hc.pre_config(tokens, n, hidden, count, dtype), stages)
+                   heuristic, stages)
 
 
 def mhc_post(tokens: int, n: int, hidden: int, dtype="bfloat16", *, transpose_res=False,

@@ -494,32 +494,25 @@ class MhcPreDescriptor:
                                                      "sinkhorn_init", "sinkhorn_order")))
 
 
-def _pre_config(desc: MhcPreDescriptor, choice: _op.Choice):
-    """The caller's or the tuned config of ``choice``'s implementation (a ``PreConfig``
-    or a ``MosaicPreConfig``); ``None`` fields: the heuristics, which each kernel derives
-    from its own, possibly sharded, operands."""
+def _pre_tiles(desc: MhcPreDescriptor, choice: _op.Choice) -> pallas_hc.PreConfig:
+    """The Triton kernels' :class:`PreConfig`: the caller's or the tuned one (of the Mosaic
+    implementation: its ``kernels``); ``None`` fields: the heuristics, which each kernel
+    derives from its own, possibly sharded, operands."""
     if choice.on_xla:
         return pallas_hc.PreConfig()
-    return choice.config_for(desc, choice.implementation.config_type)
+    config = choice.config_for(desc, lambda: None)
+    if isinstance(config, mosaic_hc.MosaicPreConfig):
+        return config.kernels
+    return config or pallas_hc.PreConfig()
 
 
-def _pre_tiles(desc: MhcPreDescriptor, choice: _op.Choice) -> pallas_hc.PreConfig:
-    """The Triton kernels' configs of :func:`_pre_config`."""
-    return mosaic_hc.triton_config(_pre_config(desc, choice))
-
-
-def _projection(desc: MhcPreDescriptor, choice: _op.Choice, config):
-    """``project(x_flat, phi, interpret=...)``: the projection kernel of ``config``'s type
-    (:func:`_pre_config`) with its projection config, checked against the tokens each
-    call is given (the whole call's, or one device's shard)."""
-    kernel = (mosaic_hc.project if isinstance(config, mosaic_hc.MosaicPreConfig)
-              else pallas_hc.project)
-
-    def call(x_flat, phi, **static):
-        shard = dataclasses.replace(desc, batch_shape=(x_flat.shape[0],))
-        choice.implementation.check_config(shard, config)
-        return kernel(x_flat, phi, config=config.projection, **static)
-    return call
+def _projection(desc: MhcPreDescriptor, choice: _op.Choice):
+    """``(kernel, config)`` of the dynamic projection: the Mosaic kernel on the Mosaic
+    implementation, else the Triton one."""
+    if choice.implementation.name == "pallas_mosaic":
+        config = choice.config_for(desc, lambda: None)
+        return mosaic_hc.project, config.projection if config is not None else None
+    return pallas_hc.project, _pre_tiles(desc, choice).projection
 
 
 def _coefficients(h_tilde, desc: MhcPreDescriptor, choice):
@@ -554,11 +547,11 @@ def _pre(x, phi, alpha, bias, desc: MhcPreDescriptor, choice: _op.Choice):
 
 
 def _pre_fwd(x, phi, alpha, bias, desc, choice):
-    config = _pre_config(desc, choice)
-    tiles = mosaic_hc.triton_config(config)
+    tiles = _pre_tiles(desc, choice)
     if desc.dynamic:
-        proj, squares = _token_split(choice, _projection(desc, choice, config),
-                                     (("t", "f"), ("f", "k")), (("t", "k"), ("t",)))(
+        project, projection_config = _projection(desc, choice)
+        proj, squares = _token_split(choice, project, (("t", "f"), ("f", "k")),
+                                     (("t", "k"), ("t",)), config=projection_config)(
             x.reshape(desc.tokens, -1), phi.astype(jnp.float32))
         h_pre, h_post, h_res = _dynamic_coefficients(proj, squares, alpha, bias, desc, choice)
     else:

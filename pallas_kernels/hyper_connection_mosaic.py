@@ -92,11 +92,6 @@ class MosaicPreConfig:
     kernels: pallas_hc.PreConfig = pallas_hc.PreConfig()
 
 
-def triton_config(config: pallas_hc.PreConfig | MosaicPreConfig) -> pallas_hc.PreConfig:
-    """The Triton kernels' configs of either of mhc_pre's config types."""
-    return config.kernels if isinstance(config, MosaicPreConfig) else config
-
-
 def shared_memory_bytes(config: MosaicProjectionConfig, width: int) -> int:
     """Shared memory ``config`` takes against ``width`` stacked columns: its pipeline
     stages of x and phi tiles (bfloat16), the float32 results staged for the store, and
@@ -178,7 +173,7 @@ def search_space(rows: int, flat: int, width: int) -> tuple[MosaicProjectionConf
                      block_rows, block_cols, splits, stages), rows, flat, width))
 
 
-def bf16_tile_transforms(minor_elements: int, what: str):
+def _transforms(minor_elements: int, what: str):
     """Tiling and swizzle of a bfloat16 shared-memory tile ``minor_elements`` wide."""
     swizzle = plgpu.find_swizzle(minor_elements * 16, what)
     return (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
@@ -208,11 +203,10 @@ def _projection_kernel(x_gmem, w_gmem, out_gmem, squares_gmem, acc, out_smem, sq
     pipeline = plgpu.emit_pipeline(
         step, grid=(span // config.block_cols,),
         in_specs=[plgpu.BlockSpec((config.block_rows, config.block_cols), lambda k: (0, k),
-                                  transforms=bf16_tile_transforms(config.block_cols, "x"),
+                                  transforms=_transforms(config.block_cols, "x"),
                                   delay_release=1),
                   plgpu.BlockSpec((config.block_cols, width), lambda k: (k, 0),
-                                  transforms=bf16_tile_transforms(width, "phi"),
-                                  delay_release=1)],
+                                  transforms=_transforms(width, "phi"), delay_release=1)],
         max_concurrent_steps=config.num_stages,
         init_carry=plgpu.layout_cast(jnp.zeros((config.block_rows,), jnp.float32),
                                      plgpu.Layout.WGMMA.reduce(1)))

@@ -49,7 +49,6 @@ def weight_grad_mosaic(x_flat, dproj, *, block_n=128, block_t=64, splits=2, stag
     pieces = jnp.concatenate(split_bf16(dproj, 3), axis=1)
     pieces_t = jnp.pad(pieces, ((0, 0), (0, width - 3 * count))).T
     span = rows // splits
-    tiles = mosaic_hc.bf16_tile_transforms
 
     def body(a_gmem, x_gmem, out_gmem, acc, out_smem):
         cols = pl.ds(lax.axis_index("n") * block_n, block_n)
@@ -61,10 +60,12 @@ def weight_grad_mosaic(x_flat, dproj, *, block_n=128, block_t=64, splits=2, stag
 
         pipeline = plgpu.emit_pipeline(
             step, grid=(span // block_t,),
-            in_specs=[plgpu.BlockSpec((width, block_t), lambda k: (0, k), delay_release=1,
-                                      transforms=tiles(block_t, "dproj")),
-                      plgpu.BlockSpec((block_t, block_n), lambda k: (k, 0), delay_release=1,
-                                      transforms=tiles(block_n, "x"))],
+            in_specs=[plgpu.BlockSpec((width, block_t), lambda k: (0, k),
+                                      transforms=mosaic_hc._transforms(block_t, "dproj"),
+                                      delay_release=1),
+                      plgpu.BlockSpec((block_t, block_n), lambda k: (k, 0),
+                                      transforms=mosaic_hc._transforms(block_n, "x"),
+                                      delay_release=1)],
             max_concurrent_steps=stages)
         pipeline(a_gmem.at[:, pl.ds(split * span, span)],
                  x_gmem.at[pl.ds(split * span, span), cols])

@@ -6,9 +6,6 @@ collectives, the output's sharding is compared with the one the op's rule gives,
 and the values with the unsharded call's, forward and backward (a ``vjp`` with a
 cotangent sharded like the output, so that no reduction is needed).
 """
-import dataclasses
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,11 +13,9 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import bjax
-from bjax import _op
 from bjax.hyper_connection import sinkhorn_tuning_key
 from bjax.tune import cache as tune_cache
 from pallas_kernels import cascade as pallas_cascade
-from pallas_kernels import hyper_connection_mosaic as mosaic_hc
 from pallas_kernels import sinkhorn as pallas_sinkhorn
 from pallas_kernels import ssd as pallas_ssd
 from pallas_kernels.tiling import TileConfig
@@ -642,41 +637,3 @@ def test_a_callers_config_keeps_the_sharding(case):
     shardings kept, the values those of the unsharded call with the same config."""
     _, fn, args, specs, out_specs = case
     check_partitioned(fn, args, specs, mesh_of((8,)), out_specs)
-
-
-@pytest.fixture
-def mosaic_pre_on_the_interpreter(monkeypatch):
-    """mhc_pre's Mosaic candidate, also taken on the interpreter, as on a Hopper GPU. There
-    its projection runs the Triton kernel (Mosaic GPU has no interpreter), so this checks
-    the candidate's per-shard config check; the Mosaic kernel's numbers are
-    tests/test_hyper_connection_mosaic.py's, on the GPU."""
-    module = sys.modules["bjax.hyper_connection"]
-    mosaic, *rest = module.MHC_PRE_IMPLEMENTATIONS
-    monkeypatch.setattr(module, "MHC_PRE_IMPLEMENTATIONS",
-                        (dataclasses.replace(mosaic, backends=("pallas", "interpret")), *rest))
-    monkeypatch.setattr(_op, "cuda_compute_capability", lambda: "9.0")
-
-
-def _mosaic_pre_problem(tokens):
-    n, hidden = 4, 16
-    k = jax.random.split(jax.random.key(13), 3)
-    return (jax.random.normal(k[0], (tokens, n, hidden), jnp.bfloat16),
-            jax.random.normal(k[1], (n * n + 2 * n,), jnp.float32),
-            jax.random.normal(k[2], (n * hidden, n * n + 2 * n), jnp.float32) / 8,
-            jnp.array([0.8, 0.6, 1.1], jnp.float32))
-
-
-def test_a_mosaic_config_is_checked_against_each_shard(mosaic_pre_on_the_interpreter):
-    """A MosaicPreConfig whose 128-row blocks fit the whole call's 128 tokens but not a
-    shard's 64 is a typed error naming the field, not a kernel's failure (raised while
-    XLA partitions the program, which passes it on inside its own error, as for
-    ssd_step's above)."""
-    x, bias, phi, alpha = _mosaic_pre_problem(128)
-    config = mosaic_hc.MosaicPreConfig(mosaic_hc.MosaicProjectionConfig(128, 64, 1, 2))
-    bjax.plan(bjax.mhc_pre, x, bias=bias, phi=phi, alpha=alpha, backend="interpret",
-              config=config)   # the whole call: runs
-    sharded = jax.device_put(x, NamedSharding(mesh_of((2,)), P("data")))
-    with pytest.raises(Exception, match=r"InvalidProblemError: mhc_pre: config.projection."
-                                        r"block_rows must be a divisor of the tokens, 64"):
-        jax.jit(lambda x: bjax.mhc_pre(x, bias=bias, phi=phi, alpha=alpha, backend="interpret",
-                                       config=config))(sharded)

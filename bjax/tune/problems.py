@@ -121,9 +121,14 @@ def merge_states(num_states: int, seq_len: int, heads: int, head_dim: int,
                    MergeConfig(desc.kernel_config, desc.backward_config), stages)
 
 
+def _pre_kernels(config):
+    """The Triton kernels' :class:`PreConfig` of either mhc_pre config type."""
+    return config.kernels if isinstance(config, mosaic_hc.MosaicPreConfig) else config
+
+
 def _with_pre_kernel(config, field: str, value):
     """``config`` (a PreConfig or a MosaicPreConfig) with the Triton kernel ``field`` set."""
-    kernels = dataclasses.replace(mosaic_hc.triton_config(config), **{field: value})
+    kernels = dataclasses.replace(_pre_kernels(config), **{field: value})
     if isinstance(config, mosaic_hc.MosaicPreConfig):
         return dataclasses.replace(config, kernels=kernels)
     return kernels
@@ -163,7 +168,7 @@ def mhc_pre(tokens: int, n: int, hidden: int, dtype="bfloat16", *, backend=None)
     heuristic = defaults["pallas_mosaic" if on_mosaic else "pallas_triton"](desc)
 
     def projections(best):
-        kernels = mosaic_hc.triton_config(best)
+        kernels = _pre_kernels(best)
         return ([dataclasses.replace(kernels, projection=c) for c in
                  pallas_hc.projection_search_space(tokens, flat, width, dtype)]
                 + [mosaic_hc.MosaicPreConfig(c, dataclasses.replace(kernels, projection=None))

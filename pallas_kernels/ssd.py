@@ -92,7 +92,7 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
       (an H200 sweep: 0.31 ms against 0.40 for one head and 0.45 for four, at b=4,
       l=4096, h=64, p=64, n=128, chunk 256);
     * head_dim 65 to 128 in 16-bit dtypes: all of it, one head, 4 warps (on the H200 at
-      batch 16 x 512, h=32, p=128: 2.0-2.4x faster than two 64-column blocks of two heads
+      batch 16 x 512, h=32, p=128: 1.8-2.6x faster than two 64-column blocks of two heads
       on 8 warps at state 64 and 128, 1.0-1.1x at 256; BENCHMARKS.md);
     * otherwise 64-column blocks, two heads where they divide the group, 8 warps.
 

@@ -91,10 +91,12 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
     * head_dim up to 64: all of it, and two heads of a group where they divide the group
       (an H200 sweep: 0.31 ms against 0.40 for one head and 0.45 for four, at b=4,
       l=4096, h=64, p=64, n=128, chunk 256);
-    * head_dim 65 to 128 in 16-bit dtypes: all of it, one head, 4 warps (on the H200 at
-      batch 16 x 512, h=32, p=128: 1.8-2.6x faster than two 64-column blocks of two heads
-      on 8 warps at state 64 and 128, 1.0-1.1x at 256; BENCHMARKS.md);
-    * otherwise 64-column blocks, two heads where they divide the group, 8 warps.
+    * head_dim 128 in bfloat16: all of it, one head, 4 warps (on the H200 at batch
+      16 x 512, h=32: 1.8-2.6x faster than two 64-column blocks of two heads on 8 warps
+      at state 64 and 128, 1.0-1.1x at 256, with the same outputs bit for bit;
+      BENCHMARKS.md);
+    * otherwise 64-column blocks, two heads where they divide the group, 8 warps (other
+      head_dims and dtypes have not been timed or checked on a GPU with whole blocks).
 
     Float32 inputs (``dtype``: x's) loop over a constant count of blocks
     (``blocks.block_loop``)."""
@@ -102,7 +104,7 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
     padded_p = max(16, pl.next_power_of_2(head_dim))
     block_h = 2 if heads_per_group % 2 == 0 else 1
     block_p, warps = min(padded_p, 64), 4 if padded_p <= 64 else 8
-    if padded_p == 128 and jnp.dtype(dtype).itemsize == 2:
+    if head_dim == 128 and jnp.dtype(dtype) == jnp.bfloat16:
         block_p, block_h, warps = 128, 1, 4
     return SsdConfig(block_q=state_piece(chunk_size, state_dim, dtype), block_t=block,
                      block_s=block, block_p=block_p, block_h=block_h, state_warps=4,

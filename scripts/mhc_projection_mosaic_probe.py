@@ -32,7 +32,8 @@ def main():
         rows, flat = x_flat.shape
         picked = np.random.default_rng(0).choice(rows, 256, replace=False)
         copy_ms = x_flat.size * x_flat.dtype.itemsize / 4.25e12 * 1e3
-        heuristic = mosaic_hc.projection_config(rows, flat)
+        heuristic = mosaic_hc.projection_config(rows, flat, pallas_hc.stacked_width(
+            phi.shape[1]))
         runs = [("triton", jax.jit(pallas_hc.project))] + [
             (f"{config}{' (heuristic)' if config == heuristic else ''}",
              jax.jit(lambda a, p, c=config: mosaic_hc.project(a, p, config=c)))

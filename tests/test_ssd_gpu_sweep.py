@@ -25,6 +25,8 @@ LAYOUTS = {"odd_group": (3, 1), "even_group": (4, 2)}
 # chunk, 128-step pieces (the settings every larger chunk shares).
 CHUNKS = (32, 128)
 CASES = [(p, n, layout, chunk) for p, n in DIMS for layout in LAYOUTS for chunk in CHUNKS]
+# head_dim 128 takes whole-head_dim blocks of one head on 4 warps in bfloat16.
+CASES += [(128, 100, layout, chunk) for layout in LAYOUTS for chunk in CHUNKS]
 
 
 def _ids(case):
@@ -50,6 +52,10 @@ def test_sweep_covers_every_configuration():
                        } | {(h, 64, True) for h in (1, 2)}
     assert backward == {(h, b, q, f32) for h in (1, 2) for b, q in ((32, 32), (64, 128))
                         for f32 in (False, True)} | {(h, 64, 64, True) for h in (1, 2)}
+    blocks = {(cfg.block_p, cfg.scan_warps)
+              for p, n, layout, c in CASES for h, g in [LAYOUTS[layout]] for dtype in DTYPES
+              for cfg in [pallas_ssd.default_config(c, p, n, h // g, dtype)]}
+    assert blocks == {(64, 8), (128, 4)}
 
 
 @gpu_only

@@ -19,9 +19,10 @@ Every candidate runs on one or more *backends*:
 a kernel configuration to the candidate whose config type it is (others step
 aside); without it, a kernel runs the configuration tuned for this device and problem
 (:mod:`bjax.tune`), else its heuristic. Where an op has several tuned candidates, the
-entry's config type also picks the candidate (the tuner records the fastest of them). ``bjax.plan(op, *args, **kwargs)`` returns the
-:class:`Plan` the call would run, with the candidate chosen, the ones passed over and
-why, and the config and where it came from, without running anything.
+entry's config type also picks the candidate (the tuner records the fastest of them).
+``bjax.plan(op, *args, **kwargs)`` returns the :class:`Plan` the call would run, with the
+candidate chosen, the ones passed over and why, and the config and where it came from,
+without running anything.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Probe (not yet run on a GPU): mhc_pre's phi gradient ``x_flat^T dproj [n C, count]``
-as a Mosaic GPU kernel, beside the Triton kernel (``pallas_hc.project_weight_grad``, 34-42%
-of copy at the benchmarked widths, BENCHMARKS.md).
+"""Probe: mhc_pre's phi gradient ``x_flat^T dproj [n C, count]`` as a Mosaic GPU kernel,
+beside the Triton kernel (``pallas_hc.project_weight_grad``, 34-43% of copy at the
+benchmarked widths). On the H200 its best configs within ``MAX_SPAN`` reached 61-66%
+(BENCHMARKS.md, "The phi gradient as a Mosaic GPU kernel (probe)").
 
     PYTHONPATH=. python3 scripts/mhc_weight_grad_mosaic_probe.py   # on an H100/H200
 

@@ -284,14 +284,10 @@ def ssd_problem(seed, batch, seq_len, heads, head_dim, groups, state_dim):
         initial_states=jax.random.normal(k[8], (batch, heads, head_dim, state_dim), jnp.float32))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("batch_axis, heads_axis, mesh_shape",
-                         [("data", None, (8,)), ("data", "model", (4, 2)),
-                          (("data", "model"), None, (4, 2))], ids=str)
-def test_ssd_chunk_scan_keeps_its_sharding(batch_axis, heads_axis, mesh_shape, backend):
-    """Batch and heads (with their groups) split; the gradients of A, D and dt_bias are
-    summed over the batch's devices, the only collective."""
-    problem = ssd_problem(7, 8, 40, 4, 16, 2, 16)
+def check_ssd_chunk_scan_sharded(problem, batch_axis, heads_axis, mesh_shape, backend):
+    """``ssd_chunk_scan`` of ``problem`` (:func:`ssd_problem`) with its batch and heads
+    split; the gradients of A, D and dt_bias are summed over the batch's devices, the only
+    collective."""
     names = list(problem)
     per_name = {"x": P(batch_axis, None, heads_axis), "dt": P(batch_axis, None, heads_axis),
                 "A": P(heads_axis), "B": P(batch_axis, None, heads_axis),
@@ -311,6 +307,27 @@ def test_ssd_chunk_scan_keeps_its_sharding(batch_axis, heads_axis, mesh_shape, b
                       # dA sums terms that largely cancel over every step of a head: summed
                       # in another order it moves by a few 1e-6 of its largest entry.
                       tolerance=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_axis, heads_axis, mesh_shape",
+                         [("data", None, (8,)), ("data", "model", (4, 2)),
+                          (("data", "model"), None, (4, 2))], ids=str)
+def test_ssd_chunk_scan_keeps_its_sharding(batch_axis, heads_axis, mesh_shape, backend):
+    check_ssd_chunk_scan_sharded(ssd_problem(7, 8, 40, 4, 16, 2, 16), batch_axis, heads_axis,
+                                 mesh_shape, backend)
+
+
+def test_ssd_chunk_scan_whole_head_dim_blocks_keep_the_sharding(backend="interpret"):
+    """head_dim 128 in bfloat16, where the forward's programs take the whole head_dim and
+    one head (``pallas_kernels.ssd.default_config``), with batch and heads split."""
+    problem = ssd_problem(7, 8, 40, 4, 128, 2, 16)
+    for name in ("x", "B", "C", "z"):
+        problem[name] = problem[name].astype(jnp.bfloat16)
+    plan = bjax.plan(bjax.ssd_chunk_scan, *(problem[n] for n in ("x", "dt", "A", "B", "C")),
+                     chunk_size=16, backend=backend)
+    assert (plan.block_config.forward.block_p, plan.block_config.forward.block_h) == (128, 1)
+    check_ssd_chunk_scan_sharded(problem, "data", "model", (4, 2), backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -506,13 +506,16 @@ def _pre_tiles(desc: MhcPreDescriptor, choice: _op.Choice) -> pallas_hc.PreConfi
     return config or pallas_hc.PreConfig()
 
 
-def _projection(desc: MhcPreDescriptor, choice: _op.Choice):
-    """``(kernel, config)`` of the dynamic projection: the Mosaic kernel on the Mosaic
-    implementation, else the Triton one."""
+def _projection(desc: MhcPreDescriptor, choice: _op.Choice, field: str = "projection"):
+    """``(kernel, config)`` of the dynamic projection (``field`` "projection") or of its
+    phi gradient ("weight_grad"): the Mosaic kernel on the Mosaic implementation, else the
+    Triton one."""
     if choice.implementation.name == "pallas_mosaic":
         config = choice.config_for(desc, lambda: None)
-        return mosaic_hc.project, config.projection if config is not None else None
-    return pallas_hc.project, _pre_tiles(desc, choice).projection
+        kernels = {"projection": mosaic_hc.project, "weight_grad": mosaic_hc.project_weight_grad}
+        return kernels[field], getattr(config, field) if config is not None else None
+    kernels = {"projection": pallas_hc.project, "weight_grad": pallas_hc.project_weight_grad}
+    return kernels[field], getattr(_pre_tiles(desc, choice), field)
 
 
 def _coefficients(h_tilde, desc: MhcPreDescriptor, choice):
@@ -587,8 +590,9 @@ def _pre_bwd(desc, choice, residuals, cotangents):
                       (_STREAMS, ("t", "i"), ("t", "c"), ("t", "k"), ("f", "k"), ("t",)),
                       (_STREAMS,), config=tiles.input_grad)(
         x, h_pre, d_input, d_proj, phi32, 2 * d_squares)
-    d_phi = _token_split(choice, pallas_hc.project_weight_grad, (("t", "f"), ("t", "k")),
-                         (("f", "k"),), reduced=True, config=tiles.weight_grad)(
+    weight_grad, weight_grad_config = _projection(desc, choice, "weight_grad")
+    d_phi = _token_split(choice, weight_grad, (("t", "f"), ("t", "k")), (("f", "k"),),
+                         reduced=True, config=weight_grad_config)(
         x.reshape(desc.tokens, -1), d_proj)
     return _partition.typed_like_primals((dx, d_phi.astype(phi.dtype), d_alpha, d_bias),
                                          residuals[:4])
@@ -647,19 +651,22 @@ def _check_mosaic_pre_config(desc: MhcPreDescriptor, config: mosaic_hc.MosaicPre
     op = "mhc_pre"
     _op.check(isinstance(config.kernels, pallas_hc.PreConfig), op, "config.kernels",
               "a PreConfig", repr(config.kernels))
-    _op.check(config.kernels.projection is None, op, "config.kernels.projection",
-              "None (config.projection configures the Mosaic projection)",
-              repr(config.kernels.projection))
+    for field, what in (("projection", "projection"), ("weight_grad", "phi gradient")):
+        _op.check(getattr(config.kernels, field) is None, op, f"config.kernels.{field}",
+                  f"None (config.{field} configures the Mosaic {what})",
+                  repr(getattr(config.kernels, field)))
     _check_pre_config(desc, config.kernels, "config.kernels")
-    projection = config.projection
-    if projection is None:
-        return
-    _op.check(isinstance(projection, mosaic_hc.MosaicProjectionConfig), op,
-              "config.projection", "a MosaicProjectionConfig or None", repr(projection))
     width = pallas_hc.stacked_width(desc.coefficients)
-    for field, expected, got in mosaic_hc.config_errors(projection, desc.tokens,
-                                                        desc.n * desc.hidden, width):
-        _op.fail(op, f"config.projection.{field}", expected, got)
+    for field, kind, errors in (
+            ("projection", mosaic_hc.MosaicProjectionConfig, mosaic_hc.config_errors),
+            ("weight_grad", mosaic_hc.MosaicWeightGradConfig, mosaic_hc.weight_grad_errors)):
+        given = getattr(config, field)
+        if given is None:
+            continue
+        _op.check(isinstance(given, kind), op, f"config.{field}",
+                  f"a {kind.__name__} or None", repr(given))
+        for name, expected, got in errors(given, desc.tokens, desc.n * desc.hidden, width):
+            _op.fail(op, f"config.{field}.{name}", expected, got)
 
 
 def pre_tuning_key(desc: MhcPreDescriptor) -> str:
@@ -859,15 +866,17 @@ def mhc_post(x: ArrayLike, f_out: ArrayLike, h_post: ArrayLike, h_res: ArrayLike
 def _mosaic_pre_default(desc: MhcPreDescriptor) -> mosaic_hc.MosaicPreConfig:
     triton = pallas_hc.pre_config(desc.tokens, desc.n, desc.hidden, desc.coefficients,
                                   desc.dtype)
+    shape = (desc.tokens, desc.n * desc.hidden, pallas_hc.stacked_width(desc.coefficients))
     return mosaic_hc.MosaicPreConfig(
-        mosaic_hc.projection_config(desc.tokens, desc.n * desc.hidden,
-                                    pallas_hc.stacked_width(desc.coefficients)),
-        dataclasses.replace(triton, projection=None))
+        mosaic_hc.projection_config(*shape),
+        dataclasses.replace(triton, projection=None, weight_grad=None),
+        mosaic_hc.weight_grad_config(*shape))
 
 
 MHC_PRE_IMPLEMENTATIONS = (
-    # The Mosaic GPU projection (1.8x the Triton one at DeepSeek widths on the H200,
-    # BENCHMARKS.md); the rest of the op runs the Triton kernels. Both candidates share
+    # The Mosaic GPU projection and its phi gradient (1.8x and 1.5-1.8x the Triton kernels
+    # at DeepSeek widths on the H200, BENCHMARKS.md); the rest of the op runs the Triton
+    # kernels. Both candidates share
     # the tuning key: `bjax.tune mhc_pre` records whichever config is fastest, and a
     # Triton entry makes this candidate step aside for that problem.
     _op.Implementation(

@@ -23,6 +23,15 @@ speed-up (BENCHMARKS.md, "A Mosaic GPU projection").
 
 What it needs (:func:`unsupported`): bfloat16 x, rows a multiple of 64, ``n C`` of 64,
 at most 256 stacked columns (a wgmma's N), and a Hopper GPU (wgmma is sm_90a only).
+
+:func:`project_weight_grad` is the projection's phi gradient ``x_flat^T dproj [n C,
+count]`` (what :func:`pallas_kernels.hyper_connection.project_weight_grad` computes), the
+same design turned around: ``d_phi^T = dproj_pieces^T x_flat``. ``dproj`` (float32)
+becomes its three exact bfloat16 pieces side by side, padded to the stacked width and
+transposed once outside (``[width, tokens]``, 2 MB at 8192 tokens), so both wgmma operands
+come from shared memory as stored. A program owns ``block_cols`` columns of x (rows of
+phi) and one of ``splits`` ranges of the tokens; the partial ``[width, block_cols]``
+results are added outside, then the pieces' rows.
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import hyper_connection as pallas_hc
+from pallas_kernels.blocks import split_bf16
 
 # Shared memory of an H100 or H200 block (227 KiB), the bound every config must fit, and
 # what Mosaic GPU adds to the tiles (barriers, alignment: 2.6-2.9 KB in JAX 0.10.2's
@@ -78,6 +88,23 @@ class MosaicProjectionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MosaicWeightGradConfig:
+    """Launch configuration of :func:`project_weight_grad`.
+
+    Attributes:
+      block_cols: columns of x (rows of phi) a program owns: 64 or 128 (the wgmma's N).
+      block_tokens: tokens a pipeline step reads: 64 or 128.
+      splits: equal ranges of the tokens, one per program, summed apart (the tokens a
+        multiple of ``block_tokens * splits``, each range at most :data:`MAX_SPAN`).
+      num_stages: pipeline steps in flight (shared memory holds each one's tiles).
+    """
+    block_cols: int = 128
+    block_tokens: int = 64
+    splits: int = 1
+    num_stages: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
 class MosaicPreConfig:
     """Launch configurations of ``mhc_pre``'s Mosaic implementation; ``None``: the
     heuristic (derived for each device's shard).
@@ -86,10 +113,12 @@ class MosaicPreConfig:
       projection: :func:`project`'s, :func:`projection_config`.
       kernels: the Triton kernels that run the rest of the op (aggregate, backward,
         Sinkhorn), as :class:`pallas_kernels.hyper_connection.PreConfig`; its own
-        ``projection`` stays ``None``.
+        ``projection`` and ``weight_grad`` stay ``None``.
+      weight_grad: :func:`project_weight_grad`'s, :func:`weight_grad_config`.
     """
     projection: MosaicProjectionConfig | None = None
     kernels: pallas_hc.PreConfig = pallas_hc.PreConfig()
+    weight_grad: MosaicWeightGradConfig | None = None
 
 
 def shared_memory_bytes(config: MosaicProjectionConfig, width: int) -> int:
@@ -171,6 +200,81 @@ def search_space(rows: int, flat: int, width: int) -> tuple[MosaicProjectionConf
                  for splits in (1, 2, 4, 7, 8) for stages in (2, 3, 4, 5, 6)
                  if not config_errors(config := MosaicProjectionConfig(
                      block_rows, block_cols, splits, stages), rows, flat, width))
+
+
+def _pieces_rows(width: int) -> int:
+    """Rows of the transposed dproj pieces: ``width`` stacked columns, at least one
+    wgmma M (64)."""
+    return max(64, width)
+
+
+def weight_grad_shared_memory_bytes(config: MosaicWeightGradConfig, width: int) -> int:
+    """Shared memory ``config`` takes against ``width`` stacked columns: its pipeline
+    stages of dproj-piece and x tiles (bfloat16), the float32 result staged for the
+    store, and Mosaic GPU's own."""
+    pieces = _pieces_rows(width)
+    stage = (pieces * config.block_tokens + config.block_tokens * config.block_cols) * 2
+    return (config.num_stages * stage + pieces * config.block_cols * 4
+            + _SHARED_MEMORY_OVERHEAD)
+
+
+def weight_grad_errors(config: MosaicWeightGradConfig, rows: int, flat: int,
+                       width: int) -> list[tuple[str, str, object]]:
+    """``(field, expected, got)`` for each rule ``config`` breaks for ``x_flat [rows,
+    flat]`` against ``width`` stacked columns (empty: it runs)."""
+    errors = []
+    for field in ("block_cols", "block_tokens"):
+        if getattr(config, field) not in (64, 128):
+            errors.append((field, "64 or 128", getattr(config, field)))
+    for field in ("splits", "num_stages"):
+        if not isinstance(getattr(config, field), int) or getattr(config, field) < 1:
+            errors.append((field, "an int >= 1", getattr(config, field)))
+    if errors:
+        return errors
+    if flat % config.block_cols:
+        errors.append(("block_cols", f"a divisor of n C, {flat}", config.block_cols))
+    if rows % (config.block_tokens * config.splits):
+        errors.append(("splits", f"such that block_tokens * splits divides the tokens, {rows}",
+                       config.splits))
+    elif rows // config.splits > MAX_SPAN:
+        errors.append(("splits", f"at least {-(-rows // MAX_SPAN)} (each split sums at most "
+                                 f"{MAX_SPAN} of the {rows} tokens' products)", config.splits))
+    memory = weight_grad_shared_memory_bytes(config, width)
+    if memory > SHARED_MEMORY_BYTES:
+        errors.append(("num_stages", f"few enough for {SHARED_MEMORY_BYTES} bytes of shared "
+                                     f"memory (this config takes {memory})", config.num_stages))
+    return errors
+
+
+def weight_grad_config(rows: int, flat: int, width: int) -> MosaicWeightGradConfig:
+    """The heuristic for the phi gradient of ``x_flat [rows, flat]`` against ``width``
+    stacked columns (a case :func:`unsupported` allows): 128 columns a program where n C
+    and the accumulator allow (64 at 256 stacked columns), 64 tokens a step, up to
+    ``_STAGES`` stages as shared memory allows, and the fewest token splits within
+    :data:`MAX_SPAN` that make about ``_TARGET_PROGRAMS`` programs (on the H200 at
+    8192 x 4 x 7168 and 16384 x 4 x 2560: 2 and 4 splits, the fastest configs within
+    the span; BENCHMARKS.md)."""
+    block_cols = 128 if flat % 128 == 0 and width <= 128 else 64
+    steps = rows // 64
+    splits = [s for s in range(1, steps + 1) if steps % s == 0 and rows // s <= MAX_SPAN]
+    columns = flat // block_cols
+    split = next((s for s in splits if columns * s >= _TARGET_PROGRAMS), splits[-1])
+    for stages in range(_STAGES, 1, -1):
+        config = MosaicWeightGradConfig(block_cols, 64, split, stages)
+        if weight_grad_shared_memory_bytes(config, width) <= SHARED_MEMORY_BYTES:
+            return config
+    raise ValueError(f"no phi-gradient config for x_flat [{rows}, {flat}] and {width} "
+                     f"columns: {unsupported(rows, flat, width, jnp.bfloat16)}")
+
+
+def weight_grad_search_space(rows: int, flat: int,
+                             width: int) -> tuple[MosaicWeightGradConfig, ...]:
+    """The phi-gradient configs a sweep tries: 64 or 128 columns by 64 or 128 tokens, 1 to
+    8 token splits within :data:`MAX_SPAN`, 2 to 4 stages, those that fit shared memory."""
+    return tuple(config for block_cols in (64, 128) for block_tokens in (64, 128)
+                 for splits in (1, 2, 4, 8) for stages in (2, 3, 4)
+                 if not weight_grad_errors(config := MosaicWeightGradConfig(
+                     block_cols, block_tokens, splits, stages), rows, flat, width))
 
 
 def _transforms(minor_elements: int, what: str):
@@ -262,3 +366,71 @@ def project(x_flat, phi, *, config: MosaicProjectionConfig | None = None,
     total = jnp.sum(partial, axis=0)
     return (sum(total[:, p * count:(p + 1) * count] for p in range(3)),
             jnp.sum(squares, axis=0))
+
+
+def _weight_grad_kernel(pieces_gmem, x_gmem, out_gmem, acc, out_smem, *,
+                        config: MosaicWeightGradConfig, span: int):
+    cols = pl.ds(lax.axis_index("n") * config.block_cols, config.block_cols)
+    split = lax.axis_index("s")
+
+    def step(_, pieces_smem, x_smem):
+        plgpu.wgmma(acc, pieces_smem, x_smem)
+        plgpu.wgmma_wait(1)  # the step before's product is done: its tiles can go
+
+    width = pieces_gmem.shape[0]
+    pipeline = plgpu.emit_pipeline(
+        step, grid=(span // config.block_tokens,),
+        in_specs=[plgpu.BlockSpec((width, config.block_tokens), lambda k: (0, k),
+                                  transforms=_transforms(config.block_tokens, "dproj"),
+                                  delay_release=1),
+                  plgpu.BlockSpec((config.block_tokens, config.block_cols), lambda k: (k, 0),
+                                  transforms=_transforms(config.block_cols, "x"),
+                                  delay_release=1)],
+        max_concurrent_steps=config.num_stages)
+    pipeline(pieces_gmem.at[:, pl.ds(split * span, span)],
+             x_gmem.at[pl.ds(split * span, span), cols])
+    plgpu.wgmma_wait(0)
+    out_smem[...] = acc[...]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[split, :, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def project_weight_grad(x_flat, dproj, *, config: MosaicWeightGradConfig | None = None,
+                        interpret: bool = False):
+    """``x_flat^T dproj [n C, count]`` float32, the gradient of ``phi`` in :func:`project`,
+    for bfloat16 ``x_flat [rows, n C]`` and float32 ``dproj [rows, count]`` (module doc):
+    every product float32-exact (dproj as three exact bfloat16 pieces), summed in float32.
+
+    ``config=None``: :func:`weight_grad_config` for these rows; where this kernel cannot
+    run them (:func:`unsupported`, as for :func:`project`), the Triton kernel runs them.
+    ``interpret``: the Triton kernel in the interpreter.
+
+    Raises:
+      ValueError: an explicit ``config`` that cannot run these rows
+        (:func:`weight_grad_errors`).
+    """
+    rows, flat = x_flat.shape
+    count = dproj.shape[1]
+    width = pallas_hc.stacked_width(count)
+    if config is None:
+        if interpret or unsupported(rows, flat, width, x_flat.dtype):
+            return pallas_hc.project_weight_grad(x_flat, dproj, interpret=interpret)
+        config = weight_grad_config(rows, flat, width)
+    errors = weight_grad_errors(config, rows, flat, width)
+    if errors:
+        raise ValueError(f"{config} cannot run x_flat [{rows}, {flat}]: " + "; ".join(
+            f"{field} must be {expected}, got {got}" for field, expected, got in errors))
+    pieces = jnp.concatenate(split_bf16(dproj.astype(jnp.float32), 3), axis=1)
+    pieces_t = jnp.pad(pieces, ((0, 0), (0, _pieces_rows(width) - 3 * count))).T
+    kernel = functools.partial(_weight_grad_kernel, config=config, span=rows // config.splits)
+    partial = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((config.splits, pieces_t.shape[0], flat),
+                                              jnp.float32),
+        grid=(flat // config.block_cols, config.splits), grid_names=("n", "s"),
+        scratch_types=[plgpu.ACC((pieces_t.shape[0], config.block_cols), jnp.float32),
+                       plgpu.SMEM((pieces_t.shape[0], config.block_cols), jnp.float32)],
+    )(pieces_t, x_flat)
+    total = jnp.sum(partial, axis=0)
+    return sum(total[p * count:(p + 1) * count] for p in range(3)).T

@@ -140,7 +140,8 @@ def mhc_pre(tokens: int, n: int, hidden: int, dtype="bfloat16", *, backend=None)
     projection (the Triton kernel's configs, and where the Mosaic implementation runs
     this call, the Mosaic kernel's: the winner's type picks the implementation) and the
     aggregate (forward), then the aggregate's backward, the input gradient and the phi
-    gradient (forward + backward). The Sinkhorn kernels keep their heuristic."""
+    gradient (the winning implementation's kernel; forward + backward). The Sinkhorn
+    kernels keep their heuristic."""
     count = n * n + 2 * n
     keys = jax.random.split(jax.random.key(0), 3)
     x = _normal(keys[0], (tokens, n, hidden), dtype)
@@ -174,6 +175,15 @@ def mhc_pre(tokens: int, n: int, hidden: int, dtype="bfloat16", *, backend=None)
                 + [mosaic_hc.MosaicPreConfig(c, dataclasses.replace(kernels, projection=None))
                    for c in (mosaic_hc.search_space(tokens, flat, width) if on_mosaic else ())])
 
+    def phi_gradients(best):
+        """The phi-gradient kernel of ``best``'s implementation: the Mosaic one's
+        configs or the Triton one's tiles."""
+        if isinstance(best, mosaic_hc.MosaicPreConfig):
+            return [dataclasses.replace(best, weight_grad=c)
+                    for c in mosaic_hc.weight_grad_search_space(tokens, flat, width)]
+        return [_with_pre_kernel(best, "weight_grad", c)
+                for c in pallas_hc.weight_grad_search_space()]
+
     def stage(name, field, space, objective):
         return Stage(name, lambda best: [_with_pre_kernel(best, field, config)
                                          for config in space], objective)
@@ -185,8 +195,7 @@ def mhc_pre(tokens: int, n: int, hidden: int, dtype="bfloat16", *, backend=None)
               pallas_hc.stream_search_space(tokens, n, hidden), FORWARD_BACKWARD),
         stage("input gradient", "input_grad",
               pallas_hc.input_grad_search_space(tokens, hidden), FORWARD_BACKWARD),
-        stage("phi gradient", "weight_grad", pallas_hc.weight_grad_search_space(),
-              FORWARD_BACKWARD))
+        Stage("phi gradient", phi_gradients, FORWARD_BACKWARD))
     return Problem("mhc_pre", mhc_pre_tuning_key(desc), run, arrays, (0, 1, 2, 3),
                    heuristic, stages)
 

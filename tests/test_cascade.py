@@ -33,7 +33,7 @@ def pair(v, s):
 
 
 def reference(v, s, base):
-    return oracles.cascade_merge(np.asarray(v.astype(jnp.float64)), np.asarray(s, np.float64),
+    return oracles.cascade_merge(np.asarray(v, np.float64), np.asarray(s, np.float64),
                                  base)
 
 

@@ -39,7 +39,7 @@ def test_forward_matches_oracle(backend, kind, approximate, gate, dtype, shape, 
     y = bjax.gated_activation(x, kind, axis=axis, gate=gate, approximate=approximate,
                               backend=backend)
     assert y.dtype == x.dtype
-    ref = oracles.gated_activation(np.asarray(x.astype(jnp.float64)), kind, axis, gate,
+    ref = oracles.gated_activation(np.asarray(x, np.float64), kind, axis, gate,
                                    approximate)
     assert_close(y, ref, dtype)
 
@@ -56,8 +56,8 @@ def test_gradient_matches_oracle(backend, kind, approximate, gate, dtype):
     dy = random(3, y.shape, dtype)
     (dx,) = vjp(dy)
     assert dx.dtype == x.dtype
-    ref = oracles.gated_activation_grad(np.asarray(x.astype(jnp.float64)),
-                                        np.asarray(dy.astype(jnp.float64)), kind, axis, gate,
+    ref = oracles.gated_activation_grad(np.asarray(x, np.float64),
+                                        np.asarray(dy, np.float64), kind, axis, gate,
                                         approximate)
     # dx multiplies dy, a half and act'(.): three rounded factors at the output dtype.
     assert_close(dx, ref, dtype, scale=2.0)
@@ -98,10 +98,10 @@ def test_kernels_write_every_cell(rows, cols, config, dtype):
                 interpret=interpret)
     y2 = kernels.gated_forward(x2, out=jnp.full((rows, cols), jnp.nan, dtype), **opts)
     dx2 = kernels.gated_backward(dy2, x2, out=jnp.full((rows, 2 * cols), jnp.nan, dtype), **opts)
-    x64 = np.asarray(x2.astype(jnp.float64))
+    x64 = np.asarray(x2, np.float64)
     assert_close(y2, oracles.gated_activation(x64, "swiglu", axis=1), dtype)
     assert_close(dx2, oracles.gated_activation_grad(
-        x64, np.asarray(dy2.astype(jnp.float64)), "swiglu", axis=1), dtype, scale=2.0)
+        x64, np.asarray(dy2, np.float64), "swiglu", axis=1), dtype, scale=2.0)
 
 
 @pytest.mark.parametrize("shape,axis", [((0, 4), -1), ((3, 0), -1), ((2, 0, 3), 0)], ids=str)

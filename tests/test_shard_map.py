@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 import bjax
-from tests.conftest import BACKENDS
+from tests.conftest import BACKENDS, random
 
 _N, _C = 4, 8   # mHC: streams, channels
 
@@ -58,8 +58,8 @@ CASES = {
 
 def _problem(op):
     make, blocks, params = CASES[op]
-    keys = jax.random.split(jax.random.key(11), len(blocks) + len(params))
-    args = [jax.random.normal(k, shape, jnp.float32) for k, shape in zip(keys, blocks + params)]
+    args = [random((11, i), shape, jnp.float32, scale=1.0)
+            for i, shape in enumerate(blocks + params)]
     return make, args, (P("data"),) * len(blocks) + (P(),) * len(params)
 
 

@@ -11,7 +11,7 @@ import bjax
 from pallas_kernels import ssd as pk
 from pallas_kernels import ssd_backward as pkb
 from tests import oracles
-from tests.conftest import BACKENDS, KERNEL_BACKEND, assert_close
+from tests.conftest import BACKENDS, KERNEL_BACKEND, assert_close, random, uniform
 
 DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # Tolerance multipliers of conftest.RTOL: matmul operands (B * weights, C . B
@@ -24,32 +24,30 @@ CHUNK = 16
 
 def problem(seed, batch, seq_len, heads, head_dim, groups, state_dim, dtype):
     """Random (x, dt, A, B, C): dt in [0.01, 0.3], A in [-4, -0.5] (never zeros)."""
-    k = jax.random.split(jax.random.key(seed), 5)
-    x = jax.random.normal(k[0], (batch, seq_len, heads, head_dim), jnp.float32).astype(dtype)
-    dt = jax.random.uniform(k[1], (batch, seq_len, heads), jnp.float32, 0.01, 0.3).astype(dtype)
-    A = -jax.random.uniform(k[2], (heads,), jnp.float32, 0.5, 4.0)
-    B = jax.random.normal(k[3], (batch, seq_len, groups, state_dim), jnp.float32).astype(dtype)
-    C = jax.random.normal(k[4], (batch, seq_len, groups, state_dim), jnp.float32).astype(dtype)
+    x = random((seed, 0), (batch, seq_len, heads, head_dim), dtype, scale=1.0)
+    dt = uniform((seed, 1), (batch, seq_len, heads), 0.01, 0.3, dtype)
+    A = -uniform((seed, 2), (heads,), 0.5, 4.0, jnp.float32)
+    B = random((seed, 3), (batch, seq_len, groups, state_dim), dtype, scale=1.0)
+    C = random((seed, 4), (batch, seq_len, groups, state_dim), dtype, scale=1.0)
     return x, dt, A, B, C
 
 
 def features(seed, x, state_dim, names):
     """Keyword arguments for the features in ``names`` (random, never zeros)."""
     batch, seq_len, heads, head_dim = x.shape
-    k = jax.random.split(jax.random.key(seed), 5)
     kwargs = {}
     if "D" in names:
-        kwargs["D"] = jax.random.normal(k[0], (heads,), jnp.float32)
+        kwargs["D"] = random((seed, 5), (heads,), jnp.float32, scale=1.0)
     if "D2" in names:
-        kwargs["D"] = jax.random.normal(k[0], (heads, head_dim), jnp.float32)
+        kwargs["D"] = random((seed, 5), (heads, head_dim), jnp.float32, scale=1.0)
     if "z" in names:
-        kwargs["z"] = jax.random.normal(k[1], x.shape, jnp.float32).astype(x.dtype)
+        kwargs["z"] = random((seed, 6), x.shape, x.dtype, scale=1.0)
     if "dt" in names:
-        kwargs.update(dt_bias=jax.random.uniform(k[2], (heads,), jnp.float32, -3.0, -1.0),
+        kwargs.update(dt_bias=uniform((seed, 7), (heads,), -3.0, -1.0, jnp.float32),
                       dt_softplus=True, dt_limit=(0.02, 0.2))
     if "init" in names:
-        kwargs["initial_states"] = jax.random.normal(
-            k[3], (batch, heads, head_dim, state_dim), jnp.float32)
+        kwargs["initial_states"] = random((seed, 8), (batch, heads, head_dim, state_dim),
+                                          jnp.float32, scale=1.0)
     if "seq_idx" in names:
         # Several segments per row, one boundary on a chunk edge, ids not sorted.
         cuts = sorted({1, CHUNK, seq_len // 2, seq_len - 2} & set(range(1, seq_len)))
@@ -183,8 +181,8 @@ def gradients(fn, args, seed):
     """Gradients of ``<y, gy> + <final, gf>`` (random cotangents) for every entry of ``args``."""
     y_shape = args["x"].shape
     final_shape = (*y_shape[:1], *y_shape[2:], args["B"].shape[-1])
-    gy = jax.random.normal(jax.random.key(seed), y_shape, jnp.float64)
-    gf = jax.random.normal(jax.random.key(seed + 1), final_shape, jnp.float64)
+    gy = random(seed, y_shape, jnp.float64, scale=1.0)
+    gf = random(seed + 1, final_shape, jnp.float64, scale=1.0)
 
     def loss(args):
         y, final = fn(**args)
@@ -386,7 +384,7 @@ def test_step_matches_chunk_scan(dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_step_in_place_and_vmap(backend):
     x, dt, A, B, C = problem(15, 4, 1, 2, 8, 1, 16, jnp.float32)
-    state = jax.random.normal(jax.random.key(16), (4, 2, 8, 16), jnp.float32)
+    state = random(16, (4, 2, 8, 16), jnp.float32, scale=1.0)
     args = (x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
     step = jax.jit(lambda s, *a: bjax.ssd_step(s, *a, backend=backend), donate_argnums=0)
     text = step.lower(state, *args).compile().as_text()

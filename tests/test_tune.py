@@ -399,7 +399,7 @@ def test_gated_candidates_match_the_oracle(config):
     fn = lambda x: bjax.swiglu(x, backend=KERNEL_BACKEND, config=config)  # noqa: E731
     y, vjp = jax.vjp(fn, x)
     dy = random(4, y.shape, jnp.bfloat16)
-    x64, dy64 = (np.asarray(v.astype(jnp.float64)) for v in (x, dy))
+    x64, dy64 = (np.asarray(v, np.float64) for v in (x, dy))
     assert_close(y, oracles.gated_activation(x64, "swiglu"), jnp.bfloat16)
     # As tests/test_gated: dx multiplies three rounded factors.
     assert_close(vjp(dy)[0], oracles.gated_activation_grad(x64, dy64, "swiglu"), jnp.bfloat16,

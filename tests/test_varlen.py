@@ -8,7 +8,7 @@ import pytest
 
 import bjax
 from tests import oracles
-from tests.conftest import BACKENDS, assert_close
+from tests.conftest import BACKENDS, assert_close, random
 from tests.test_ssd import CHUNK, GRAD_BOUND, SCALE, features, problem
 
 # Steps 0..69 of one row, chunks of 16: an empty sequence first, one ending on a chunk's
@@ -76,8 +76,8 @@ def test_ssd_varlen_gradients(backend):
     kwargs = features(43, x, 16, ("D", "dt", "init"))
     static = {k: kwargs.pop(k) for k in ("dt_softplus", "dt_limit")}
     args = dict(x=x, dt=dt, A=A, B=B, C=C, **kwargs)
-    gy = jax.random.normal(jax.random.key(1), x.shape, jnp.float64)
-    gs = jax.random.normal(jax.random.key(2), (6, 4, 8, 16), jnp.float64)
+    gy = random(1, x.shape, jnp.float64, scale=1.0)
+    gs = random(2, (6, 4, 8, 16), jnp.float64, scale=1.0)
 
     def grads(fn, args):
         def loss(args):
@@ -97,9 +97,9 @@ def test_ssd_varlen_gradients(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_conv_varlen_states_match_each_sequence_alone(backend):
     k = 4
-    x = jax.random.normal(jax.random.key(44), (1, LENGTH, 24), jnp.float32)
-    weight = jax.random.normal(jax.random.key(45), (24, k), jnp.float32)
-    init = jax.random.normal(jax.random.key(46), (1, k - 1, 24), jnp.float32)
+    x = random(44, (1, LENGTH, 24), jnp.float32, scale=1.0)
+    weight = random(45, (24, k), jnp.float32, scale=1.0)
+    init = random(46, (1, k - 1, 24), jnp.float32, scale=1.0)
     y, states = jax.jit(lambda x, w, i: bjax.causal_conv1d(
         x, w, activation="silu", initial_states=i, cu_seqlens=jnp.array(CU_SEQLENS),
         return_varlen_states=True, backend=backend))(x, weight, init)
@@ -120,9 +120,9 @@ def test_conv_varlen_states_match_each_sequence_alone(backend):
 
 def test_conv_varlen_state_gradient_reaches_the_rows_it_copied():
     k = 3
-    x = jax.random.normal(jax.random.key(47), (1, LENGTH, 8), jnp.float32)
+    x = random(47, (1, LENGTH, 8), jnp.float32, scale=1.0)
     weight = jnp.ones((8, k), jnp.float32)
-    g = jax.random.normal(jax.random.key(48), (6, k - 1, 8), jnp.float32)
+    g = random(48, (6, k - 1, 8), jnp.float32, scale=1.0)
     dx = jax.grad(lambda x: jnp.sum(g * bjax.causal_conv1d(
         x, weight, cu_seqlens=jnp.array(CU_SEQLENS), return_varlen_states=True,
         backend="xla")[1]))(x)

@@ -183,9 +183,9 @@ def test_nibble_even_windows_use_the_kernel_and_odd_ones_xla():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients(backend):
-    dest = jax.random.normal(jax.random.key(0), (4, 9, 3), jnp.float64)
-    source = jax.random.normal(jax.random.key(1), (4, 2, 3), jnp.float64)
-    dy = jax.random.normal(jax.random.key(2), (4, 9, 3), jnp.float64)
+    dest = random(0, (4, 9, 3), jnp.float64, scale=1.0)
+    source = random(1, (4, 2, 3), jnp.float64, scale=1.0)
+    dy = random(2, (4, 9, 3), jnp.float64, scale=1.0)
     lengths = jnp.array([0, 7, 8, 2])  # row 2 does not fit
 
     def f(dest, source):

@@ -100,7 +100,8 @@ def host_array(values, dtype):
 
 
 def random(key, shape, dtype, scale=2.0):
-    """Random normal data (never zeros) in ``dtype``; the oracle sees the rounded values."""
+    """Random normal data (never zeros) in ``dtype``; the oracle sees the rounded values.
+    ``key``: NumPy's seed, an int or a tuple of ints (one per array of a problem)."""
     return host_array(scale * np.random.default_rng(key).standard_normal(shape), dtype)
 
 

@@ -279,7 +279,8 @@ def ssd_problem(seed, batch, seq_len, heads, head_dim, groups, state_dim):
         D=random((seed, 5), (heads,), jnp.float32, scale=1.0),
         z=random((seed, 6), (batch, seq_len, heads, head_dim), jnp.float32, scale=1.0),
         dt_bias=random((seed, 7), (heads,), jnp.float32, scale=1.0),
-        initial_states=random((seed, 8), (batch, heads, head_dim, state_dim), jnp.float32, scale=1.0))
+        initial_states=random((seed, 8), (batch, heads, head_dim, state_dim), jnp.float32,
+                              scale=1.0))
 
 
 def check_ssd_chunk_scan_sharded(problem, batch_axis, heads_axis, mesh_shape, backend):
@@ -397,7 +398,8 @@ def conv_problem():
             random((12, 1), (16, 4), jnp.float32, scale=1.0),
             random((12, 2), (16,), jnp.float32, scale=1.0),
             random((12, 3), (8, 3, 16), jnp.float32, scale=1.0),
-            jnp.asarray(np.cumsum(np.random.default_rng(12).random((8, 12)) < 0.2, axis=1), jnp.int32))
+            jnp.asarray(np.cumsum(np.random.default_rng((12, 4)).random((8, 12)) < 0.2, axis=1),
+                        jnp.int32))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

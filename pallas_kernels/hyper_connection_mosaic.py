@@ -142,29 +142,17 @@ def unsupported(rows: int, flat: int, width: int, dtype) -> str | None:
     return None
 
 
-def _tile_errors(config, tile_fields: tuple[str, ...]) -> list[tuple[str, str, object]]:
-    """``(field, expected, got)`` for tile extents other than 64 or 128 and for
-    ``splits`` / ``num_stages`` that are not ints >= 1."""
-    errors = [(field, "64 or 128", getattr(config, field)) for field in tile_fields
-              if getattr(config, field) not in (64, 128)]
-    return errors + [(field, "an int >= 1", getattr(config, field))
-                     for field in ("splits", "num_stages")
-                     if not isinstance(getattr(config, field), int) or getattr(config, field) < 1]
-
-
-def _shared_memory_errors(memory: int, num_stages: int) -> list[tuple[str, str, object]]:
-    """The shared-memory rule: a config taking ``memory`` bytes must fit the GPU's."""
-    if memory <= SHARED_MEMORY_BYTES:
-        return []
-    return [("num_stages", f"few enough for {SHARED_MEMORY_BYTES} bytes of shared memory "
-                           f"(this config takes {memory})", num_stages)]
-
-
 def config_errors(config: MosaicProjectionConfig, rows: int, flat: int,
                   width: int) -> list[tuple[str, str, object]]:
     """``(field, expected, got)`` for each rule ``config`` breaks for ``x_flat [rows,
     flat]`` against ``width`` stacked columns (empty: it runs)."""
-    errors = _tile_errors(config, ("block_rows", "block_cols"))
+    errors = []
+    for field in ("block_rows", "block_cols"):
+        if getattr(config, field) not in (64, 128):
+            errors.append((field, "64 or 128", getattr(config, field)))
+    for field in ("splits", "num_stages"):
+        if not isinstance(getattr(config, field), int) or getattr(config, field) < 1:
+            errors.append((field, "an int >= 1", getattr(config, field)))
     if errors:
         return errors
     if rows % config.block_rows:
@@ -175,7 +163,11 @@ def config_errors(config: MosaicProjectionConfig, rows: int, flat: int,
     elif flat // config.splits > MAX_SPAN:
         errors.append(("splits", f"at least {-(-flat // MAX_SPAN)} (each split sums at most "
                                  f"{MAX_SPAN} of n C = {flat} products)", config.splits))
-    return errors + _shared_memory_errors(shared_memory_bytes(config, width), config.num_stages)
+    memory = shared_memory_bytes(config, width)
+    if memory > SHARED_MEMORY_BYTES:
+        errors.append(("num_stages", f"few enough for {SHARED_MEMORY_BYTES} bytes of shared "
+                                     f"memory (this config takes {memory})", config.num_stages))
+    return errors
 
 
 def projection_config(rows: int, flat: int, width: int) -> MosaicProjectionConfig:
@@ -230,7 +222,13 @@ def weight_grad_errors(config: MosaicWeightGradConfig, rows: int, flat: int,
                        width: int) -> list[tuple[str, str, object]]:
     """``(field, expected, got)`` for each rule ``config`` breaks for ``x_flat [rows,
     flat]`` against ``width`` stacked columns (empty: it runs)."""
-    errors = _tile_errors(config, ("block_cols", "block_tokens"))
+    errors = []
+    for field in ("block_cols", "block_tokens"):
+        if getattr(config, field) not in (64, 128):
+            errors.append((field, "64 or 128", getattr(config, field)))
+    for field in ("splits", "num_stages"):
+        if not isinstance(getattr(config, field), int) or getattr(config, field) < 1:
+            errors.append((field, "an int >= 1", getattr(config, field)))
     if errors:
         return errors
     if flat % config.block_cols:
@@ -241,8 +239,11 @@ def weight_grad_errors(config: MosaicWeightGradConfig, rows: int, flat: int,
     elif rows // config.splits > MAX_SPAN:
         errors.append(("splits", f"at least {-(-rows // MAX_SPAN)} (each split sums at most "
                                  f"{MAX_SPAN} of the {rows} tokens' products)", config.splits))
-    return errors + _shared_memory_errors(weight_grad_shared_memory_bytes(config, width),
-                                          config.num_stages)
+    memory = weight_grad_shared_memory_bytes(config, width)
+    if memory > SHARED_MEMORY_BYTES:
+        errors.append(("num_stages", f"few enough for {SHARED_MEMORY_BYTES} bytes of shared "
+                                     f"memory (this config takes {memory})", config.num_stages))
+    return errors
 
 
 def weight_grad_config(rows: int, flat: int, width: int) -> MosaicWeightGradConfig:

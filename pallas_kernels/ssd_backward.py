@@ -82,11 +82,16 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
     source program without pipelining ran at 0.85 ms but gave a wrong dB on that
     GPU at head_dim 80, state_dim 130 in float32, which every other configuration
     got right: not used.) Float32 inputs (``dtype``: x's) loop over a constant count of
-    blocks and walk the state in :func:`pallas_kernels.ssd.state_piece` steps."""
-    block_h = 2 if heads_per_group % 2 == 0 else 1
+    blocks and walk the state in :func:`pallas_kernels.ssd.state_piece` steps.
+
+    16-bit inputs with a state padded past 128 take one head a target program on 8
+    warps: the H200 tuner's best at b16 l512 h64 p64 n256 (groups 1 and 8, chunk 256
+    and 128), 1.25-1.33x the two-head config's forward+backward (BENCHMARKS.md)."""
+    wide_state = padded(state_dim) > 128 and jnp.dtype(dtype) != jnp.float32
+    block_h = 2 if heads_per_group % 2 == 0 and not wide_state else 1
     return SsdBackwardConfig(block_q=state_piece(chunk_size, state_dim, dtype),
                              block=min(chunk_size, 64), block_p=min(padded(head_dim), 64),
-                             block_h=block_h,
+                             block_h=block_h, num_warps=8 if wide_state else 4,
                              constant_trip_count=jnp.dtype(dtype) == jnp.float32)
 
 

@@ -56,6 +56,11 @@ def test_sweep_covers_every_configuration():
               for p, n, layout, c in CASES for h, g in [LAYOUTS[layout]] for dtype in DTYPES
               for cfg in [pallas_ssd.default_config(c, p, n, h // g, dtype)]}
     assert blocks == {(64, 8), (128, 4)}
+    # The backward's warps: 8 with one head a program for 16-bit states padded past 128.
+    warps = {(cfg.block_h, cfg.num_warps)
+             for p, n, layout, c in CASES for h, g in [LAYOUTS[layout]] for dtype in DTYPES
+             for cfg in [pallas_ssd_backward.default_config(c, p, n, h // g, dtype)]}
+    assert warps == {(1, 4), (2, 4), (1, 8)}
 
 
 @gpu_only

@@ -2,9 +2,10 @@
 implementation), forward and forward + backward, at every shape of
 ``benchmarks.cases.ssd_sweep_shapes`` (72), in one process.
 
-    python -m benchmarks.ssd_sweep --mamba-src PATH [--part 1/4] [--xla]
+    python -m benchmarks.ssd_sweep --mamba-src PATH [--part 1/4] [--match "l131072 n256"] [--xla]
 
-``--part K/N`` times the K-th of N slices of the shapes (a slice fits one device call).
+``--part K/N`` times the K-th of N slices of the shapes (a slice fits one device call);
+``--match`` keeps the shapes whose row text holds each of its tokens.
 Rows print as they come, so a run cut short keeps what it timed; the report (and
 ``$OUT/ssd_sweep_bench.md``) follows. ``mamba/bjax`` > 1: bjax faster. ``% floor``
 (forward) as ``benchmarks.ssd``: bytes at the copy ceiling / chunked matmul flops at the
@@ -32,6 +33,16 @@ def part_of(shapes: list, part: str) -> list:
         raise ValueError(f"--part must be K/N with 1 <= K <= N; got {part}")
     size = -(-len(shapes) // count)
     return shapes[(index - 1) * size:index * size]
+
+
+def matching(shapes: list, patterns: list[str]) -> list:
+    """The shapes whose text (``b16 l512 h64 p64 g1 n256 Q256``) holds every token of one
+    of ``patterns``; all of them when ``patterns`` is empty."""
+    if not patterns:
+        return shapes
+    return [shape for shape in shapes
+            if any(set(p.split()) <= set(bench_ssd._shape_text(shape).split())
+                   for p in patterns)]
 
 
 def _ratio(other, mine):
@@ -70,9 +81,12 @@ def main():
     parser.add_argument("--mamba-src", default=os.environ.get("MAMBA_SRC"),
                         help="a state-spaces/mamba checkout (or $MAMBA_SRC)")
     parser.add_argument("--part", default="1/1", help="K/N: the K-th of N slices of the shapes")
+    parser.add_argument("--match", action="append", default=[], metavar="TOKENS",
+                        help='only shapes whose text holds every token, e.g. "l131072 n256"; '
+                             "repeat for several (any of them)")
     parser.add_argument("--xla", action="store_true", help="time the XLA implementation too")
     args = parser.parse_args()
-    shapes = part_of(cases.ssd_sweep_shapes(), args.part)
+    shapes = matching(part_of(cases.ssd_sweep_shapes(), args.part), args.match)
     backend = args.backend or bjax.plan(
         bjax.ssd_chunk_scan, *cases.ssd_inputs((1, 1, 1, 16, 1, 16, 16))).backend
     copy_tbps, how = harness.copy_ceiling_tbps()

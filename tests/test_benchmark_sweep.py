@@ -23,3 +23,14 @@ def test_a_row_times_a_problem():
     row = ssd_sweep.shape_row((1, 40, 4, 16, 2, 16, 16), KERNEL_BACKEND, None, 1.0, 1.0, True)
     assert row[0] == "b1 l40 h4 p16 g2 n16 Q16" and row[1] == "heuristic"
     assert float(row[2]) > 0 and row[3] == "-" and float(row[4]) > 0
+
+
+def test_match_keeps_the_shapes_holding_every_token_of_a_pattern():
+    shapes = cases.ssd_sweep_shapes()
+    assert ssd_sweep.matching(shapes, []) == shapes
+    long_wide = ssd_sweep.matching(shapes, ["l131072 n256"])
+    assert len(long_wide) == 8 and all(s[1] == 131072 and s[5] == 256 for s in long_wide)
+    # Tokens match whole: "n25" is no token of any row.
+    assert ssd_sweep.matching(shapes, ["n25"]) == []
+    either = ssd_sweep.matching(shapes, ["l131072 n256", "l512 p128 n64 g1"])
+    assert len(either) == 10 and either == [s for s in shapes if s in either]

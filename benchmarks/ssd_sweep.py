@@ -37,12 +37,19 @@ def part_of(shapes: list, part: str) -> list:
 
 def matching(shapes: list, patterns: list[str]) -> list:
     """The shapes whose text (``b16 l512 h64 p64 g1 n256 Q256``) holds every token of one
-    of ``patterns``; all of them when ``patterns`` is empty."""
+    of ``patterns``; all of them when ``patterns`` is empty.
+
+    Raises:
+      ValueError: patterns that no shape matches (a run that would time nothing)."""
     if not patterns:
         return shapes
-    return [shape for shape in shapes
+    kept = [shape for shape in shapes
             if any(set(p.split()) <= set(bench_ssd._shape_text(shape).split())
                    for p in patterns)]
+    if not kept:
+        raise ValueError(f"--match must name tokens of a shape's row, e.g. \"l131072 n256\"; "
+                         f"got {patterns}, which no shape of {len(shapes)} holds")
+    return kept
 
 
 def _ratio(other, mine):

@@ -30,7 +30,9 @@ def test_match_keeps_the_shapes_holding_every_token_of_a_pattern():
     assert ssd_sweep.matching(shapes, []) == shapes
     long_wide = ssd_sweep.matching(shapes, ["l131072 n256"])
     assert len(long_wide) == 8 and all(s[1] == 131072 and s[5] == 256 for s in long_wide)
-    # Tokens match whole: "n25" is no token of any row.
-    assert ssd_sweep.matching(shapes, ["n25"]) == []
+    # Tokens match whole: "n25" is no token of any row, and a run that would time nothing
+    # is an error.
+    with pytest.raises(ValueError, match=r"--match must name tokens.*\['n25'\]"):
+        ssd_sweep.matching(shapes, ["n25"])
     either = ssd_sweep.matching(shapes, ["l131072 n256", "l512 p128 n64 g1"])
     assert len(either) == 10 and either == [s for s in shapes if s in either]

@@ -329,6 +329,19 @@ def test_ssd_chunk_scan_whole_head_dim_blocks_keep_the_sharding(backend="interpr
     check_ssd_chunk_scan_sharded(problem, "data", "model", (4, 2), backend)
 
 
+def test_ssd_chunk_scan_wide_state_keeps_the_sharding(backend="interpret"):
+    """bfloat16 with a state padded past 128, where the backward's programs take one head on
+    8 warps (``pallas_kernels.ssd_backward.default_config``), with batch and heads split."""
+    problem = ssd_problem(8, 8, 40, 4, 16, 2, 130)
+    for name in ("x", "B", "C", "z"):
+        problem[name] = problem[name].astype(jnp.bfloat16)
+    plan = bjax.plan(bjax.ssd_chunk_scan, *(problem[n] for n in ("x", "dt", "A", "B", "C")),
+                     chunk_size=16, backend=backend)
+    backward = plan.block_config.backward
+    assert (backward.block_h, backward.num_warps) == (1, 8)
+    check_ssd_chunk_scan_sharded(problem, "data", "model", (4, 2), backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ssd_varlen_states_keep_the_heads_split(backend):
     """Packed sequences (one row) split over the heads: the states entering the chunks,

@@ -40,27 +40,26 @@ def _problem(case, dtype, seed):
     return problem(seed, 1, 2 * chunk + 5, heads, p, groups, n, dtype), chunk
 
 
+def _default_configs(kernels) -> list:
+    """``kernels.default_config`` (the forward's or the backward's module) at every case and
+    dtype of the sweep."""
+    return [kernels.default_config(c, p, n, h // g, dtype)
+            for p, n, layout, c in CASES for h, g in [LAYOUTS[layout]] for dtype in DTYPES]
+
+
 def test_sweep_covers_every_configuration():
-    forward = {(cfg.block_h, cfg.block_q, cfg.constant_trip_count)
-               for p, n, layout, c in CASES for h, g in [LAYOUTS[layout]] for dtype in DTYPES
-               for cfg in [pallas_ssd.default_config(c, p, n, h // g, dtype)]}
-    backward = {(cfg.block_h, cfg.block, cfg.block_q, cfg.constant_trip_count)
-                for p, n, layout, c in CASES for h, g in [LAYOUTS[layout]] for dtype in DTYPES
-                for cfg in [pallas_ssd_backward.default_config(c, p, n, h // g, dtype)]}
+    forward, backward = _default_configs(pallas_ssd), _default_configs(pallas_ssd_backward)
     # 64-step pieces: float32 with a state padded to 256; constant trip counts: float32.
-    assert forward == {(h, q, f32) for h in (1, 2) for q in (32, 128) for f32 in (False, True)
-                       } | {(h, 64, True) for h in (1, 2)}
-    assert backward == {(h, b, q, f32) for h in (1, 2) for b, q in ((32, 32), (64, 128))
-                        for f32 in (False, True)} | {(h, 64, 64, True) for h in (1, 2)}
-    blocks = {(cfg.block_p, cfg.scan_warps)
-              for p, n, layout, c in CASES for h, g in [LAYOUTS[layout]] for dtype in DTYPES
-              for cfg in [pallas_ssd.default_config(c, p, n, h // g, dtype)]}
-    assert blocks == {(64, 8), (128, 4)}
+    assert {(cfg.block_h, cfg.block_q, cfg.constant_trip_count) for cfg in forward} == {
+        (h, q, f32) for h in (1, 2) for q in (32, 128) for f32 in (False, True)
+    } | {(h, 64, True) for h in (1, 2)}
+    assert {(cfg.block_h, cfg.block, cfg.block_q, cfg.constant_trip_count)
+            for cfg in backward} == {
+        (h, b, q, f32) for h in (1, 2) for b, q in ((32, 32), (64, 128)) for f32 in (False, True)
+    } | {(h, 64, 64, True) for h in (1, 2)}
+    assert {(cfg.block_p, cfg.scan_warps) for cfg in forward} == {(64, 8), (128, 4)}
     # The backward's warps: 8 with one head a program for 16-bit states padded past 128.
-    warps = {(cfg.block_h, cfg.num_warps)
-             for p, n, layout, c in CASES for h, g in [LAYOUTS[layout]] for dtype in DTYPES
-             for cfg in [pallas_ssd_backward.default_config(c, p, n, h // g, dtype)]}
-    assert warps == {(1, 4), (2, 4), (1, 8)}
+    assert {(cfg.block_h, cfg.num_warps) for cfg in backward} == {(1, 4), (2, 4), (1, 8)}
 
 
 @gpu_only

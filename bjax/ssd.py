@@ -173,13 +173,17 @@ class SsdChunkScanDescriptor:
     @property
     def kernel_config(self) -> pallas_ssd.SsdConfig:
         return pallas_ssd.default_config(self.chunk_size, self.head_dim, self.state_dim,
-                                         self.heads // self.groups, self.dtype)
+                                         self.heads // self.groups, self.dtype,
+                                         batch_heads=self.batch * self.heads,
+                                         chunks=self.chunks)
 
     @property
     def backward_config(self) -> pallas_ssd_backward.SsdBackwardConfig:
         return pallas_ssd_backward.default_config(self.chunk_size, self.head_dim,
                                                   self.state_dim, self.heads // self.groups,
-                                                  self.dtype)
+                                                  self.dtype,
+                                                  batch_heads=self.batch * self.heads,
+                                                  chunks=self.chunks)
 
     @classmethod
     def from_args(cls, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
@@ -651,10 +655,16 @@ def _check_step_config(desc: SsdStepDescriptor, config: pallas_ssd.StepConfig) -
               config.heads_per_program)
 
 
+# The forward's state kernels, walked or passed along (the heuristic's choice; an explicit
+# or tuned config's ``forward.state_passing`` says which it runs).
+_STATE_KERNELS = {False: ("bjax_ssd_chunk_states",),
+                  True: ("bjax_ssd_chunk_local_states", "bjax_ssd_pass_states")}
+
 CHUNK_SCAN_IMPLEMENTATIONS = (
     _op.Implementation(
         "pallas_triton", ("pallas", "interpret"),
-        kernel=lambda desc: "bjax_ssd_time_terms + bjax_ssd_chunk_states + bjax_ssd_chunk_scan",
+        kernel=lambda desc: " + ".join(("bjax_ssd_time_terms", *_STATE_KERNELS[
+            desc.kernel_config.state_passing], "bjax_ssd_chunk_scan")),
         config_type=pallas_ssd_backward.ChunkScanConfig,
         default_config=lambda desc: pallas_ssd_backward.ChunkScanConfig(desc.kernel_config,
                                                                         desc.backward_config),

@@ -24,7 +24,9 @@ Three kernels for the scan (and :func:`step` for one token):
 * :func:`chunk_states`: one program per (batch row, head, block of ``p``) walks
   the sequence in pieces of ``block_q`` steps, carrying the float32 state in
   registers, and writes the state entering every chunk (``[b, chunks, h, p, n]``)
-  and the final state. x is read once.
+  and the final state. x is read once. With ``state_passing`` (long sequences of few
+  heads, where such walks leave most of the GPU idle): :func:`chunk_local_states`, one
+  program per chunk too, then ``state_passing.pass_states``.
 * :func:`chunk_scan`: one program per (batch row, chunk, ``block_h`` heads of a group,
   block of ``block_t`` output steps, block of ``p``) adds the inter-chunk term from the stored state
   and the intra-chunk term by a loop over source blocks up to the diagonal.
@@ -46,6 +48,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.blocks import (all_of, block_loop, columns, dot, load, padded, pallas_call,
                                    rows_cols)
 from pallas_kernels.formulas.ssd import process_dt
+from pallas_kernels.state_passing import chunk_decay, pass_states, wants_state_passing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,10 @@ class SsdConfig:
       num_stages: software-pipelining depth of the kernels' loops.
       constant_trip_count: :func:`chunk_scan`'s loop runs over every source block of
         the chunk, those past the diagonal masked (``blocks.block_loop``).
+      state_passing: :func:`chunk_states` computes each chunk's state in parallel over the
+        chunks and passes them along (``pallas_kernels.state_passing``) instead of
+        walking the sequence with its matmuls.
+      block_pass: rows of ``p`` a program of that pass.
     """
     block_q: int
     block_t: int
@@ -73,6 +80,8 @@ class SsdConfig:
     scan_warps: int = 4
     num_stages: int = 2
     constant_trip_count: bool = False
+    state_passing: bool = False
+    block_pass: int = 16
 
 
 def state_piece(chunk_size: int, state_dim: int, dtype) -> int:
@@ -84,7 +93,7 @@ def state_piece(chunk_size: int, state_dim: int, dtype) -> int:
 
 
 def default_config(chunk_size: int, head_dim: int, state_dim: int,
-                   heads_per_group: int, dtype) -> SsdConfig:
+                   heads_per_group: int, dtype, batch_heads: int | None = None, chunks: int = 1) -> SsdConfig:
     """Pieces of 128 steps for the state walk (:func:`state_piece`), 64-step output
     blocks, and per scan program:
 
@@ -99,17 +108,22 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
       head_dims and dtypes have not been timed or checked on a GPU with whole blocks).
 
     Float32 inputs (``dtype``: x's) loop over a constant count of blocks
-    (``blocks.block_loop``)."""
+    (``blocks.block_loop``). With ``batch_heads`` (batch rows x heads) given, the chunk
+    states are passed along where their walks would be too few to fill the GPU
+    (``state_passing.wants_state_passing``)."""
     block = min(chunk_size, 64)
     padded_p = max(16, pl.next_power_of_2(head_dim))
     block_h = 2 if heads_per_group % 2 == 0 else 1
     block_p, warps = min(padded_p, 64), 4 if padded_p <= 64 else 8
     if head_dim == 128 and jnp.dtype(dtype) == jnp.bfloat16:
         block_p, block_h, warps = 128, 1, 4
+    passing = batch_heads is not None and wants_state_passing(
+        batch_heads * pl.cdiv(head_dim, block_p), chunks)
     return SsdConfig(block_q=state_piece(chunk_size, state_dim, dtype), block_t=block,
                      block_s=block, block_p=block_p, block_h=block_h, state_warps=4,
                      scan_warps=warps, num_stages=2,
-                     constant_trip_count=jnp.dtype(dtype) == jnp.float32)
+                     constant_trip_count=jnp.dtype(dtype) == jnp.float32,
+                     state_passing=passing)
 
 
 def search_space(chunk_size: int, head_dim: int, state_dim: int, heads_per_group: int,
@@ -183,19 +197,43 @@ def time_terms(dt, a, bias=None, *, chunk_size: int, softplus: bool,
     )(*[v for v in (dt, a, bias) if v is not None])
 
 
+def _weighted_outer(refs, place, start, a_end, seg_end, dims, config, dot_dtype):
+    """``sum_s x_s^T (w_s B_s)`` over the ``block_q`` steps from ``start``, with
+    ``w_s = dt_s exp(a_end - a_cs_s)``, 0 for steps outside segment ``seg_end`` (None:
+    no segments): ``[block_p, padded n]`` float32."""
+    x_ref, b_ref, dt_ref, acs_ref, seg_ref = refs
+    row, head, group, (p_slice, p_mask), (n_slice, n_mask) = place
+    seq_len, chunk = dims[:2]
+    bq = config.block_q
+    steps = pl.ds(start, bq)
+    keep = jnp.full((bq,), True) if seg_end is None else seg_ref[row, steps] == seg_end
+    weight = dt_ref[row, head, steps] * jnp.exp(
+        jnp.where(keep, a_end - acs_ref[row, head, steps], -jnp.inf))
+    in_seq = (start + jnp.arange(bq, dtype=jnp.int32)) < seq_len if seq_len % chunk else None
+    x = load(x_ref.at[row, steps, head, p_slice], rows_cols(in_seq, p_mask))
+    b = load(b_ref.at[row, steps, group, n_slice], rows_cols(in_seq, n_mask))
+    bw = (b.astype(jnp.float32) * weight[:, None]).astype(dot_dtype)
+    return dot(x.astype(dot_dtype), bw, contract=(0, 0))
+
+
+def _state_place(dims, config, pb, head, row):
+    heads_per_group, head_dim, state_dim = dims[2:]
+    return (row, head, head // heads_per_group,
+            columns(head_dim, pb * config.block_p, config.block_p),
+            columns(state_dim, 0, padded(state_dim)))
+
+
 def _state_kernel(*refs, dims, config: SsdConfig, has_seg, has_init, dot_dtype):
     x_ref, b_ref, dt_ref, acs_ref, *rest = refs
     seg_ref = rest.pop(0) if has_seg else None
     init_ref = rest.pop(0) if has_init else None
     states_ref, final_ref = rest
-    seq_len, chunk, heads_per_group, head_dim, state_dim = dims
     bq, bp = config.block_q, config.block_p
-    n_pad = padded(state_dim)
     pb, head, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    group = head // heads_per_group
-    p_slice, p_mask = columns(head_dim, pb * bp, bp)
-    n_slice, n_mask = columns(state_dim, 0, n_pad)
-    pieces_per_chunk = chunk // bq
+    place = _state_place(dims, config, pb, head, row)
+    (p_slice, p_mask), (n_slice, n_mask) = place[3:]
+    n_pad = padded(dims[4])
+    pieces_per_chunk = dims[1] // bq
     num_pieces = states_ref.shape[1] * pieces_per_chunk
 
     if has_init:
@@ -212,29 +250,42 @@ def _state_kernel(*refs, dims, config: SsdConfig, has_seg, has_init, dot_dtype):
                              jnp.full((bp, n_pad), first))
         plgpu.store(states_ref.at[row, i // pieces_per_chunk, head, p_slice, n_slice],
                     state.astype(states_ref.dtype), mask=snapshot_mask)
-        steps = pl.ds(start, bq)
-        a = acs_ref[row, head, steps]
         a_end = acs_ref[row, head, start + bq - 1]
         a_before = jnp.where(first, 0.0, acs_ref[row, head, jnp.maximum(start - 1, 0)])
-        dt = dt_ref[row, head, steps]
-        keep = jnp.full((bq,), True)
-        carry = jnp.bool_(True)
+        carry, seg_end = jnp.bool_(True), None
         if has_seg:
-            seg = seg_ref[row, steps]
             seg_end = seg_ref[row, start + bq - 1]
-            seg_before = segment_before(seg_ref, row, start)
-            keep = seg == seg_end
-            carry = seg_end == seg_before
-        weight = dt * jnp.exp(jnp.where(keep, a_end - a, -jnp.inf))
+            carry = seg_end == segment_before(seg_ref, row, start)
         decay = jnp.exp(jnp.where(carry, a_end - a_before, -jnp.inf))
-        in_seq = (start + jnp.arange(bq, dtype=jnp.int32)) < seq_len if seq_len % chunk else None
-        x = load(x_ref.at[row, steps, head, p_slice], rows_cols(in_seq, p_mask))
-        b = load(b_ref.at[row, steps, group, n_slice], rows_cols(in_seq, n_mask))
-        bw = (b.astype(jnp.float32) * weight[:, None]).astype(dot_dtype)
-        return decay * state + dot(x.astype(dot_dtype), bw, contract=(0, 0))
+        return decay * state + _weighted_outer(
+            (x_ref, b_ref, dt_ref, acs_ref, seg_ref), place, start, a_end, seg_end, dims,
+            config, dot_dtype)
 
     state = jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_pieces), body, state)
     plgpu.store(final_ref.at[row, head, p_slice, n_slice], state,
+                mask=rows_cols(p_mask, n_mask))
+
+
+def _local_state_kernel(*refs, dims, config: SsdConfig, has_seg, dot_dtype):
+    x_ref, b_ref, dt_ref, acs_ref, *rest = refs
+    seg_ref = rest.pop(0) if has_seg else None
+    (local_ref,) = rest
+    chunk = dims[1]
+    pb, head, c, row = (pl.program_id(i) for i in range(4))
+    place = _state_place(dims, config, pb, head, row)
+    (p_slice, p_mask), (n_slice, n_mask) = place[3:]
+    end = c * chunk + chunk - 1
+    a_end = acs_ref[row, head, end]
+    seg_end = seg_ref[row, end] if has_seg else None
+
+    def body(j, state):
+        return state + _weighted_outer((x_ref, b_ref, dt_ref, acs_ref, seg_ref), place,
+                                       c * chunk + j * config.block_q, a_end, seg_end, dims,
+                                       config, dot_dtype)
+
+    state = jax.lax.fori_loop(jnp.int32(0), jnp.int32(chunk // config.block_q), body,
+                              jnp.zeros((config.block_p, padded(dims[4])), jnp.float32))
+    plgpu.store(local_ref.at[row, c, head, p_slice, n_slice], state,
                 mask=rows_cols(p_mask, n_mask))
 
 
@@ -313,7 +364,9 @@ _STATIC = ("chunk_size", "config", "interpret")
 @functools.partial(jax.jit, static_argnames=_STATIC + ("states_dtype",))
 def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: int,
                  config: SsdConfig, interpret: bool = False, states_dtype=None):
-    """States entering every chunk, and the final state.
+    """States entering every chunk, and the final state: walked by one program per batch
+    row, head and block of ``p``, or with ``config.state_passing`` computed per chunk
+    (:func:`chunk_local_states`) and passed along (``state_passing.pass_states``).
 
     Args:
       x: ``[batch, seqlen, heads, head_dim]``.
@@ -330,6 +383,13 @@ def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: i
       ``(states [batch, chunks, heads, head_dim, state_dim]``,
       ``final [batch, heads, head_dim, state_dim]`` float32).
     """
+    states_dtype = states_dtype or snapshot_dtype(x.dtype)
+    if config.state_passing:
+        local = chunk_local_states(x, b, dt, a_cs, seg, chunk_size=chunk_size, config=config,
+                                   interpret=interpret)
+        return pass_states(local, chunk_decay(a_cs, seg, chunk_size), initial_states,
+                           block=config.block_pass, states_dtype=states_dtype,
+                           interpret=interpret)
     batch, seq_len, heads, head_dim = x.shape
     groups, state_dim = b.shape[2:]
     chunks = dt.shape[-1] // chunk_size
@@ -341,7 +401,7 @@ def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: i
     return pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_dim),
-                                        states_dtype or snapshot_dtype(x.dtype)),
+                                        states_dtype),
                    jax.ShapeDtypeStruct((batch, heads, head_dim, state_dim), jnp.float32)),
         grid=(pl.cdiv(head_dim, config.block_p), heads, batch),
         compiler_params=plgpu.CompilerParams(num_warps=config.state_warps,
@@ -349,6 +409,31 @@ def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: i
         interpret=interpret,
         name="bjax_ssd_chunk_states",
     )(*operands)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def chunk_local_states(x, b, dt, a_cs, seg=None, *, chunk_size: int, config: SsdConfig,
+                       interpret: bool = False):
+    """Each chunk's own end state (entering it from zero), float32
+    ``[batch, chunks, heads, head_dim, state_dim]``: ``L_c = sum_s exp(a_cs_end - a_cs_s)
+    dt_s x_s B_s^T`` over the chunk's steps in its last segment. One program per batch
+    row, chunk, head and block of ``p``; arguments as :func:`chunk_states`'."""
+    batch, seq_len, heads, head_dim = x.shape
+    groups, state_dim = b.shape[2:]
+    chunks = dt.shape[-1] // chunk_size
+    dims = (seq_len, chunk_size, heads // groups, head_dim, state_dim)
+    kernel = functools.partial(_local_state_kernel, dims=dims, config=config,
+                               has_seg=seg is not None, dot_dtype=x.dtype)
+    return pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_dim),
+                                       jnp.float32),
+        grid=(pl.cdiv(head_dim, config.block_p), heads, chunks, batch),
+        compiler_params=plgpu.CompilerParams(num_warps=config.state_warps,
+                                             num_stages=config.num_stages),
+        interpret=interpret,
+        name="bjax_ssd_chunk_local_states",
+    )(*[v for v in (x, b, dt, a_cs, seg) if v is not None])
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

@@ -25,7 +25,9 @@ results are bit-identical from run to run):
 
 * :func:`state_grads`: one program per (batch row, head, block of ``p``) walks the
   chunks backwards and stores every ``G_c``, the initial state's gradient and
-  ``decay_c <G_c, S_c>`` (per block of ``p``).
+  ``decay_c <G_c, S_c>`` (per block of ``p``); with ``state_passing``, two kernels
+  instead: :func:`chunk_output_grads` (each chunk's own term, parallel over the chunks)
+  and ``state_passing.pass_states`` walking back through them.
 * :func:`target_grads`: one program per (batch row, chunk, block of output steps,
   block of heads of a group): ``dC`` summed over its heads, and the row terms.
 * :func:`source_grads`: one program per (batch row, chunk, block of source steps,
@@ -45,6 +47,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.blocks import block_loop, columns, dot, load, padded, pallas_call, rows_cols
 from pallas_kernels.ssd import SsdConfig, segment_before, snapshot_dtype, state_piece
+from pallas_kernels.state_passing import chunk_decay, pass_states, wants_state_passing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,11 @@ class SsdBackwardConfig:
       num_warps, num_stages: of every kernel.
       constant_trip_count: the two chunk kernels' loops run over every block of the
         chunk, those on the far side of the diagonal masked (``blocks.block_loop``).
+      state_passing: :func:`state_grads` computes each chunk's own term in parallel over
+        the chunks (:func:`chunk_output_grads`) and passes the gradients back along the
+        chunks (``pallas_kernels.state_passing``) instead of walking them with its
+        matmuls.
+      block_pass: rows of ``p`` a program of that pass.
     """
     block_q: int
     block: int
@@ -71,10 +79,13 @@ class SsdBackwardConfig:
     num_warps: int = 4
     num_stages: int = 2
     constant_trip_count: bool = False
+    state_passing: bool = False
+    block_pass: int = 16
 
 
 def default_config(chunk_size: int, head_dim: int, state_dim: int,
-                   heads_per_group: int, dtype) -> SsdBackwardConfig:
+                   heads_per_group: int, dtype,
+                   batch_heads: int | None = None, chunks: int = 1) -> SsdBackwardConfig:
     """From an H200 sweep at b=4, l=4096, h=64, p=64, n=128, chunk 256: the state walk
     in 128-step pieces (0.19 ms; 0.21 in 64), 64-step blocks with two heads per
     target program (0.57 ms against 0.62 for one head and 0.82 for four), one head
@@ -86,13 +97,21 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
 
     16-bit inputs with a state padded past 128 take one head a target program on 8
     warps: the H200 tuner's best at b16 l512 h64 p64 n256 (groups 1 and 8, chunk 256
-    and 128), 1.25-1.33x the two-head config's forward+backward (BENCHMARKS.md)."""
+    and 128), 1.25-1.33x the two-head config's forward+backward (BENCHMARKS.md).
+
+    With ``batch_heads`` (batch rows x heads) and ``chunks`` given, the state gradients
+    are passed back along the chunks where their walks would be too few to fill the GPU
+    (``state_passing.wants_state_passing``)."""
     wide_state = padded(state_dim) > 128 and jnp.dtype(dtype) != jnp.float32
     block_h = 2 if heads_per_group % 2 == 0 and not wide_state else 1
+    block_p = min(padded(head_dim), 64)
+    passing = batch_heads is not None and wants_state_passing(
+        batch_heads * pl.cdiv(head_dim, block_p), chunks)
     return SsdBackwardConfig(block_q=state_piece(chunk_size, state_dim, dtype),
-                             block=min(chunk_size, 64), block_p=min(padded(head_dim), 64),
+                             block=min(chunk_size, 64), block_p=block_p,
                              block_h=block_h, num_warps=8 if wide_state else 4,
-                             constant_trip_count=jnp.dtype(dtype) == jnp.float32)
+                             constant_trip_count=jnp.dtype(dtype) == jnp.float32,
+                             state_passing=passing)
 
 
 def search_space(chunk_size: int, head_dim: int, state_dim: int, heads_per_group: int,
@@ -119,24 +138,59 @@ class ChunkScanConfig:
     backward: SsdBackwardConfig | None = None
 
 
+def _output_grad_sum(refs, place, c, dims, config, dot_dtype):
+    """``sum_t e_t dy_t^T C_t`` over chunk ``c`` (``e_t = exp(a_cs_t)``, 0 for steps that
+    left the segment the chunk entered in), plus the cotangent of the state entering
+    ``c`` where one is given: ``[block_p, padded n]`` float32."""
+    dy_ref, c_ref, acs_ref, seg_ref, dstates_ref = refs
+    row, head, group, (p_slice, p_mask), (n_slice, n_mask) = place
+    seq_len, chunk = dims[:2]
+    bq = config.block_q
+    seg_before = None if seg_ref is None else segment_before(seg_ref, row, c * chunk)
+
+    def piece_body(j, local):
+        start = c * chunk + j * bq
+        steps = pl.ds(start, bq)
+        in_seq = (start + jnp.arange(bq, dtype=jnp.int32)) < seq_len if seq_len % chunk \
+            else None
+        a = acs_ref[row, head, steps]
+        if seg_ref is not None:
+            a = jnp.where(seg_ref[row, steps] == seg_before, a, -jnp.inf)
+        dy = load(dy_ref.at[row, steps, head, p_slice], rows_cols(in_seq, p_mask))
+        c_t = load(c_ref.at[row, steps, group, n_slice], rows_cols(in_seq, n_mask))
+        dy = (dy.astype(jnp.float32) * jnp.exp(a)[:, None]).astype(dot_dtype)
+        return local + dot(dy, c_t.astype(dot_dtype), contract=(0, 0))
+
+    local = jax.lax.fori_loop(jnp.int32(0), jnp.int32(chunk // bq), piece_body,
+                              jnp.zeros((config.block_p, padded(dims[4])), jnp.float32))
+    if dstates_ref is not None:   # a cotangent of S_c itself (the states returned for varlen)
+        local = local + load(dstates_ref.at[row, c, head, p_slice, n_slice],
+                             rows_cols(p_mask, n_mask))
+    return local
+
+
+def _state_place(dims, block_p, pb, head, row):
+    heads_per_group, head_dim, state_dim = dims[2:]
+    return (row, head, head // heads_per_group, columns(head_dim, pb * block_p, block_p),
+            columns(state_dim, 0, padded(state_dim)))
+
+
 def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, has_dstates, dot_dtype):
     dy_ref, c_ref, acs_ref, states_ref, *rest = refs
     seg_ref = rest.pop(0) if has_seg else None
     dfinal_ref = rest.pop(0) if has_dfinal else None
     dstates_ref = rest.pop(0) if has_dstates else None
     gends_ref, dinit_ref, carry_ref = rest
-    seq_len, chunk, heads_per_group, head_dim, state_dim = dims
-    bq, bp = config.block_q, config.block_p
-    n_slice, n_mask = columns(state_dim, 0, padded(state_dim))
+    chunk = dims[1]
     pb, head, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    group = head // heads_per_group
-    p_slice, p_mask = columns(head_dim, pb * bp, bp)
+    place = _state_place(dims, config.block_p, pb, head, row)
+    (p_slice, p_mask), (n_slice, n_mask) = place[3:]
     tile_mask = rows_cols(p_mask, n_mask)
     chunks = gends_ref.shape[1]
     if has_dfinal:
         grad = load(dfinal_ref.at[row, head, p_slice, n_slice], tile_mask).astype(jnp.float32)
     else:
-        grad = jnp.zeros((bp, padded(state_dim)), jnp.float32)
+        grad = jnp.zeros((config.block_p, padded(dims[4])), jnp.float32)
 
     def chunk_body(i, grad):
         c = chunks - 1 - i
@@ -149,28 +203,25 @@ def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, has_dstates, do
                                       a_end, -jnp.inf))
         state = load(states_ref.at[row, c, head, p_slice, n_slice], tile_mask)
         carry_ref[row, head, c, pb] = decay * jnp.sum(grad * state.astype(jnp.float32))
-
-        def piece_body(j, local):
-            start = c * chunk + j * bq
-            steps = pl.ds(start, bq)
-            in_seq = (start + jnp.arange(bq, dtype=jnp.int32)) < seq_len if seq_len % chunk \
-                else None
-            a = acs_ref[row, head, steps]
-            if has_seg:
-                a = jnp.where(seg_ref[row, steps] == seg_before, a, -jnp.inf)
-            dy = load(dy_ref.at[row, steps, head, p_slice], rows_cols(in_seq, p_mask))
-            c_t = load(c_ref.at[row, steps, group, n_slice], rows_cols(in_seq, n_mask))
-            dy = (dy.astype(jnp.float32) * jnp.exp(a)[:, None]).astype(dot_dtype)
-            return local + dot(dy, c_t.astype(dot_dtype), contract=(0, 0))
-
-        local = jax.lax.fori_loop(jnp.int32(0), jnp.int32(chunk // bq), piece_body,
-                                  jnp.zeros_like(grad))
-        if has_dstates:   # a cotangent of S_c itself (the states returned for varlen)
-            local = local + load(dstates_ref.at[row, c, head, p_slice, n_slice], tile_mask)
-        return decay * grad + local
+        return decay * grad + _output_grad_sum(
+            (dy_ref, c_ref, acs_ref, seg_ref, dstates_ref), place, c, dims, config, dot_dtype)
 
     grad = jax.lax.fori_loop(jnp.int32(0), jnp.int32(chunks), chunk_body, grad)
     plgpu.store(dinit_ref.at[row, head, p_slice, n_slice], grad, mask=tile_mask)
+
+
+def _local_grad_kernel(*refs, dims, config, has_seg, has_dstates, dot_dtype):
+    dy_ref, c_ref, acs_ref, *rest = refs
+    seg_ref = rest.pop(0) if has_seg else None
+    dstates_ref = rest.pop(0) if has_dstates else None
+    (local_ref,) = rest
+    pb, head, c, row = (pl.program_id(i) for i in range(4))
+    place = _state_place(dims, config.block_p, pb, head, row)
+    (p_slice, p_mask), (n_slice, n_mask) = place[3:]
+    local = _output_grad_sum((dy_ref, c_ref, acs_ref, seg_ref, dstates_ref), place, c, dims,
+                             config, dot_dtype)
+    plgpu.store(local_ref.at[row, c, head, p_slice, n_slice], local,
+                mask=rows_cols(p_mask, n_mask))
 
 
 class _Place(NamedTuple):
@@ -364,6 +415,11 @@ def state_grads(dy, c, a_cs, states, seg=None, dfinal=None, dstates=None, *, chu
     state's cotangent or None; ``dstates``: float32 cotangents of the states entering
     each chunk (shaped like ``states``) or None.
     """
+    if config.state_passing:
+        local = chunk_output_grads(dy, c, a_cs, seg, dstates, chunk_size=chunk_size,
+                                   config=config, interpret=interpret)
+        return pass_states(local, chunk_decay(a_cs, seg, chunk_size), dfinal, states,
+                           block=config.block_pass, reverse=True, interpret=interpret)
     batch, _, heads, head_dim = dy.shape
     chunks = a_cs.shape[-1] // chunk_size
     state_dim = c.shape[-1]
@@ -381,6 +437,28 @@ def state_grads(dy, c, a_cs, states, seg=None, dfinal=None, dstates=None, *, chu
         name="bjax_ssd_state_grads",
         **_params(config, interpret),
     )(*[v for v in (dy, c, a_cs, states, seg, dfinal, dstates) if v is not None])
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def chunk_output_grads(dy, c, a_cs, seg=None, dstates=None, *, chunk_size: int,
+                       config: SsdBackwardConfig, interpret: bool = False):
+    """Each chunk's own term of the gradient of the state entering it, float32
+    ``[batch, chunks, heads, head_dim, state_dim]``: ``sum_t e_t dy_t^T C_t`` over its
+    steps (plus ``dstates``' chunk). One program per batch row, chunk, head and block of
+    ``p``; arguments as :func:`state_grads`'."""
+    batch, _, heads, head_dim = dy.shape
+    chunks = a_cs.shape[-1] // chunk_size
+    kernel = functools.partial(_local_grad_kernel, dims=_dims(dy, c, chunk_size), config=config,
+                               has_seg=seg is not None, has_dstates=dstates is not None,
+                               dot_dtype=dy.dtype)
+    return pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, c.shape[-1]),
+                                       jnp.float32),
+        grid=(pl.cdiv(head_dim, config.block_p), heads, chunks, batch),
+        name="bjax_ssd_chunk_output_grads",
+        **_params(config, interpret),
+    )(*[v for v in (dy, c, a_cs, seg, dstates) if v is not None])
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

@@ -1,4 +1,5 @@
 """Mamba-2 SSD against the float64 step-by-step oracle: every feature, dtypes, step, errors."""
+import dataclasses
 import math
 
 import jax
@@ -271,6 +272,70 @@ def test_gradients_largest_dims(dtype, backend=KERNEL_BACKEND):
     """head_dim = state_dim = 256: four blocks of head_dim, partial sums over them."""
     x, dt, A, B, C = problem(31, 1, 40, 2, 256, 1, 256, dtype)
     check_gradients(x, dt, A, B, C, backend, GRAD_BOUND[jnp.dtype(dtype)], chunk_size=32)
+
+
+def state_passing_config(chunk_size, head_dim, state_dim, heads_per_group, dtype,
+                         block_pass=4) -> pkb.ChunkScanConfig:
+    """The heuristic configs with the chunk states passed along (``state_passing``), in
+    ``block_pass`` rows of head_dim a pass program."""
+    args = (chunk_size, head_dim, state_dim, heads_per_group, dtype)
+    passing = {"state_passing": True, "block_pass": block_pass}
+    return pkb.ChunkScanConfig(dataclasses.replace(pk.default_config(*args), **passing),
+                               dataclasses.replace(pkb.default_config(*args), **passing))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_state_passing_matches_the_oracle(dtype, backend=KERNEL_BACKEND):
+    """Chunk states computed per chunk and passed along, forward and gradients, with every
+    feature (segments that start inside a chunk and on a chunk's first step, an initial
+    state), a partial last chunk, head_dim 7 (a partial block of pass rows) and state 20."""
+    x, dt, A, B, C = problem(50, 2, 3 * CHUNK - 5, 4, 7, 2, 20, dtype)
+    kwargs = features(51, x, 20, FEATURE_SETS[-1])
+    config = state_passing_config(CHUNK, 7, 20, 2, dtype)
+    check(x, dt, A, B, C, backend, config=config, **kwargs)
+    check_gradients(x, dt, A, B, C, backend, GRAD_BOUND[jnp.dtype(dtype)], config=config,
+                    **kwargs)
+
+
+@pytest.mark.parametrize("batch, heads, chunks, passing", [
+    (1, 2, 32, True), (1, 2, 31, False), (2, 66, 32, False), (1, 65, 32, True)])
+def test_state_passing_where_walks_are_few_and_long(batch, heads, chunks, passing):
+    """The heuristics pass the states along where fewer walks than an H200's 132
+    multiprocessors go through at least 32 chunks (forward and backward alike), and the
+    plan names the kernels that run."""
+    shape = (batch, chunks * CHUNK, heads, 8, 1, 16, jnp.bfloat16)
+    args = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in problem(0, *shape)]
+    p = bjax.plan(bjax.ssd_chunk_scan, *args, chunk_size=CHUNK, backend=KERNEL_BACKEND)
+    assert p.config_source == "heuristic"
+    assert p.block_config.forward.state_passing == passing
+    assert p.block_config.backward.state_passing == passing
+    assert ("bjax_ssd_pass_states" in p.kernel) == passing
+
+
+def test_state_passing_agrees_with_the_walk(backend=KERNEL_BACKEND):
+    """Passed-along states equal the walk's to float32 rounding (the two sum the same
+    terms in another order), forward and backward kernels alike; blocks of 16 pass rows
+    over head_dim 40 (a partial last block)."""
+    interpret = backend != "pallas"
+    x, dt, A, B, C = problem(52, 2, 5 * CHUNK + 3, 4, 40, 2, 24, jnp.float32)
+    dy = problem(53, 2, x.shape[1], 4, 40, 2, 24, jnp.float32)[0]
+    init = random(54, (2, 4, 40, 24), jnp.float32, scale=1.0)
+    dt_p, a_cs = pk.time_terms(dt, A, chunk_size=CHUNK, softplus=False,
+                               limit=(0.0, float("inf")), interpret=interpret)
+    kw = dict(chunk_size=CHUNK, interpret=interpret)
+    walk = state_passing_config(CHUNK, 40, 24, 2, jnp.float32)
+    walk = pkb.ChunkScanConfig(*(dataclasses.replace(c, state_passing=False)
+                                 for c in (walk.forward, walk.backward)))
+    results = []
+    for config in (walk, state_passing_config(CHUNK, 40, 24, 2, jnp.float32, block_pass=16)):
+        states, final = pk.chunk_states(x, B, dt_p, a_cs, None, init, config=config.forward,
+                                        states_dtype=jnp.float32, **kw)
+        results.append((states, final, *pkb.state_grads(dy, C, a_cs, states, None, init,
+                                                         config=config.backward, **kw)))
+    for name, walked, passed in zip(("states", "final", "G", "d init", "carry"), *results):
+        if name == "carry":   # per block of head_dim rows: 64-row walk blocks, 16-row passes
+            walked, passed = walked.sum(-1), passed.sum(-1)
+        np.testing.assert_allclose(passed, walked, rtol=2e-5, atol=2e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -12,7 +12,8 @@ import pytest
 from pallas_kernels import ssd as pallas_ssd
 from pallas_kernels import ssd_backward as pallas_ssd_backward
 from tests.conftest import KERNEL_BACKEND
-from tests.test_ssd import DTYPES, GRAD_BOUND, check, gradient_errors, problem
+from tests.test_ssd import (DTYPES, GRAD_BOUND, check, gradient_errors, problem,
+                            state_passing_config)
 
 gpu_only = pytest.mark.skipif(KERNEL_BACKEND != "pallas", reason="compiled kernels need a CUDA GPU")
 
@@ -74,6 +75,10 @@ def test_forward(case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_gradients(case, dtype):
+    _check_gradients(case, dtype)
+
+
+def _check_gradients(case, dtype, config=None):
     (x, dt, A, B, C), chunk = _problem(case, dtype, 71)
     args = (x, dt, A, B, C)
     kwargs = {"chunk_size": chunk, "D": jnp.ones((x.shape[2],), jnp.float32)}
@@ -93,5 +98,20 @@ def test_gradients(case, dtype):
         # under 4e-3). dA is held to twice the XLA backend's error on the same inputs.
         xla_error = gradient_errors(*args, "xla", **kwargs)["A"]
         bounds["A"] = max(bounds["A"], 2 * xla_error)
-    for name, error in gradient_errors(*args, "pallas", **kwargs).items():
+    for name, error in gradient_errors(*args, "pallas", config=config, **kwargs).items():
         assert error <= bounds[name], (name, error, bounds[name])
+
+
+# Chunk states computed per chunk and passed along, at the one-block chunks: the local
+# kernels' grids and the pass kernel's 16-row blocks over every head_dim of the sweep.
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("case", [c for c in CASES if c[3] == 32], ids=_ids)
+def test_state_passing(case, dtype):
+    p, n, layout, chunk = case
+    heads, groups = LAYOUTS[layout]
+    config = state_passing_config(chunk, p, n, heads // groups, dtype, block_pass=16)
+    (x, dt, A, B, C), _ = _problem(case, dtype, 70)
+    check(x, dt, A, B, C, "pallas", chunk_size=chunk, config=config,
+          D=jnp.ones((x.shape[2],), jnp.float32))
+    _check_gradients(case, dtype, config)

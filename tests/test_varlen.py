@@ -8,8 +8,9 @@ import pytest
 
 import bjax
 from tests import oracles
-from tests.conftest import BACKENDS, assert_close, random
-from tests.test_ssd import CHUNK, GRAD_BOUND, SCALE, features, problem
+from tests.conftest import BACKENDS, KERNEL_BACKEND, assert_close, random
+from tests.test_ssd import (CHUNK, GRAD_BOUND, SCALE, features, problem,
+                            state_passing_config)
 
 # Steps 0..69 of one row, chunks of 16: an empty sequence first, one ending on a chunk's
 # last step, one of a single step, an empty one in the middle, one across three chunks,
@@ -69,8 +70,14 @@ def test_ssd_varlen_states_match_each_sequence_alone(dtype, backend):
     assert not np.asarray(states)[[0, 4]].any()          # the empty sequences
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_ssd_varlen_gradients(backend):
+# The kernels walk the states at this size; "passed" forces them passed along (the
+# states' cotangents enter each chunk's own term of the state gradient).
+VARLEN_GRADIENT_RUNS = [(backend, False) for backend in BACKENDS] + [(KERNEL_BACKEND, True)]
+
+
+@pytest.mark.parametrize("backend, passed", VARLEN_GRADIENT_RUNS,
+                         ids=lambda v: v if isinstance(v, str) else ("passed" if v else "walked"))
+def test_ssd_varlen_gradients(backend, passed):
     """<y, gy> + <varlen_states, gs> against autodiff of the float64 oracles."""
     x, dt, A, B, C = problem(42, 1, LENGTH, 4, 8, 2, 16, jnp.float32)
     kwargs = features(43, x, 16, ("D", "dt", "init"))
@@ -85,7 +92,10 @@ def test_ssd_varlen_gradients(backend):
             return jnp.sum(y.astype(jnp.float64) * gy) + jnp.sum(states * gs)
         return jax.jit(jax.grad(loss))(args)
 
+    if passed:
+        static["config"] = state_passing_config(CHUNK, 8, 16, 2, jnp.float32)
     mine = grads(_ssd(backend, CU_SEQLENS, **static), args)
+    static.pop("config", None)
     ref = grads(lambda **a: _ssd_oracle(**a, cu=CU_SEQLENS, **static),
                 {k: jnp.asarray(v, jnp.float64) for k, v in args.items()})
     for name in args:

@@ -619,9 +619,9 @@ def _check_scan_config(desc: SsdChunkScanDescriptor,
     """Launchable tiles that divide the chunk and the heads of a group as the kernels need."""
     op, per_group = "ssd_chunk_scan", desc.heads // desc.groups
     forward, backward = config.forward, config.backward
-    for tile in (forward, backward):
+    for name, tile in (("forward", forward), ("backward", backward)):
         if tile is not None:
-            _op.check_launch(tile, op)
+            _op.check_launch(tile, op, f"config.{name}")
     divides = [] if forward is None else [
         ("forward.block_q", forward.block_q, desc.chunk_size, "chunk_size"),
         ("forward.block_t", forward.block_t, desc.chunk_size, "chunk_size"),

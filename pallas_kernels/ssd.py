@@ -127,12 +127,16 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
 
 
 def search_space(chunk_size: int, head_dim: int, state_dim: int, heads_per_group: int,
-                 dtype) -> tuple[SsdConfig, ...]:
+                 dtype, batch_heads: int | None = None,
+                 chunks: int = 1) -> tuple[SsdConfig, ...]:
     """The forward configurations the tuner tries (``bjax.tune``) around the heuristic:
     output (and source) blocks of 32, 64 or 128 steps, head_dim blocks of 32 to 128
     columns, 1, 2 or 4 heads a program (dividing the group), 4 or 8 warps; the state
-    walk, stages and trip count as the heuristic's."""
-    base = default_config(chunk_size, head_dim, state_dim, heads_per_group, dtype)
+    walk (or passing: ``batch_heads``, ``chunks`` as :func:`default_config`'s), stages
+    and trip count as the heuristic's (``state_passing.passing_variants`` varies the
+    walk)."""
+    base = default_config(chunk_size, head_dim, state_dim, heads_per_group, dtype,
+                          batch_heads, chunks)
     padded_p = max(16, pl.next_power_of_2(head_dim))
     space = []
     for block_t in (32, 64, 128):

@@ -15,6 +15,7 @@ backward's state gradients.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -36,6 +37,17 @@ def wants_state_passing(walks: int, chunks: int) -> bool:
     4096 tokens of 32 heads (128 walks of 16 chunks) about even (1.07 against 1.11); 256
     walks and more (4 x 4096 tokens of 64 heads, 2 x 8192 of 128) 1.2-1.4x slower."""
     return walks < SMS and chunks >= 32
+
+
+PASS_BLOCKS = (8, 16, 32)   # rows of p a pass program, as the tuner tries them
+
+
+def passing_variants(config) -> tuple:
+    """``config`` (an SSD kernel config with ``state_passing`` and ``block_pass``) walking
+    its states, and passing them along in each of :data:`PASS_BLOCKS` rows a program: the
+    tuner's candidates (``bjax.tune``)."""
+    return (dataclasses.replace(config, state_passing=False),) + tuple(
+        dataclasses.replace(config, state_passing=True, block_pass=rows) for rows in PASS_BLOCKS)
 
 
 def chunk_decay(a_cs, seg, chunk_size: int):
@@ -103,8 +115,8 @@ def pass_states(local, decay, initial=None, dot_with=None, *, block: int, revers
         ``decay_c <S_c, dot_with_c>`` (a backward's carry terms).
       block: rows of ``p`` a program (a power of 2).
       reverse: walk from the last chunk to the first (``S_c = decay_c S_{c+1} + L_c``).
-      states_dtype: dtype of the stored states. (Written in place of ``local`` where the
-        dtypes match, the float32 pass ran 5-13x slower on an H200: a separate output.)
+      states_dtype: dtype of the stored states, a buffer apart from ``local`` (written
+        in place of it, the float32 pass ran several times slower on an H200).
 
     Returns:
       ``(states [batch, chunks, heads, p, n]`` in ``states_dtype``, the state entering

@@ -100,6 +100,21 @@ def test_ssd_config_must_divide_the_chunk_and_the_group():
         bjax.ssd_chunk_scan(x, dt, A, B, B, chunk_size=16, backend=KERNEL_BACKEND, config=bad)
 
 
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_ssd_pass_rows_are_a_power_of_2(which):
+    x, dt = jnp.ones((1, 16, 4, 8), jnp.float32), jnp.ones((1, 16, 4), jnp.float32)
+    A, B = -jnp.ones((4,), jnp.float32), jnp.ones((1, 16, 1, 8), jnp.float32)
+    tiles = {"forward": pallas_ssd.SsdConfig(block_q=16, block_t=16, block_s=16, block_p=16,
+                                             state_passing=True, block_pass=12),
+             "backward": pallas_ssd_backward.SsdBackwardConfig(
+                 block_q=16, block=16, block_p=16, block_h=1, state_passing=True,
+                 block_pass=12)}
+    bad = pallas_ssd_backward.ChunkScanConfig(**{which: tiles[which]})
+    with pytest.raises(bjax.InvalidProblemError,
+                       match=rf"config.{which}.block_pass must be a power of 2; got 12"):
+        bjax.ssd_chunk_scan(x, dt, A, B, B, chunk_size=16, backend=KERNEL_BACKEND, config=bad)
+
+
 def test_ssd_step_config_covers_whole_programs_of_heads():
     """A program of 4 heads over 6 would leave heads 4 and 5 unwritten."""
     state = jnp.zeros((2, 6, 8, 16), jnp.float32)

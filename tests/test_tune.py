@@ -20,6 +20,7 @@ from pallas_kernels import hyper_connection as pallas_hc
 from pallas_kernels import sinkhorn as pallas_sinkhorn
 from pallas_kernels import ssd as pallas_ssd
 from pallas_kernels import ssd_backward as pallas_ssd_backward
+from pallas_kernels import state_passing
 from pallas_kernels import write_slice as pallas_write_slice
 from tests import oracles, test_cascade, test_conv, test_hyper_connection, test_ssd
 from tests.conftest import KERNEL_BACKEND, assert_close, random
@@ -286,7 +287,9 @@ def test_the_command_builds_each_op():
         ["ssd_chunk_scan", "--batch", "1", "--seqlen", "8", "--heads", "4", "--head-dim", "8",
          "--state", "16", "--groups", "2", "--chunk", "64", "--d", "hp", "--z"]))
     assert ssd.op == "ssd_chunk_scan" and "d=hp" in ssd.key and "z=True" in ssd.key
-    assert [stage.objective for stage in ssd.stages] == [tuner.FORWARD, tuner.FORWARD_BACKWARD]
+    assert [stage.objective for stage in ssd.stages] == [tuner.FORWARD, tuner.FORWARD,
+                                                         tuner.FORWARD_BACKWARD,
+                                                         tuner.FORWARD_BACKWARD]
     for argv, op in ((["merge_state"], "merge_state"), (["merge_states", "--states", "3"],
                                                         "merge_states")):
         merge = cli.problem_of(cli._parser().parse_args(
@@ -530,6 +533,24 @@ def test_mhc_pre_sinkhorn_reads_sinkhorn_knopps_entry(user_cache):
     with pytest.raises(bjax.InvalidProblemError, match=r"tuning cache entry sinkhorn_knopp / "
                        r"count=6,.* must be a config that runs this call"):
         bjax.mhc_pre(x, bias=bias, phi=phi, alpha=alpha, backend=KERNEL_BACKEND)
+
+
+def test_ssd_problem_tunes_around_the_heuristics_chunk_states():
+    """At a long sequence of few heads the tuner starts from the heuristic's passed-along
+    forward states (its tiles vary around them) and the walked state gradients; the
+    chunk-states stages try the walk and each block of pass rows."""
+    problem = problems.ssd_chunk_scan(1, 32 * 16, 2, 8, 16, chunk_size=16, dtype="float32",
+                                      backend=KERNEL_BACKEND)
+    heuristic = problem.heuristic
+    assert heuristic.forward.state_passing and not heuristic.backward.state_passing
+    assert all(c.forward.state_passing for c in problem.stages[0].candidates(heuristic))
+    passes = [(True, rows) for rows in state_passing.PASS_BLOCKS]
+    forward = problem.stages[1].candidates(heuristic)
+    assert [(c.forward.state_passing, c.forward.block_pass) for c in forward] == [
+        (False, heuristic.forward.block_pass)] + passes
+    backward = problem.stages[3].candidates(heuristic)
+    assert [(c.backward.state_passing, c.backward.block_pass) for c in backward] == [
+        (False, heuristic.backward.block_pass)] + passes
 
 
 def test_problems_match_their_ops_keys():

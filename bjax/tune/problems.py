@@ -30,6 +30,7 @@ from pallas_kernels import hyper_connection_mosaic as mosaic_hc
 from pallas_kernels import sinkhorn as pallas_sinkhorn
 from pallas_kernels import ssd as pallas_ssd
 from pallas_kernels import ssd_backward as pallas_ssd_backward
+from pallas_kernels import state_passing
 from pallas_kernels import write_slice as pallas_write_slice
 
 
@@ -357,10 +358,11 @@ def ssd_chunk_scan(batch: int, seq_len: int, heads: int, head_dim: int, state_di
                    groups: int = 1, chunk_size: int = 256, dtype="bfloat16", *,
                    d_shape: str | None = "h", z: bool = False, backend=None) -> Problem:
     """``bjax.ssd_chunk_scan`` as the Mamba-2 mixer calls it (``dt_bias``, softplus; ``D``
-    of ``d_shape``; ``z`` if asked). Two stages: the forward kernels'
-    (:func:`pallas_kernels.ssd.search_space`, timed forward), then the backward kernels'
-    with the best forward (:func:`pallas_kernels.ssd_backward.search_space`, timed
-    forward and backward)."""
+    of ``d_shape``; ``z`` if asked). Four stages: the forward kernels'
+    (:func:`pallas_kernels.ssd.search_space`, timed forward), the forward's chunk states
+    walked or passed along (``pallas_kernels.state_passing.passing_variants``, timed
+    forward), then the same two for the backward with the best forward
+    (:func:`pallas_kernels.ssd_backward.search_space`, timed forward and backward)."""
     inputs = _mixer_inputs((batch, seq_len), heads, head_dim, groups, state_dim, dtype,
                            d_shape, z)
     x, dt, A, B, C, dt_bias, D, zv = inputs
@@ -374,9 +376,18 @@ def ssd_chunk_scan(batch: int, seq_len: int, heads: int, head_dim: int, state_di
     plan = bjax.plan(bjax.ssd_chunk_scan, x, dt, A, B, C, chunk_size=chunk_size, D=D, z=zv,
                      dt_bias=dt_bias, dt_softplus=True, backend=backend or "xla")
     desc = plan.descriptor
-    args = (chunk_size, head_dim, state_dim, heads // groups, jnp.dtype(dtype))
+    args = (chunk_size, head_dim, state_dim, heads // groups, jnp.dtype(dtype),
+            batch * heads, desc.chunks)
     ChunkScanConfig = pallas_ssd_backward.ChunkScanConfig
-    stages = _forward_then_backward(ChunkScanConfig, pallas_ssd.search_space(*args),
-                                    pallas_ssd_backward.search_space(*args))
+    forward, backward = _forward_then_backward(ChunkScanConfig, pallas_ssd.search_space(*args),
+                                               pallas_ssd_backward.search_space(*args))
+    stages = (forward,
+              Stage("forward chunk states", lambda best: [
+                  ChunkScanConfig(c, best.backward)
+                  for c in state_passing.passing_variants(best.forward)], FORWARD),
+              backward,
+              Stage("backward chunk states", lambda best: [
+                  ChunkScanConfig(best.forward, c)
+                  for c in state_passing.passing_variants(best.backward)], FORWARD_BACKWARD))
     return Problem("ssd_chunk_scan", bjax_ssd.tuning_key(desc), run, given, positions,
                    ChunkScanConfig(desc.kernel_config, desc.backward_config), stages)

@@ -220,10 +220,11 @@ def _weighted_outer(refs, place, start, a_end, seg_end, dims, config, dot_dtype)
     return dot(x.astype(dot_dtype), bw, contract=(0, 0))
 
 
-def _state_place(dims, config, pb, head, row):
+def state_place(dims, block_p, pb, head, row):
+    """Where a state program works: ``(row, head, its group, (p slice, mask), (n slice,
+    mask))`` for head_dim block ``pb`` of ``block_p`` rows and the whole padded state."""
     heads_per_group, head_dim, state_dim = dims[2:]
-    return (row, head, head // heads_per_group,
-            columns(head_dim, pb * config.block_p, config.block_p),
+    return (row, head, head // heads_per_group, columns(head_dim, pb * block_p, block_p),
             columns(state_dim, 0, padded(state_dim)))
 
 
@@ -234,7 +235,7 @@ def _state_kernel(*refs, dims, config: SsdConfig, has_seg, has_init, dot_dtype):
     states_ref, final_ref = rest
     bq, bp = config.block_q, config.block_p
     pb, head, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    place = _state_place(dims, config, pb, head, row)
+    place = state_place(dims, config.block_p, pb, head, row)
     (p_slice, p_mask), (n_slice, n_mask) = place[3:]
     n_pad = padded(dims[4])
     pieces_per_chunk = dims[1] // bq
@@ -276,7 +277,7 @@ def _local_state_kernel(*refs, dims, config: SsdConfig, has_seg, dot_dtype):
     (local_ref,) = rest
     chunk = dims[1]
     pb, head, c, row = (pl.program_id(i) for i in range(4))
-    place = _state_place(dims, config, pb, head, row)
+    place = state_place(dims, config.block_p, pb, head, row)
     (p_slice, p_mask), (n_slice, n_mask) = place[3:]
     end = c * chunk + chunk - 1
     a_end = acs_ref[row, head, end]

@@ -46,7 +46,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.blocks import block_loop, columns, dot, load, padded, pallas_call, rows_cols
-from pallas_kernels.ssd import SsdConfig, segment_before, snapshot_dtype, state_piece
+from pallas_kernels.ssd import (SsdConfig, segment_before, snapshot_dtype, state_piece,
+                                state_place)
 from pallas_kernels.state_passing import chunk_decay, pass_states
 
 
@@ -169,12 +170,6 @@ def _output_grad_sum(refs, place, c, dims, config, dot_dtype):
     return local
 
 
-def _state_place(dims, block_p, pb, head, row):
-    heads_per_group, head_dim, state_dim = dims[2:]
-    return (row, head, head // heads_per_group, columns(head_dim, pb * block_p, block_p),
-            columns(state_dim, 0, padded(state_dim)))
-
-
 def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, has_dstates, dot_dtype):
     dy_ref, c_ref, acs_ref, states_ref, *rest = refs
     seg_ref = rest.pop(0) if has_seg else None
@@ -183,7 +178,7 @@ def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, has_dstates, do
     gends_ref, dinit_ref, carry_ref = rest
     chunk = dims[1]
     pb, head, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    place = _state_place(dims, config.block_p, pb, head, row)
+    place = state_place(dims, config.block_p, pb, head, row)
     (p_slice, p_mask), (n_slice, n_mask) = place[3:]
     tile_mask = rows_cols(p_mask, n_mask)
     chunks = gends_ref.shape[1]
@@ -216,7 +211,7 @@ def _local_grad_kernel(*refs, dims, config, has_seg, has_dstates, dot_dtype):
     dstates_ref = rest.pop(0) if has_dstates else None
     (local_ref,) = rest
     pb, head, c, row = (pl.program_id(i) for i in range(4))
-    place = _state_place(dims, config.block_p, pb, head, row)
+    place = state_place(dims, config.block_p, pb, head, row)
     (p_slice, p_mask), (n_slice, n_mask) = place[3:]
     local = _output_grad_sum((dy_ref, c_ref, acs_ref, seg_ref, dstates_ref), place, c, dims,
                              config, dot_dtype)

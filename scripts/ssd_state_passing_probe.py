@@ -7,7 +7,8 @@ through the whole sequence) against computed per chunk and passed along
 Per shape and variant: the op's forward and forward + backward (``jax.vjp``), and the state
 kernels alone (``chunk_states``; ``state_grads``), in ms; every variant's outputs against
 the walk's (max difference over max magnitude), so a variant that computes something else
-shows.
+shows. ``passK``: states passed along in both directions, K rows a pass program;
+``fwd-pass16``: the forward's passed, the backward's state gradients walked.
 """
 import argparse
 import dataclasses
@@ -35,15 +36,19 @@ SHAPES = [  # batch, seqlen, heads, head_dim, groups, state, chunk
     (1, 131072, 64, 64, 1, 256, 256),
     (1, 131072, 32, 128, 1, 256, 256),
 ]
-VARIANTS = {"walk": None, "pass8": 8, "pass16": 16, "pass32": 32}
+# name: (the forward's pass rows, the backward's); None walks.
+VARIANTS = {"walk": (None, None), "pass8": (8, 8), "pass16": (16, 16), "pass32": (32, 32),
+            "fwd-pass16": (16, None)}
 
 
-def configs(shape, block_pass):
+def configs(shape, blocks):
     _, _, heads, head_dim, groups, state_dim, chunk = shape
     args = (chunk, head_dim, state_dim, heads // groups, jnp.bfloat16)
-    passing = dict(state_passing=block_pass is not None, block_pass=block_pass or 16)
-    return pkb.ChunkScanConfig(dataclasses.replace(pk.default_config(*args), **passing),
-                               dataclasses.replace(pkb.default_config(*args), **passing))
+    forward, backward = (
+        dataclasses.replace(module.default_config(*args), state_passing=rows is not None,
+                            block_pass=rows or 16)
+        for module, rows in zip((pk, pkb), blocks))
+    return pkb.ChunkScanConfig(forward, backward)
 
 
 def kernels(shape, config, args, dy):
@@ -81,8 +86,8 @@ def main():
         args = cases.ssd_inputs(shape)
         dy = jax.random.normal(jax.random.key(9), args[0].shape, jnp.bfloat16)
         line, want = [bench_ssd._shape_text(shape)], None
-        for name, block_pass in variants.items():
-            config = configs(shape, block_pass)
+        for name, blocks in variants.items():
+            config = configs(shape, blocks)
             forward = jax.jit(lambda *a, c=config: bjax.ssd_chunk_scan(
                 *a, chunk_size=chunk, config=c))
 

@@ -11,7 +11,7 @@ Rows print as they come, so a run cut short keeps what it timed; the report (and
 (forward) as ``benchmarks.ssd``: bytes at the copy ceiling / chunked matmul flops at the
 bf16 rate, over bjax's time. Inputs, timing and the mamba_ssm loader are
 ``benchmarks.ssd``'s; bjax runs whatever config a plain call runs (tuned entry or
-heuristic, the ``config`` column).
+heuristic, the ``config`` column, which also names the chunk states passed along).
 """
 from __future__ import annotations
 
@@ -56,13 +56,24 @@ def _ratio(other, mine):
     return f"{other / mine:.2f}" if other else "-"
 
 
+def config_text(plan) -> str:
+    """Where the plan's config came from, and which state kernels it runs: ``heuristic``,
+    ``cache, fwd passed`` (forward chunk states passed along), ``..., bwd passed``."""
+    config = plan.block_config
+    if config is None:   # the XLA implementation
+        return "-"
+    passed = [name for name, tile in (("fwd", config.forward), ("bwd", config.backward))
+              if tile is not None and tile.state_passing]
+    return ", ".join([plan.config_source] + [f"{name} passed" for name in passed])
+
+
 def shape_row(shape, backend, mamba, copy_tbps, tflops, with_xla) -> list:
     """Forward and forward + backward times of one shape, ratios and % of floor."""
     chunk = shape[-1]
     args = cases.ssd_inputs(shape)
     dy = jax.random.normal(jax.random.key(9), args[0].shape, jnp.bfloat16)
-    source = bjax.plan(bjax.ssd_chunk_scan, *args, chunk_size=chunk,
-                       backend=backend).config_source
+    source = config_text(bjax.plan(bjax.ssd_chunk_scan, *args, chunk_size=chunk,
+                                   backend=backend))
     forward = jax.jit(lambda *a: bjax.ssd_chunk_scan(*a, chunk_size=chunk, backend=backend))
     fwd = harness.device_time_ms(forward, *args, calls=20)
     fwd_bwd = harness.device_time_ms(bench_ssd._fwd_bwd(backend, chunk), args, dy, calls=10)

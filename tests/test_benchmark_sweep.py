@@ -2,6 +2,8 @@
 a row times a (tiny) problem end to end through the interpreter."""
 import pytest
 
+import bjax
+
 from benchmarks import cases, ssd_sweep
 from tests.conftest import KERNEL_BACKEND
 
@@ -23,6 +25,16 @@ def test_a_row_times_a_problem():
     row = ssd_sweep.shape_row((1, 40, 4, 16, 2, 16, 16), KERNEL_BACKEND, None, 1.0, 1.0, True)
     assert row[0] == "b1 l40 h4 p16 g2 n16 Q16" and row[1] == "heuristic"
     assert float(row[2]) > 0 and row[3] == "-" and float(row[4]) > 0
+
+
+def test_the_config_column_names_passed_states():
+    """32 chunks of 2 heads: the forward heuristic passes its states along."""
+    row = ssd_sweep.shape_row((1, 32 * 16, 2, 16, 1, 16, 16), KERNEL_BACKEND, None, 1.0, 1.0,
+                              False)
+    assert row[1] == "heuristic, fwd passed"
+    xla = bjax.plan(bjax.ssd_chunk_scan, *cases.ssd_inputs((1, 16, 2, 16, 1, 16, 16)),
+                    chunk_size=16, backend="xla")
+    assert ssd_sweep.config_text(xla) == "-"
 
 
 def test_match_keeps_the_shapes_holding_every_token_of_a_pattern():

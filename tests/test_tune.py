@@ -469,9 +469,13 @@ def test_mhc_post_candidates_match_the_oracle(forward, backward):
 
 
 def _ssd_candidates():
+    """Tiles spread over both search spaces, and the chunk-states stages' passing
+    variants (each block of pass rows, forward and backward together)."""
     args = (64, 8, 16, 2, jnp.float32)
+    passed = zip(*(state_passing.passing_variants(kernels.default_config(*args))[1:]
+                   for kernels in (pallas_ssd, pallas_ssd_backward)))
     return list(zip(_spread(pallas_ssd.search_space(*args), 2),
-                    _spread(pallas_ssd_backward.search_space(*args), 2)[::-1]))
+                    _spread(pallas_ssd_backward.search_space(*args), 2)[::-1])) + list(passed)
 
 
 @pytest.mark.parametrize("forward, backward", _ssd_candidates(), ids=str)

@@ -93,7 +93,8 @@ def state_piece(chunk_size: int, state_dim: int, dtype) -> int:
 
 
 def default_config(chunk_size: int, head_dim: int, state_dim: int,
-                   heads_per_group: int, dtype, batch_heads: int | None = None, chunks: int = 1) -> SsdConfig:
+                   heads_per_group: int, dtype, batch_heads: int | None = None,
+                   chunks: int = 1) -> SsdConfig:
     """Pieces of 128 steps for the state walk (:func:`state_piece`), 64-step output
     blocks, and per scan program:
 
@@ -108,9 +109,9 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
       head_dims and dtypes have not been timed or checked on a GPU with whole blocks).
 
     Float32 inputs (``dtype``: x's) loop over a constant count of blocks
-    (``blocks.block_loop``). With ``batch_heads`` (batch rows x heads) given, the chunk
-    states are passed along where their walks would be too few to fill the GPU
-    (``state_passing.wants_state_passing``)."""
+    (``blocks.block_loop``). With ``batch_heads`` (batch rows x heads) and ``chunks``
+    given, the chunk states are passed along where their walks would be too few and too
+    long (``state_passing.wants_state_passing``)."""
     block = min(chunk_size, 64)
     padded_p = max(16, pl.next_power_of_2(head_dim))
     block_h = 2 if heads_per_group % 2 == 0 else 1

@@ -101,8 +101,8 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
     and 128), 1.25-1.33x the two-head config's forward+backward (BENCHMARKS.md).
 
     The state gradients are walked at every shape: passed back along the chunks
-    (``state_passing``) they have not been timed faster on an H200 (BENCHMARKS.md); the
-    tuner tries it. ``batch_heads`` and ``chunks`` (the forward heuristic's arguments)
+    (``state_passing``, which the tuner tries) they were slower on an H200 at five of six
+    shapes, timed in a form that wrote them in place (BENCHMARKS.md). ``batch_heads`` and ``chunks`` (the forward heuristic's arguments)
     are not used."""
     wide_state = padded(state_dim) > 128 and jnp.dtype(dtype) != jnp.float32
     block_h = 2 if heads_per_group % 2 == 0 and not wide_state else 1

@@ -85,8 +85,7 @@ class SsdBackwardConfig:
 
 
 def default_config(chunk_size: int, head_dim: int, state_dim: int,
-                   heads_per_group: int, dtype,
-                   batch_heads: int | None = None, chunks: int = 1) -> SsdBackwardConfig:
+                   heads_per_group: int, dtype) -> SsdBackwardConfig:
     """From an H200 sweep at b=4, l=4096, h=64, p=64, n=128, chunk 256: the state walk
     in 128-step pieces (0.19 ms; 0.21 in 64), 64-step blocks with two heads per
     target program (0.57 ms against 0.62 for one head and 0.82 for four), one head
@@ -102,8 +101,7 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
 
     The state gradients are walked at every shape: passed back along the chunks
     (``state_passing``, which the tuner tries) they were slower on an H200 at five of six
-    shapes, timed in a form that wrote them in place (BENCHMARKS.md). ``batch_heads`` and ``chunks`` (the forward heuristic's arguments)
-    are not used."""
+    shapes, timed in a form that wrote them in place (BENCHMARKS.md)."""
     wide_state = padded(state_dim) > 128 and jnp.dtype(dtype) != jnp.float32
     block_h = 2 if heads_per_group % 2 == 0 and not wide_state else 1
     return SsdBackwardConfig(block_q=state_piece(chunk_size, state_dim, dtype),
@@ -113,15 +111,13 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
 
 
 def search_space(chunk_size: int, head_dim: int, state_dim: int, heads_per_group: int,
-                 dtype, batch_heads: int | None = None,
-                 chunks: int = 1) -> tuple[SsdBackwardConfig, ...]:
+                 dtype) -> tuple[SsdBackwardConfig, ...]:
     """The backward configurations the tuner tries (``bjax.tune``) around the heuristic:
     blocks of 32 or 64 steps, head_dim blocks of 32 or 64 columns, 1 or 2 heads a target
     program (dividing the group), 4 or 8 warps; one head a source program (see
     :func:`default_config`); the state-gradient walk as the heuristic's
     (``state_passing.passing_variants`` varies it)."""
-    base = default_config(chunk_size, head_dim, state_dim, heads_per_group, dtype,
-                          batch_heads, chunks)
+    base = default_config(chunk_size, head_dim, state_dim, heads_per_group, dtype)
     space = [dataclasses.replace(base, block=block, block_p=min(padded(head_dim), block_p),
                                  block_h=block_h, num_warps=warps)
              for block in (32, 64) if chunk_size % block == 0

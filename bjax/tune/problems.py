@@ -376,11 +376,11 @@ def ssd_chunk_scan(batch: int, seq_len: int, heads: int, head_dim: int, state_di
     plan = bjax.plan(bjax.ssd_chunk_scan, x, dt, A, B, C, chunk_size=chunk_size, D=D, z=zv,
                      dt_bias=dt_bias, dt_softplus=True, backend=backend or "xla")
     desc = plan.descriptor
-    args = (chunk_size, head_dim, state_dim, heads // groups, jnp.dtype(dtype),
-            batch * heads, desc.chunks)
+    args = (chunk_size, head_dim, state_dim, heads // groups, jnp.dtype(dtype))
     ChunkScanConfig = pallas_ssd_backward.ChunkScanConfig
-    forward, backward = _forward_then_backward(ChunkScanConfig, pallas_ssd.search_space(*args),
-                                               pallas_ssd_backward.search_space(*args))
+    forward, backward = _forward_then_backward(
+        ChunkScanConfig, pallas_ssd.search_space(*args, batch * heads, desc.chunks),
+        pallas_ssd_backward.search_space(*args))
     stages = (forward,
               Stage("forward chunk states", lambda best: [
                   ChunkScanConfig(c, best.backward)

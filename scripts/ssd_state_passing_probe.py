@@ -2,12 +2,13 @@
 through the whole sequence) against computed per chunk and passed along
 (``state_passing``, in ``block_pass`` rows a pass program), forward and backward.
 
-    PYTHONPATH=. python3 scripts/ssd_state_passing_probe.py [--part K/N]
+    PYTHONPATH=. python3 scripts/ssd_state_passing_probe.py [--part K/N] [--match "l131072 n64"]
 
 Per shape and variant: the op's forward and forward + backward (``jax.vjp``), and the state
 kernels alone (``chunk_states``; ``state_grads``), in ms; every variant's outputs against
 the walk's (max difference over max magnitude), so a variant that computes something else
-shows. ``passK``: states passed along in both directions, K rows a pass program;
+shows; and the compiled forward + backward's temporary buffers (``temp``, MiB, from XLA's
+memory analysis), where passing keeps its float32 local states. ``passK``: states passed along in both directions, K rows a pass program;
 ``fwd-pass16``: the forward's passed, the backward's state gradients walked.
 """
 import argparse
@@ -20,7 +21,7 @@ import numpy as np
 import bjax
 from benchmarks import cases
 from benchmarks import ssd as bench_ssd
-from benchmarks.ssd_sweep import part_of
+from benchmarks.ssd_sweep import matching, part_of
 from bjax.tune.tuner import device_time_ms
 from pallas_kernels import ssd as pk
 from pallas_kernels import ssd_backward as pkb
@@ -79,9 +80,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", default="1/1")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--kernels-only", action="store_true",
+                        help="time the state kernels alone, not the op")
+    parser.add_argument("--match", action="append", default=[],
+                        help="keep the shapes whose row text holds these tokens")
     options = parser.parse_args()
     variants = {k: VARIANTS[k] for k in options.variants.split(",")}
-    for shape in part_of(SHAPES, options.part):
+    for shape in matching(part_of(SHAPES, options.part), options.match):
         chunk = shape[-1]
         args = cases.ssd_inputs(shape)
         dy = jax.random.normal(jax.random.key(9), args[0].shape, jnp.bfloat16)
@@ -101,16 +106,21 @@ def main():
                         (forward(*args), walked, grads(walked)[0])]
                 want = outs if want is None else want
                 diff = max(np.max(np.abs(o - w)) / np.max(np.abs(w)) for o, w in zip(outs, want))
-                times = [device_time_ms(forward, *args, calls=10, trials=3),
-                         device_time_ms(jax.jit(fwd_bwd), args, calls=5, trials=3),
-                         device_time_ms(states, calls=10, trials=3),
+                times = [device_time_ms(states, calls=10, trials=3),
                          device_time_ms(grads, walked, calls=10, trials=3)]
+                temp = 0
+                if not options.kernels_only:
+                    times = [device_time_ms(forward, *args, calls=10, trials=3),
+                             device_time_ms(jax.jit(fwd_bwd), args, calls=5, trials=3), *times]
+                    temp = jax.jit(fwd_bwd).lower(args).compile().memory_analysis()
+                    temp = getattr(temp, "temp_size_in_bytes", 0) / 2**20
                 text = f"{name} " + " ".join(f"{t:.4f}" for t in times) + f" d{diff:.0e}" + "".join(
-                    f" {k} {v:.4f}" for k, v in parts.items())
+                    f" {k} {v:.4f}" for k, v in parts.items()) + f" temp {temp:.0f}"
             except Exception as failure:
                 text = f"{name} FAILED {str(failure).strip().splitlines()[-1][:160]}"
             print(f"{line[0]} | {text}", flush=True)
-        print("# fwd fwd+bwd chunk_states state_grads (ms)", flush=True)
+        print("# " + "fwd fwd+bwd " * (not options.kernels_only)
+              + "chunk_states state_grads (ms)", flush=True)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,9 @@ class SsdChunkScanDescriptor:
     def backward_config(self) -> pallas_ssd_backward.SsdBackwardConfig:
         return pallas_ssd_backward.default_config(self.chunk_size, self.head_dim,
                                                   self.state_dim, self.heads // self.groups,
-                                                  self.dtype)
+                                                  self.dtype,
+                                                  batch_heads=self.batch * self.heads,
+                                                  chunks=self.chunks)
 
     @classmethod
     def from_args(cls, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,

@@ -48,7 +48,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.blocks import block_loop, columns, dot, load, padded, pallas_call, rows_cols
 from pallas_kernels.ssd import (SsdConfig, segment_before, snapshot_dtype, state_piece,
                                 state_place)
-from pallas_kernels.state_passing import chunk_decay, pass_states
+from pallas_kernels.state_passing import chunk_decay, pass_states, wants_state_passing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +85,8 @@ class SsdBackwardConfig:
 
 
 def default_config(chunk_size: int, head_dim: int, state_dim: int,
-                   heads_per_group: int, dtype) -> SsdBackwardConfig:
+                   heads_per_group: int, dtype, batch_heads: int | None = None,
+                   chunks: int = 1) -> SsdBackwardConfig:
     """From an H200 sweep at b=4, l=4096, h=64, p=64, n=128, chunk 256: the state walk
     in 128-step pieces (0.19 ms; 0.21 in 64), 64-step blocks with two heads per
     target program (0.57 ms against 0.62 for one head and 0.82 for four), one head
@@ -99,25 +100,34 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
     warps: the H200 tuner's best at b16 l512 h64 p64 n256 (groups 1 and 8, chunk 256
     and 128), 1.25-1.33x the two-head config's forward+backward (BENCHMARKS.md).
 
-    The state gradients are walked at every shape: passed back along the chunks
-    (``state_passing``, which the tuner tries) they were slower on an H200 at five of six
-    shapes, timed in a form that wrote them in place (BENCHMARKS.md)."""
+    With ``batch_heads`` (batch rows x heads) and ``chunks`` given, the state gradients
+    are passed back along the chunks where their walks would be too few and too long, as
+    the forward's states (``state_passing.wants_state_passing``): on an H200 at 128K
+    tokens of 32 heads of 128, state 64, ``state_grads`` took 1.27 ms passed (16 rows a
+    program) against 2.90 walked (BENCHMARKS.md)."""
     wide_state = padded(state_dim) > 128 and jnp.dtype(dtype) != jnp.float32
     block_h = 2 if heads_per_group % 2 == 0 and not wide_state else 1
+    block_p = min(padded(head_dim), 64)
+    passing = batch_heads is not None and wants_state_passing(
+        batch_heads * pl.cdiv(head_dim, block_p), chunks)
     return SsdBackwardConfig(block_q=state_piece(chunk_size, state_dim, dtype),
-                             block=min(chunk_size, 64), block_p=min(padded(head_dim), 64),
+                             block=min(chunk_size, 64), block_p=block_p,
                              block_h=block_h, num_warps=8 if wide_state else 4,
-                             constant_trip_count=jnp.dtype(dtype) == jnp.float32)
+                             constant_trip_count=jnp.dtype(dtype) == jnp.float32,
+                             state_passing=passing)
 
 
 def search_space(chunk_size: int, head_dim: int, state_dim: int, heads_per_group: int,
-                 dtype) -> tuple[SsdBackwardConfig, ...]:
+                 dtype, batch_heads: int | None = None,
+                 chunks: int = 1) -> tuple[SsdBackwardConfig, ...]:
     """The backward configurations the tuner tries (``bjax.tune``) around the heuristic:
     blocks of 32 or 64 steps, head_dim blocks of 32 or 64 columns, 1 or 2 heads a target
     program (dividing the group), 4 or 8 warps; one head a source program (see
-    :func:`default_config`); the state-gradient walk as the heuristic's
-    (``state_passing.passing_variants`` varies it)."""
-    base = default_config(chunk_size, head_dim, state_dim, heads_per_group, dtype)
+    :func:`default_config`); the state gradients walked or passed as the heuristic's
+    (``batch_heads``, ``chunks`` as :func:`default_config`'s;
+    ``state_passing.passing_variants`` varies it)."""
+    base = default_config(chunk_size, head_dim, state_dim, heads_per_group, dtype,
+                          batch_heads, chunks)
     space = [dataclasses.replace(base, block=block, block_p=min(padded(head_dim), block_p),
                                  block_h=block_h, num_warps=warps)
              for block in (32, 64) if chunk_size % block == 0

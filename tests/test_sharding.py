@@ -344,11 +344,13 @@ def test_ssd_chunk_scan_wide_state_keeps_the_sharding(backend="interpret"):
 
 def test_ssd_chunk_scan_passed_states_keep_the_sharding(backend="interpret"):
     """A sequence of 32 chunks and few heads, where the forward passes its chunk states
-    along (``pallas_kernels.state_passing``), with batch and heads split."""
+    along and the backward their gradients back (``pallas_kernels.state_passing``), with
+    batch and heads split."""
     problem = ssd_problem(12, 4, 32 * 16, 4, 16, 2, 16)
     plan = bjax.plan(bjax.ssd_chunk_scan, *(problem[n] for n in ("x", "dt", "A", "B", "C")),
                      chunk_size=16, backend=backend)
     assert plan.block_config.forward.state_passing
+    assert plan.block_config.backward.state_passing
     check_ssd_chunk_scan_sharded(problem, "data", "model", (4, 2), backend)
 
 

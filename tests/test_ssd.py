@@ -300,15 +300,15 @@ def test_state_passing_matches_the_oracle(dtype, backend=KERNEL_BACKEND):
 @pytest.mark.parametrize("batch, heads, chunks, passing", [
     (1, 2, 32, True), (1, 2, 31, False), (2, 66, 32, False), (1, 65, 32, True)])
 def test_state_passing_where_walks_are_few_and_long(batch, heads, chunks, passing):
-    """The forward heuristic passes the states along where fewer walks than an H200's 132
-    multiprocessors go through at least 32 chunks, the backward's walks its state
-    gradients, and the plan names the kernels that run."""
+    """The heuristics pass the states along, and their gradients back, where fewer walks
+    than an H200's 132 multiprocessors go through at least 32 chunks, and the plan names
+    the kernels that run."""
     shape = (batch, chunks * CHUNK, heads, 8, 1, 16, jnp.bfloat16)
     args = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in problem(0, *shape)]
     p = bjax.plan(bjax.ssd_chunk_scan, *args, chunk_size=CHUNK, backend=KERNEL_BACKEND)
     assert p.config_source == "heuristic"
     assert p.block_config.forward.state_passing == passing
-    assert not p.block_config.backward.state_passing
+    assert p.block_config.backward.state_passing == passing
     assert ("bjax_ssd_pass_states" in p.kernel) == passing
 
 

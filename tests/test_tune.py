@@ -541,13 +541,14 @@ def test_mhc_pre_sinkhorn_reads_sinkhorn_knopps_entry(user_cache):
 
 def test_ssd_problem_tunes_around_the_heuristics_chunk_states():
     """At a long sequence of few heads the tuner starts from the heuristic's passed-along
-    forward states (its tiles vary around them) and the walked state gradients; the
+    forward states and passed-back state gradients (their tiles vary around them); the
     chunk-states stages try the walk and each block of pass rows."""
     problem = problems.ssd_chunk_scan(1, 32 * 16, 2, 8, 16, chunk_size=16, dtype="float32",
                                       backend=KERNEL_BACKEND)
     heuristic = problem.heuristic
-    assert heuristic.forward.state_passing and not heuristic.backward.state_passing
+    assert heuristic.forward.state_passing and heuristic.backward.state_passing
     assert all(c.forward.state_passing for c in problem.stages[0].candidates(heuristic))
+    assert all(c.backward.state_passing for c in problem.stages[2].candidates(heuristic))
     passes = [(True, rows) for rows in state_passing.PASS_BLOCKS]
     forward = problem.stages[1].candidates(heuristic)
     assert [(c.forward.state_passing, c.forward.block_pass) for c in forward] == [

@@ -380,7 +380,7 @@ def ssd_chunk_scan(batch: int, seq_len: int, heads: int, head_dim: int, state_di
     ChunkScanConfig = pallas_ssd_backward.ChunkScanConfig
     forward, backward = _forward_then_backward(
         ChunkScanConfig, pallas_ssd.search_space(*args, batch * heads, desc.chunks),
-        pallas_ssd_backward.search_space(*args))
+        pallas_ssd_backward.search_space(*args, batch * heads, desc.chunks))
     stages = (forward,
               Stage("forward chunk states", lambda best: [
                   ChunkScanConfig(c, best.backward)

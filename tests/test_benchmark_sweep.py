@@ -28,10 +28,11 @@ def test_a_row_times_a_problem():
 
 
 def test_the_config_column_names_passed_states():
-    """32 chunks of 2 heads: the forward heuristic passes its states along."""
+    """32 chunks of 2 heads: the heuristics pass the states along and their gradients
+    back."""
     row = ssd_sweep.shape_row((1, 32 * 16, 2, 16, 1, 16, 16), KERNEL_BACKEND, None, 1.0, 1.0,
                               False)
-    assert row[1] == "heuristic, fwd passed"
+    assert row[1] == "heuristic, fwd passed, bwd passed"
     xla = bjax.plan(bjax.ssd_chunk_scan, *cases.ssd_inputs((1, 16, 2, 16, 1, 16, 16)),
                     chunk_size=16, backend="xla")
     assert ssd_sweep.config_text(xla) == "-"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +69,11 @@ def config_text(plan) -> str:
 
 
 def shape_row(shape, backend, mamba, copy_tbps, tflops, with_xla) -> list:
-    """Forward and forward + backward times of one shape, ratios and % of floor."""
+    """Forward and forward + backward times of one shape, ratios and % of floor. A comment
+    line after the row says the wall seconds each side took (compiling, mamba_ssm's
+    autotuning and timing), to budget a run."""
     chunk = shape[-1]
+    started = time.perf_counter()
     args = cases.ssd_inputs(shape)
     dy = jax.random.normal(jax.random.key(9), args[0].shape, jnp.bfloat16)
     source = config_text(bjax.plan(bjax.ssd_chunk_scan, *args, chunk_size=chunk,
@@ -77,19 +81,26 @@ def shape_row(shape, backend, mamba, copy_tbps, tflops, with_xla) -> list:
     forward = jax.jit(lambda *a: bjax.ssd_chunk_scan(*a, chunk_size=chunk, backend=backend))
     fwd = harness.device_time_ms(forward, *args, calls=20)
     fwd_bwd = harness.device_time_ms(bench_ssd._fwd_bwd(backend, chunk), args, dy, calls=10)
-    m_fwd = bench_ssd.mamba_ms(mamba, args, chunk) if mamba else None
-    m_fwd_bwd = bench_ssd.mamba_fwd_bwd_ms(mamba, args, dy, chunk) if mamba else None
+    walls = {"bjax": time.perf_counter() - started}
+    m_fwd = m_fwd_bwd = None
+    if mamba:
+        m_fwd = bench_ssd.mamba_ms(mamba, args, chunk)
+        m_fwd_bwd = bench_ssd.mamba_fwd_bwd_ms(mamba, args, dy, chunk)
+        walls["mamba_ssm"] = time.perf_counter() - started - walls["bjax"]
     x_fwd = x_fwd_bwd = None
     if with_xla:
+        xla_started = time.perf_counter()
         xla = jax.jit(lambda *a: bjax.ssd_chunk_scan(*a, chunk_size=chunk, backend="xla"))
         x_fwd = harness.device_time_ms(xla, *args, calls=5, trials=3)
         x_fwd_bwd = harness.device_time_ms(bench_ssd._fwd_bwd("xla", chunk), args, dy,
                                            calls=3, trials=3)
+        walls["XLA"] = time.perf_counter() - xla_started
     bytes_floor, flops_floor = bench_ssd.floors_ms(shape, copy_tbps, tflops)
     row = [bench_ssd._shape_text(shape), source, f"{fwd:.4f}", _ratio(m_fwd, fwd),
            _ratio(x_fwd, fwd), f"{100 * bytes_floor / fwd:.0f}% / {100 * flops_floor / fwd:.0f}%",
            f"{fwd_bwd:.4f}", _ratio(m_fwd_bwd, fwd_bwd), _ratio(x_fwd_bwd, fwd_bwd)]
     print(" | ".join(row), flush=True)
+    print("# wall s: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()), flush=True)
     return row
 
 

@@ -24,14 +24,16 @@ os.environ["BJAX_TUNING_CACHE"] = os.path.join(tempfile.gettempdir(),
 # With BJAX_TEST_FAST_COMPILE=1 (`make test`), XLA's older CPU fusion emitters too: a third
 # less compile time again, but then the sharded and the unsharded program of the masked
 # merge_state kernel differ in the last ulp of a few elements (tests/test_sharding.py
-# compares them within 1e-6 there, bit for bit elsewhere).
+# compares them within 1e-6 there, bit for bit elsewhere). BJAX_TEST_DEVICES=2 gives two
+# CPU devices instead, the meshes of a machine of two GPUs.
 FAST_COMPILE = False
 if not any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
     FAST_COMPILE = os.environ.get("BJAX_TEST_FAST_COMPILE") == "1"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_backend_optimization_level=0"
                                + (" --xla_cpu_use_fusion_emitters=false" if FAST_COMPILE else "")
-                               + " --xla_force_host_platform_device_count=8").strip()
+                               + " --xla_force_host_platform_device_count="
+                               + os.environ.get("BJAX_TEST_DEVICES", "8")).strip()
 
 
 def _run_cache(run_id: str) -> str:

@@ -3,6 +3,7 @@ implementation), forward and forward + backward, at every shape of
 ``benchmarks.cases.ssd_sweep_shapes`` (72), in one process.
 
     python -m benchmarks.ssd_sweep --mamba-src PATH [--part 1/4] [--match "l131072 n256"] [--xla]
+        [--keep-compiled DIR]
 
 ``--part K/N`` times the K-th of N slices of the shapes (a slice fits one device call);
 ``--match`` keeps the shapes whose row text holds each of its tokens.
@@ -12,6 +13,13 @@ Rows print as they come, so a run cut short keeps what it timed; the report (and
 bf16 rate, over bjax's time. Inputs, timing and the mamba_ssm loader are
 ``benchmarks.ssd``'s; bjax runs whatever config a plain call runs (tuned entry or
 heuristic, the ``config`` column, which also names the chunk states passed along).
+
+``--keep-compiled DIR`` keeps, between runs, mamba_ssm's Triton autotuning winners and
+compiled kernels (``DIR/triton``: ``TRITON_CACHE_AUTOTUNING=1``; the winners are the
+``*.autotune.json`` files) and bjax's compiled programs (``DIR/jax``: JAX's persistent
+compilation cache). A shape timed before then skips mamba_ssm's autotuning (what a row's
+wall time goes to is in the comment line after it); the kernel mamba_ssm runs is still
+the one its own autotuner chose on that GPU.
 """
 from __future__ import annotations
 
@@ -104,6 +112,15 @@ def shape_row(shape, backend, mamba, copy_tbps, tflops, with_xla) -> list:
     return row
 
 
+def keep_compiled(directory: str) -> None:
+    """Keep compiled kernels and Triton's autotuning winners under ``directory`` (before
+    mamba_ssm is imported: its autotuners read the setting when they are defined)."""
+    os.environ["TRITON_CACHE_AUTOTUNING"] = "1"
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(directory, "triton")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(directory, "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default=None, help="bjax backend (default: bjax's default)")
@@ -114,7 +131,11 @@ def main():
                         help='only shapes whose text holds every token, e.g. "l131072 n256"; '
                              "repeat for several (any of them)")
     parser.add_argument("--xla", action="store_true", help="time the XLA implementation too")
+    parser.add_argument("--keep-compiled", metavar="DIR",
+                        help="keep compiled kernels and autotuning winners here between runs")
     args = parser.parse_args()
+    if args.keep_compiled:
+        keep_compiled(args.keep_compiled)
     shapes = matching(part_of(cases.ssd_sweep_shapes(), args.part), args.match)
     backend = args.backend or bjax.plan(
         bjax.ssd_chunk_scan, *cases.ssd_inputs((1, 1, 1, 16, 1, 16, 16))).backend

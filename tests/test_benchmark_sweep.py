@@ -1,5 +1,7 @@
 """benchmarks.ssd_sweep on the CPU: its grid is the Mamba-2 family the SSD goal names, and
 a row times a (tiny) problem end to end through the interpreter."""
+import os
+
 import pytest
 
 import bjax
@@ -49,3 +51,20 @@ def test_match_keeps_the_shapes_holding_every_token_of_a_pattern():
         ssd_sweep.matching(shapes, ["n25"])
     either = ssd_sweep.matching(shapes, ["l131072 n256", "l512 p128 n64 g1"])
     assert len(either) == 10 and either == [s for s in shapes if s in either]
+
+
+def test_keep_compiled_points_triton_and_jax_at_the_directory(tmp_path, monkeypatch):
+    """--keep-compiled: Triton keeps its autotuning winners, both caches live under DIR."""
+    import jax
+    monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    before = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+    try:
+        ssd_sweep.keep_compiled(str(tmp_path))
+        assert os.environ["TRITON_CACHE_AUTOTUNING"] == "1"
+        assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])

@@ -6,9 +6,11 @@ shipped scan, which computes them over the whole state in every program of heads
         [--scores-dtype float32] [--heads-per-program 1,2,4]
 
 Per shape (bf16, no segments, seqlen a multiple of the chunk): the shipped
-``chunk_scan`` alone, then per variant the scores matmul plus the variant's scan (and the
-matmul alone), in ms, with the variant's output against the shipped one's (max difference
-over max magnitude). ``--block-n``: the variant's ``C_t S^T`` in pieces of that many state
+``chunk_scan`` alone and the whole ``bjax.ssd_chunk_scan`` forward, then per variant the
+scores matmul plus the variant's scan (and the matmul alone), and the whole forward with
+the variant's scan in place of the shipped one, in ms, with the variant's output against
+the shipped one's (max difference over max magnitude). The chunk states are the
+heuristic's (walked, or passed along on long sequences of few heads). ``--block-n``: the variant's ``C_t S^T`` in pieces of that many state
 columns (0: whole). The variant covers the plain case only (no segments, D or z): a
 measure of the design, not a kernel of the package.
 """
@@ -22,6 +24,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+import bjax
 from benchmarks import cases
 from benchmarks import ssd as bench_ssd
 from benchmarks.ssd_sweep import matching
@@ -109,6 +112,17 @@ def scan_with_scores(x, cb, c, dt, a_cs, states, *, chunk_size, config, block_n,
     )(x, cb, c, dt, a_cs, states)
 
 
+def forward(x, dt, a, b, c, *, chunk_size, config, block_n, scores_dtype, interpret=False):
+    """``bjax.ssd_chunk_scan``'s plain forward with the variant's scan."""
+    dt_p, a_cs = pk.time_terms(dt, a, chunk_size=chunk_size, softplus=False,
+                               limit=(0.0, float("inf")), interpret=interpret)
+    states = pk.chunk_states(x, b, dt_p, a_cs, chunk_size=chunk_size, config=config,
+                             interpret=interpret)[0]
+    return scan_with_scores(x, scores(b, c, chunk_size, scores_dtype), c, dt_p, a_cs, states,
+                            chunk_size=chunk_size, config=config, block_n=block_n,
+                            interpret=interpret)
+
+
 def terms(shape, config, interpret=False):
     """The shipped scan's inputs: x, B, C, dt', a_cs and the stored chunk states."""
     x, dt, A, B, C = cases.ssd_inputs(shape)
@@ -129,14 +143,19 @@ def main():
     options = parser.parse_args()
     for shape in matching(SHAPES, options.match):
         batch, seq_len, heads, head_dim, groups, state_dim, chunk = shape
-        config = pk.default_config(chunk, head_dim, state_dim, heads // groups, jnp.bfloat16)
+        config = pk.default_config(chunk, head_dim, state_dim, heads // groups, jnp.bfloat16,
+                                   batch_heads=batch * heads, chunks=seq_len // chunk)
         x, B, C, dt_p, a_cs, states = terms(shape, config)
         shipped = jax.jit(lambda: pk.chunk_scan(x, B, C, dt_p, a_cs, states, chunk_size=chunk,
                                                 config=config))
         want = np.asarray(shipped(), np.float32)
+        inputs = cases.ssd_inputs(shape)
+        op = jax.jit(lambda *a: bjax.ssd_chunk_scan(*a, chunk_size=chunk))
         text = bench_ssd._shape_text(shape)
+        op_ms = device_time_ms(op, *inputs, calls=10, trials=3)
+        source = bjax.plan(bjax.ssd_chunk_scan, *inputs, chunk_size=chunk).config_source
         print(f"{text} | shipped scan {device_time_ms(shipped, calls=10, trials=3):.4f}"
-              f" (block_h {config.block_h})", flush=True)
+              f" (block_h {config.block_h}), forward {op_ms:.4f} ({source})", flush=True)
         heads_options = [int(v) for v in options.heads_per_program.split(",") if v] or [
             config.block_h]
         for dtype in options.scores_dtype.split(","):
@@ -150,11 +169,15 @@ def main():
                     run = jax.jit(lambda v=variant, n=block_n, d=dtype: scan_with_scores(
                         x, scores(B, C, chunk, d), C, dt_p, a_cs, states, chunk_size=chunk,
                         config=v, block_n=n))
+                    whole = jax.jit(functools.partial(
+                        forward, chunk_size=chunk, config=variant, block_n=block_n,
+                        scores_dtype=dtype))
                     try:
                         got = np.asarray(run(), np.float32)
                         diff = np.max(np.abs(got - want)) / np.max(np.abs(want))
                         line = (f"{device_time_ms(run, calls=10, trials=3):.4f}"
-                                f" (scores {cb_ms:.4f}) d{diff:.0e}")
+                                f" (scores {cb_ms:.4f}) d{diff:.0e}, forward "
+                                f"{device_time_ms(whole, *inputs, calls=10, trials=3):.4f}")
                     except Exception as failure:
                         line = f"FAILED {str(failure).strip().splitlines()[-1][:160]}"
                     print(f"{text} | scores {dtype} block_h {block_h} block_n {block_n} | "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import glob
 import os
+import re
 import statistics
 import subprocess
 import tempfile
@@ -16,6 +17,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bjax.tune.tuner import device_time_ms  # noqa: F401  (the benchmarks' timer too)
 
@@ -137,3 +139,30 @@ def write_report(name: str, report: str) -> None:
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], f"{name}_bench.md"), "w") as f:
             f.write(report + "\n")
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute",
+               "reduce-scatter")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+
+
+def collectives(hlo: str) -> dict:
+    """``{kind: [count, bytes]}`` of the collectives in compiled HLO text; an async pair
+    counts once, by its start. The bytes are those of the all-reduces' results (the
+    buffers reduced); the other kinds are counted only."""
+    found = {}
+    for line in hlo.splitlines():
+        for kind in COLLECTIVES:
+            op = next((f" {kind}{end}(" for end in ("", "-start") if f" {kind}{end}(" in line),
+                      None)
+            if op is None or "=" not in line:
+                continue
+            entry = found.setdefault(kind, [0, 0])
+            entry[0] += 1
+            if kind == "all-reduce":
+                result = line.split("=", 1)[1].split(op, 1)[0]
+                entry[1] += sum(_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d]))
+                                for t, dims in _SHAPE.findall(result))
+    return found

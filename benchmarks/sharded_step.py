@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -66,33 +65,6 @@ SIZES = {
                  attention_heads=2, heads=4, head_dim=8, groups=2, state=8, layers=1,
                  batch=4, seq_len=32, chunk=16, param_dtype="float32"),
 }
-
-COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute",
-               "reduce-scatter")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
-
-
-def collectives(hlo: str) -> dict:
-    """``{kind: [count, bytes]}`` of the collectives in compiled HLO text; an async pair
-    counts once, by its start. The bytes are those of the all-reduces' results (the
-    buffers reduced); the other kinds are counted only."""
-    found = {}
-    for line in hlo.splitlines():
-        for kind in COLLECTIVES:
-            op = next((f" {kind}{end}(" for end in ("", "-start") if f" {kind}{end}(" in line),
-                      None)
-            if op is None or "=" not in line:
-                continue
-            entry = found.setdefault(kind, [0, 0])
-            entry[0] += 1
-            if kind == "all-reduce":
-                result = line.split("=", 1)[1].split(op, 1)[0]
-                entry[1] += sum(_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d]))
-                                for t, dims in _SHAPE.findall(result))
-    return found
-
 
 def _sent(found: dict) -> str:
     return ", ".join(f"{n} {kind}" + (f" ({b / 2**20:.1f} MiB)" if kind == "all-reduce" else "")
@@ -222,7 +194,7 @@ def mode_row(mode: str, size: Size, backend, devices: int, calls: int, rounds: i
     spread = jax.device_put(batch, NamedSharding(mesh, P("data")))
     part = jax.device_put(batch[: size.batch // devices], one)
     sharded_step = step.lower(on_mesh(), spread).compile()
-    sent = collectives(sharded_step.as_text())
+    sent = harness.collectives(sharded_step.as_text())
     loss_mesh = float(sharded_step(on_mesh(), spread)[1])
     loss_one = float(step(on_one(), jax.device_put(batch, one))[1])
     times = harness.chained_times_ms(

@@ -2,7 +2,7 @@
 (batch row, chunk, group) by an XLA batched matmul and read by the scan, against the
 shipped scan, which computes them over the whole state in every program of heads.
 
-    PYTHONPATH=. python3 scripts/ssd_scores_probe.py [--match "n256"] [--block-n 64]
+    PYTHONPATH=. python3 scripts/ssd_scores_probe.py [--match "l131072 n256"] [--block-n 64]
         [--scores-dtype float32] [--heads-per-program 1,2,4]
 
 Per shape (bf16, no segments, seqlen a multiple of the chunk): the shipped
@@ -32,14 +32,11 @@ from bjax.tune.tuner import device_time_ms
 from pallas_kernels import ssd as pk
 from pallas_kernels.blocks import block_loop, columns, dot, load, pallas_call, rows_cols
 
-SHAPES = [  # batch, seqlen, heads, head_dim, groups, state, chunk
-    (4, 4096, 64, 64, 1, 128, 256),       # the reference shape
-    (16, 512, 64, 64, 1, 256, 256),
-    (4, 4096, 32, 128, 1, 256, 256),
-    (1, 131072, 64, 64, 1, 256, 256),
-    (1, 131072, 32, 128, 1, 64, 256),
-    (2, 8192, 128, 64, 8, 128, 128),
-]
+# Rows of the Mamba-2 sweep (benchmarks.ssd_sweep), so that the forward compares with its
+# mamba_ssm column: the reference shape, three state-256 shapes, a long state-64 one.
+DEFAULT_MATCH = ["b4 l4096 h64 p64 g1 n128 Q256", "b16 l512 h64 p64 g1 n256 Q256",
+                 "b4 l4096 h32 p128 g1 n256 Q256", "b1 l131072 h64 p64 g1 n256 Q256",
+                 "b1 l131072 h32 p128 g1 n64 Q256"]
 
 
 def scores(b, c, chunk_size: int, dtype):
@@ -141,7 +138,7 @@ def main():
     parser.add_argument("--scores-dtype", default="float32,bfloat16")
     parser.add_argument("--heads-per-program", default="", help="default: the heuristic's")
     options = parser.parse_args()
-    for shape in matching(SHAPES, options.match):
+    for shape in matching(cases.ssd_sweep_shapes(), options.match or DEFAULT_MATCH):
         batch, seq_len, heads, head_dim, groups, state_dim, chunk = shape
         config = pk.default_config(chunk, head_dim, state_dim, heads // groups, jnp.bfloat16,
                                    batch_heads=batch * heads, chunks=seq_len // chunk)

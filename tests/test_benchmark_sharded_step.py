@@ -1,9 +1,10 @@
-"""benchmarks.sharded_step: its collective count, and both modes end to end on a mesh of two
-of this machine's devices (eight CPU devices without a GPU)."""
+"""benchmarks.sharded_step: the collective count it reports (benchmarks.harness), and both
+modes end to end on a mesh of two of this machine's devices (eight CPU devices without a
+GPU)."""
 import jax
 import pytest
 
-from benchmarks import sharded_step
+from benchmarks import harness, sharded_step
 from tests.conftest import KERNEL_BACKEND
 
 HLO = """
@@ -16,9 +17,9 @@ HLO = """
 
 def test_collectives_counts_each_kind_and_the_bytes_reduced():
     """An async pair counts once; the all-reduces' bytes are their results'."""
-    assert sharded_step.collectives(HLO) == {"all-reduce": [2, 4 * 8 * 4 + 16 * 2 + 10 * 4],
+    assert harness.collectives(HLO) == {"all-reduce": [2, 4 * 8 * 4 + 16 * 2 + 10 * 4],
                                              "all-gather": [1, 0]}
-    assert sharded_step.collectives("%add.1 = f32[4]{0} add(%a, %b)") == {}
+    assert harness.collectives("%add.1 = f32[4]{0} add(%a, %b)") == {}
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs two devices")
@@ -34,7 +35,7 @@ def test_both_modes_split_without_gathers_and_match_one_device():
     for row in rows:
         record = dict(zip(sharded_step.HEADER, row))
         assert "all-reduce" in record["sent"], record
-        assert not any(kind in record["sent"] for kind in sharded_step.COLLECTIVES[1:]), record
+        assert not any(kind in record["sent"] for kind in harness.COLLECTIVES[1:]), record
         assert float(record["loss diff"]) <= 1e-6, record
         assert float(record["scaling"]) > 0
 

@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import bjax
+from benchmarks import harness
 from bjax.hyper_connection import sinkhorn_tuning_key
 from bjax.tune import cache as tune_cache
 from pallas_kernels import cascade as pallas_cascade
@@ -41,8 +42,9 @@ def mesh_of(shape):
 
 
 def collectives(compiled_text: str, names=GATHERS + ("all-reduce",)) -> dict:
-    return {name: compiled_text.count(f" {name}(") + compiled_text.count(f" {name}-start(")
-            for name in names if f" {name}" in compiled_text}
+    """``{kind: count}`` of the collectives of ``names`` in compiled HLO text."""
+    return {kind: count for kind, (count, _) in harness.collectives(compiled_text).items()
+            if kind in names}
 
 
 def sharded_as(array, mesh, spec) -> bool:

@@ -166,30 +166,56 @@ class SinkhornDescriptor:
         return cls(shape[:-2], shape[-1], jnp.dtype(logits.dtype), options)
 
 
-# Sharded programs: every kernel call splits along the tokens (the leading axis, factor
-# "t"); streams, channels and weights stay whole; results without the tokens (the
-# weights' gradients) are summed over them (all-reduced where they are split).
-def token_rule(operands, results, reduced=False) -> _partition.ShardingRule:
+# Sharded programs: every kernel call splits along the tokens, which are every leading
+# axis (one factor each: "t0", "t1", ...), so that a split of any of them, an inner one
+# alone included (sequence parallelism), stays split; streams, channels and weights stay
+# whole; results without the tokens (the weights' gradients) are summed over them
+# (all-reduced where they are split). Each device flattens its own tokens for the kernel.
+def token_rule(operands, results, reduced=False, lead=1) -> _partition.ShardingRule:
     """The rule of a kernel call split along the tokens: ``operands`` and ``results``
-    name each array's dimensions ("t" the tokens; every other factor stays whole); with
-    ``reduced``, results without "t" are summed over it."""
-    whole = {f for dims in (*operands, *results) for f in dims} - {"t"}
-    return _partition.ShardingRule(tuple(operands), tuple(results), replicated=frozenset(whole),
-                                   reduced=frozenset({"t"} if reduced else ()))
+    name each array's dimensions, "t" (first) standing for its ``lead`` leading axes, one
+    factor ``t0 .. t{lead-1}`` each; every other factor stays whole. With ``reduced``,
+    results without the tokens are summed over them.
+
+    >>> token_rule((("t", "c"), ("c",)), (("t",),), lead=2).einsum()
+    't0 t1 c, c -> t0 t1'
+    """
+    tokens = tuple(f"t{axis}" for axis in range(lead))
+
+    def expand(dims):
+        return tuple(f for dim in dims for f in (tokens if dim == "t" else (dim,)))
+    operands, results = tuple(map(expand, operands)), tuple(map(expand, results))
+    whole = {f for dims in (*operands, *results) for f in dims} - set(tokens)
+    return _partition.ShardingRule(operands, results, replicated=frozenset(whole),
+                                   reduced=frozenset(tokens if reduced else ()))
 
 
 def _token_split(choice: _op.Choice, kernel, operands, results, *, reduced=False, **static):
-    """``kernel(*arrays, **static, interpret=...)`` partitioned by the implementation's
-    :func:`token_rule`. Under ``vmap``: a sequential map."""
-    rule = choice.implementation.sharding_rules(operands, results, reduced)
+    """``kernel(*arrays, **static, interpret=...)`` on tokens flattened to one axis, as a
+    function of arrays whose tokens are any number of leading axes (the same for every
+    array with "t"), partitioned by the implementation's :func:`token_rule` over them.
+    Under ``vmap``: a sequential map."""
+    single = len(results) == 1
 
-    def batched(axis_size, in_batched, *arrays):
-        return jax.lax.map(lambda values: call(*values), arrays)
+    def on_shards(*arrays):
+        tokens = next(a.shape[:a.ndim - len(d) + 1] for a, d in zip(arrays, operands) if "t" in d)
+        flat = [a.reshape(math.prod(tokens), *a.shape[len(tokens):]) if "t" in d else a
+                for a, d in zip(arrays, operands)]
+        out = kernel(*flat, **static, interpret=choice.interpret)
+        out = [r.reshape(*tokens, *r.shape[1:]) if "t" in d else r
+               for r, d in zip((out,) if single else out, results)]
+        return out[0] if single else tuple(out)
 
-    call = _partition.kernel_call(
-        functools.partial(kernel, **static, interpret=choice.interpret), rule, batched,
-        single_result=len(results) == 1)
-    return call
+    def split(*arrays):
+        lead = next(a.ndim - len(d) + 1 for a, d in zip(arrays, operands) if "t" in d)
+        rule = choice.implementation.sharding_rules(operands, results, reduced, lead)
+
+        def batched(axis_size, in_batched, *arrays):
+            return jax.lax.map(lambda values: call(*values), arrays)
+
+        call = _partition.kernel_call(on_shards, rule, batched, single_result=single)
+        return call(*arrays)
+    return split
 
 
 _MATRIX, _STEPS, _STREAMS = ("t", "i", "j"), ("t", "s", "i"), ("t", "i", "c")
@@ -248,11 +274,11 @@ _sinkhorn.defvjp(_sinkhorn_fwd, _sinkhorn_bwd)
 
 def _sinkhorn_any(logits, options, choice):
     """``_sinkhorn`` over leading dims ``[..., n, n]`` (none allowed), float32."""
-    n = logits.shape[-1]
-    flat = logits.reshape(-1, n, n)
-    if flat.shape[0] == 0:
+    if logits.size == 0:
         return jnp.zeros(logits.shape, jnp.float32)
-    return _sinkhorn(flat, options, choice).reshape(logits.shape)
+    if logits.ndim == 2:
+        return _sinkhorn(logits[None], options, choice)[0]
+    return _sinkhorn(logits, options, choice)
 
 
 def _check_sinkhorn_config(desc, config: pallas_sinkhorn.SinkhornConfig) -> None:
@@ -539,8 +565,7 @@ def _static_coefficients(bias, x, desc, choice):
     """Static H: the coefficients of ``bias``, the same for every token of ``x`` (and,
     inside ``jax.shard_map``, varying as x's tokens do)."""
     h_pre, h_post, h_res = _coefficients(bias.astype(jnp.float32)[None], desc, choice)
-    shape = (desc.tokens,)
-    return tuple(_partition.vary_like(jnp.broadcast_to(h, shape + h.shape[1:]), x)
+    return tuple(_partition.vary_like(jnp.broadcast_to(h, x.shape[:-2] + h.shape[1:]), x)
                  for h in (h_pre, h_post, h_res))
 
 
@@ -555,7 +580,7 @@ def _pre_fwd(x, phi, alpha, bias, desc, choice):
         project, projection_config = _projection(desc, choice)
         proj, squares = _token_split(choice, project, (("t", "f"), ("f", "k")),
                                      (("t", "k"), ("t",)), config=projection_config)(
-            x.reshape(desc.tokens, -1), phi.astype(jnp.float32))
+            x.reshape(*x.shape[:-2], -1), phi.astype(jnp.float32))
         h_pre, h_post, h_res = _dynamic_coefficients(proj, squares, alpha, bias, desc, choice)
     else:
         proj = squares = None
@@ -593,7 +618,7 @@ def _pre_bwd(desc, choice, residuals, cotangents):
     weight_grad, weight_grad_config = _projection(desc, choice, "weight_grad")
     d_phi = _token_split(choice, weight_grad, (("t", "f"), ("t", "k")), (("f", "k"),),
                          reduced=True, config=weight_grad_config)(
-        x.reshape(desc.tokens, -1), d_proj)
+        x.reshape(*x.shape[:-2], -1), d_proj)
     return _partition.typed_like_primals((dx, d_phi.astype(phi.dtype), d_alpha, d_bias),
                                          residuals[:4])
 
@@ -742,7 +767,8 @@ def mhc_pre(x: ArrayLike, *, bias: ArrayLike, phi: ArrayLike | None = None,
     if desc.tokens == 0:
         return (jnp.zeros((*lead, hidden), x.dtype), jnp.zeros((*lead, n), jnp.float32),
                 jnp.zeros((*lead, n, n), jnp.float32))
-    layer_input, h_post, h_res = _pre(x.reshape(desc.tokens, n, hidden), phi, alpha, bias,
+    # The tokens keep their axes (a split of any of them stays split); x [n, C] gets one.
+    layer_input, h_post, h_res = _pre(x.reshape(*(lead or (1,)), n, hidden), phi, alpha, bias,
                                       desc, choice)
     return (layer_input.reshape(*lead, hidden), h_post.reshape(*lead, n),
             h_res.reshape(*lead, n, n))
@@ -856,9 +882,9 @@ def mhc_post(x: ArrayLike, f_out: ArrayLike, h_post: ArrayLike, h_res: ArrayLike
         return xla_hc.mhc_post(x, f_out, h_post, h_res, transpose_res=desc.transpose_res)
     if desc.tokens == 0:
         return jnp.zeros(x.shape, x.dtype)
-    t, n, hidden = desc.tokens, desc.n, desc.hidden
-    out = _post(x.reshape(t, n, hidden), f_out.reshape(t, hidden), h_post.reshape(t, n),
-                h_res.reshape(t, n, n), desc.transpose_res, choice,
+    lead, n, hidden = desc.batch_shape or (1,), desc.n, desc.hidden
+    out = _post(x.reshape(*lead, n, hidden), f_out.reshape(*lead, hidden),
+                h_post.reshape(*lead, n), h_res.reshape(*lead, n, n), desc.transpose_res, choice,
                 choice.config_for(desc, pallas_hc.MixConfig))
     return out.reshape(x.shape)
 

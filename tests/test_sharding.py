@@ -488,10 +488,6 @@ def test_mhc_layer_keeps_its_sharding(lead, spec, mesh_shape, backend):
     check_mhc_layer(lead, spec, mesh_shape, backend)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the mHC ops flatten the leading axes into tokens before they "
-                          "partition, and the flattening gathers a split of an inner leading "
-                          "axis (README, Sharded programs)")
 def test_mhc_layer_keeps_an_inner_leading_split(backend=KERNEL_BACKEND):
     """Sequence parallelism: x ``[batch, seq, n, C]`` split over seq alone."""
     check_mhc_layer((2, 8), P(None, "data"), (8,), backend)

@@ -70,6 +70,10 @@ class SsdConfig:
         chunks and passes them along (``pallas_kernels.state_passing``) instead of
         walking the sequence with its matmuls.
       block_pass: rows of ``p`` a program of that pass.
+      block_n: state columns per :func:`chunk_states` (or :func:`chunk_local_states`)
+        program, capped at the padded state: a state's columns evolve apart
+        (``S[:, j]`` reads only ``B[:, j]``), so narrower blocks give more programs,
+        each with a smaller float32 state.
     """
     block_q: int
     block_t: int
@@ -82,6 +86,7 @@ class SsdConfig:
     constant_trip_count: bool = False
     state_passing: bool = False
     block_pass: int = 16
+    block_n: int = 256
 
 
 def state_piece(chunk_size: int, state_dim: int, dtype) -> int:
@@ -108,6 +113,10 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
     * otherwise 64-column blocks, two heads where they divide the group, 8 warps (other
       head_dims and dtypes have not been timed or checked on a GPU with whole blocks).
 
+    The state kernels take states padded past 128 in blocks of 64 columns (on the H200:
+    1.53x faster forward at b=4, l=4096, h=32, p=128, n=256, 1.59x at 128K tokens of 64
+    heads of 64; no gain at state 128; BENCHMARKS.md), the whole state otherwise.
+
     Float32 inputs (``dtype``: x's) loop over a constant count of blocks
     (``blocks.block_loop``). With ``batch_heads`` (batch rows x heads) and ``chunks``
     given, the chunk states are passed along where their walks would be too few and too
@@ -118,13 +127,15 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
     block_p, warps = min(padded_p, 64), 4 if padded_p <= 64 else 8
     if head_dim == 128 and jnp.dtype(dtype) == jnp.bfloat16:
         block_p, block_h, warps = 128, 1, 4
-    passing = batch_heads is not None and wants_state_passing(
-        batch_heads * pl.cdiv(head_dim, block_p), chunks)
+    block_n = 64 if padded(state_dim) > 128 else padded(state_dim)
+    walks = None if batch_heads is None else batch_heads * pl.cdiv(head_dim, block_p) * (
+        pl.cdiv(state_dim, block_n))
     return SsdConfig(block_q=state_piece(chunk_size, state_dim, dtype), block_t=block,
                      block_s=block, block_p=block_p, block_h=block_h, state_warps=4,
                      scan_warps=warps, num_stages=2,
                      constant_trip_count=jnp.dtype(dtype) == jnp.float32,
-                     state_passing=passing)
+                     state_passing=walks is not None and wants_state_passing(walks, chunks),
+                     block_n=block_n)
 
 
 def search_space(chunk_size: int, head_dim: int, state_dim: int, heads_per_group: int,
@@ -152,6 +163,13 @@ def search_space(chunk_size: int, head_dim: int, state_dim: int, heads_per_group
                         base, block_t=block_t, block_s=block_t, block_p=block_p,
                         block_h=block_h, scan_warps=warps))
     return tuple(dict.fromkeys(space))
+
+
+def state_block_variants(config: SsdConfig, state_dim: int) -> tuple[SsdConfig, ...]:
+    """``config`` with its state kernels in blocks of 32, 64 or 128 state columns, or the
+    whole padded state (those that fit the state): the tuner's candidates."""
+    widths = dict.fromkeys(min(width, padded(state_dim)) for width in (32, 64, 128, 256))
+    return tuple(dataclasses.replace(config, block_n=width) for width in widths)
 
 
 def snapshot_dtype(x_dtype) -> jnp.dtype:
@@ -221,12 +239,35 @@ def _weighted_outer(refs, place, start, a_end, seg_end, dims, config, dot_dtype)
     return dot(x.astype(dot_dtype), bw, contract=(0, 0))
 
 
-def state_place(dims, block_p, pb, head, row):
+def state_place(dims, block_p, pb, head, row, nb=0, block_n=None):
     """Where a state program works: ``(row, head, its group, (p slice, mask), (n slice,
-    mask))`` for head_dim block ``pb`` of ``block_p`` rows and the whole padded state."""
+    mask))`` for head_dim block ``pb`` of ``block_p`` rows and state block ``nb`` of
+    ``block_n`` columns (None: the whole padded state)."""
     heads_per_group, head_dim, state_dim = dims[2:]
+    block_n = block_n or padded(state_dim)
     return (row, head, head // heads_per_group, columns(head_dim, pb * block_p, block_p),
-            columns(state_dim, 0, padded(state_dim)))
+            columns(state_dim, nb * block_n, block_n))
+
+
+def state_block(config: SsdConfig, state_dim: int) -> int:
+    """State columns per state program: ``config.block_n``, capped at the padded state."""
+    return min(config.block_n, padded(state_dim))
+
+
+def state_tiles(config: SsdConfig, head_dim: int, state_dim: int) -> int:
+    """Programs of one (batch row, head[, chunk]) of the state kernels: head_dim blocks
+    times state blocks, the first grid axis (head_dim block major)."""
+    return pl.cdiv(head_dim, config.block_p) * pl.cdiv(state_dim, state_block(config, state_dim))
+
+
+def _state_program(config: SsdConfig, dims, head, row):
+    """The place of this state program (first grid axis: head_dim block major, then state
+    block) and its block's width."""
+    block_n = state_block(config, dims[4])
+    n_blocks = pl.cdiv(dims[4], block_n)
+    tile = pl.program_id(0)
+    return state_place(dims, config.block_p, tile // n_blocks, head, row, tile % n_blocks,
+                       block_n), block_n
 
 
 def _state_kernel(*refs, dims, config: SsdConfig, has_seg, has_init, dot_dtype):
@@ -235,10 +276,9 @@ def _state_kernel(*refs, dims, config: SsdConfig, has_seg, has_init, dot_dtype):
     init_ref = rest.pop(0) if has_init else None
     states_ref, final_ref = rest
     bq, bp = config.block_q, config.block_p
-    pb, head, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    place = state_place(dims, config.block_p, pb, head, row)
+    head, row = pl.program_id(1), pl.program_id(2)
+    place, n_pad = _state_program(config, dims, head, row)
     (p_slice, p_mask), (n_slice, n_mask) = place[3:]
-    n_pad = padded(dims[4])
     pieces_per_chunk = dims[1] // bq
     num_pieces = states_ref.shape[1] * pieces_per_chunk
 
@@ -277,8 +317,8 @@ def _local_state_kernel(*refs, dims, config: SsdConfig, has_seg, dot_dtype):
     seg_ref = rest.pop(0) if has_seg else None
     (local_ref,) = rest
     chunk = dims[1]
-    pb, head, c, row = (pl.program_id(i) for i in range(4))
-    place = state_place(dims, config.block_p, pb, head, row)
+    head, c, row = (pl.program_id(i) for i in range(1, 4))
+    place, block_n = _state_program(config, dims, head, row)
     (p_slice, p_mask), (n_slice, n_mask) = place[3:]
     end = c * chunk + chunk - 1
     a_end = acs_ref[row, head, end]
@@ -290,7 +330,7 @@ def _local_state_kernel(*refs, dims, config: SsdConfig, has_seg, dot_dtype):
                                        config, dot_dtype)
 
     state = jax.lax.fori_loop(jnp.int32(0), jnp.int32(chunk // config.block_q), body,
-                              jnp.zeros((config.block_p, padded(dims[4])), jnp.float32))
+                              jnp.zeros((config.block_p, block_n), jnp.float32))
     plgpu.store(local_ref.at[row, c, head, p_slice, n_slice], state,
                 mask=rows_cols(p_mask, n_mask))
 
@@ -371,7 +411,7 @@ _STATIC = ("chunk_size", "config", "interpret")
 def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: int,
                  config: SsdConfig, interpret: bool = False, states_dtype=None):
     """States entering every chunk, and the final state: walked by one program per batch
-    row, head and block of ``p``, or with ``config.state_passing`` computed per chunk
+    row, head and block of ``p`` and of ``n`` (``config.block_n``), or with ``config.state_passing`` computed per chunk
     (:func:`chunk_local_states`) and passed along (``state_passing.pass_states``).
 
     Args:
@@ -409,7 +449,7 @@ def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: i
         out_shape=(jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_dim),
                                         states_dtype),
                    jax.ShapeDtypeStruct((batch, heads, head_dim, state_dim), jnp.float32)),
-        grid=(pl.cdiv(head_dim, config.block_p), heads, batch),
+        grid=(state_tiles(config, head_dim, state_dim), heads, batch),
         compiler_params=plgpu.CompilerParams(num_warps=config.state_warps,
                                              num_stages=config.num_stages),
         interpret=interpret,
@@ -423,7 +463,7 @@ def chunk_local_states(x, b, dt, a_cs, seg=None, *, chunk_size: int, config: Ssd
     """Each chunk's own end state (entering it from zero), float32
     ``[batch, chunks, heads, head_dim, state_dim]``: ``L_c = sum_s exp(a_cs_end - a_cs_s)
     dt_s x_s B_s^T`` over the chunk's steps in its last segment. One program per batch
-    row, chunk, head and block of ``p``; arguments as :func:`chunk_states`'."""
+    row, chunk, head and block of ``p`` and of ``n``; arguments as :func:`chunk_states`'."""
     batch, seq_len, heads, head_dim = x.shape
     groups, state_dim = b.shape[2:]
     chunks = dt.shape[-1] // chunk_size
@@ -434,7 +474,7 @@ def chunk_local_states(x, b, dt, a_cs, seg=None, *, chunk_size: int, config: Ssd
         kernel,
         out_shape=jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_dim),
                                        jnp.float32),
-        grid=(pl.cdiv(head_dim, config.block_p), heads, chunks, batch),
+        grid=(state_tiles(config, head_dim, state_dim), heads, chunks, batch),
         compiler_params=plgpu.CompilerParams(num_warps=config.state_warps,
                                              num_stages=config.num_stages),
         interpret=interpret,

@@ -10,6 +10,9 @@ the walk's (max difference over max magnitude), so a variant that computes somet
 shows; and the compiled forward + backward's temporary buffers (``temp``, MiB, from XLA's
 memory analysis), where passing keeps its float32 local states. ``passK``: states passed along in both directions, K rows a pass program;
 ``fwd-pass16``: the forward's passed, the backward's state gradients walked.
+``--block-n 256,64``: each variant again with the forward's state kernels in blocks of that
+many state columns (``SsdConfig.block_n``; named ``variant/nK``). ``--forward-only``: the
+op's forward and ``chunk_states`` alone.
 """
 import argparse
 import dataclasses
@@ -42,14 +45,14 @@ VARIANTS = {"walk": (None, None), "pass8": (8, 8), "pass16": (16, 16), "pass32":
             "fwd-pass16": (16, None)}
 
 
-def configs(shape, blocks):
+def configs(shape, blocks, block_n=256):
     _, _, heads, head_dim, groups, state_dim, chunk = shape
     args = (chunk, head_dim, state_dim, heads // groups, jnp.bfloat16)
     forward, backward = (
         dataclasses.replace(module.default_config(*args), state_passing=rows is not None,
                             block_pass=rows or 16)
         for module, rows in zip((pk, pkb), blocks))
-    return pkb.ChunkScanConfig(forward, backward)
+    return pkb.ChunkScanConfig(dataclasses.replace(forward, block_n=block_n), backward)
 
 
 def kernels(shape, config, args, dy):
@@ -84,15 +87,19 @@ def main():
                         help="time the state kernels alone, not the op")
     parser.add_argument("--match", action="append", default=[],
                         help="keep the shapes whose row text holds these tokens")
+    parser.add_argument("--block-n", default="256", help="the forward's state blocks")
+    parser.add_argument("--forward-only", action="store_true")
     options = parser.parse_args()
-    variants = {k: VARIANTS[k] for k in options.variants.split(",")}
+    widths = [int(v) for v in options.block_n.split(",")]
+    variants = {f"{k}/n{n}" if len(widths) > 1 else k: (VARIANTS[k], n)
+                for k in options.variants.split(",") for n in widths}
     for shape in matching(part_of(SHAPES, options.part), options.match):
         chunk = shape[-1]
         args = cases.ssd_inputs(shape)
         dy = jax.random.normal(jax.random.key(9), args[0].shape, jnp.bfloat16)
         line, want = [bench_ssd._shape_text(shape)], None
-        for name, blocks in variants.items():
-            config = configs(shape, blocks)
+        for name, (blocks, block_n) in variants.items():
+            config = configs(shape, blocks, block_n)
             forward = jax.jit(lambda *a, c=config: bjax.ssd_chunk_scan(
                 *a, chunk_size=chunk, config=c))
 
@@ -102,14 +109,17 @@ def main():
                 return y, vjp(dy)
             try:
                 states, grads, walked, parts = kernels(shape, config, args, dy)
-                outs = [np.asarray(v, np.float32) for v in
-                        (forward(*args), walked, grads(walked)[0])]
+                outs = [np.asarray(v, np.float32) for v in (forward(*args), walked) + (
+                    () if options.forward_only else (grads(walked)[0],))]
                 want = outs if want is None else want
                 diff = max(np.max(np.abs(o - w)) / np.max(np.abs(w)) for o, w in zip(outs, want))
-                times = [device_time_ms(states, calls=10, trials=3),
-                         device_time_ms(grads, walked, calls=10, trials=3)]
+                times = [device_time_ms(states, calls=10, trials=3)]
+                if not options.forward_only:
+                    times.append(device_time_ms(grads, walked, calls=10, trials=3))
                 temp = 0
-                if not options.kernels_only:
+                if options.forward_only:
+                    times.insert(0, device_time_ms(forward, *args, calls=10, trials=3))
+                elif not options.kernels_only:
                     times = [device_time_ms(forward, *args, calls=10, trials=3),
                              device_time_ms(jax.jit(fwd_bwd), args, calls=5, trials=3), *times]
                     temp = jax.jit(fwd_bwd).lower(args).compile().memory_analysis()
@@ -119,8 +129,9 @@ def main():
             except Exception as failure:
                 text = f"{name} FAILED {str(failure).strip().splitlines()[-1][:160]}"
             print(f"{line[0]} | {text}", flush=True)
-        print("# " + "fwd fwd+bwd " * (not options.kernels_only)
-              + "chunk_states state_grads (ms)", flush=True)
+        print("# " + ("fwd chunk_states (ms)" if options.forward_only else
+                      "fwd fwd+bwd " * (not options.kernels_only)
+                      + "chunk_states state_grads (ms)"), flush=True)
 
 
 if __name__ == "__main__":

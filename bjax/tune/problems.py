@@ -360,7 +360,8 @@ def ssd_chunk_scan(batch: int, seq_len: int, heads: int, head_dim: int, state_di
     """``bjax.ssd_chunk_scan`` as the Mamba-2 mixer calls it (``dt_bias``, softplus; ``D``
     of ``d_shape``; ``z`` if asked). Four stages: the forward kernels'
     (:func:`pallas_kernels.ssd.search_space`, timed forward), the forward's chunk states
-    walked or passed along (``pallas_kernels.state_passing.passing_variants``, timed
+    walked or passed along (``pallas_kernels.state_passing.passing_variants``), each in
+    blocks of state columns (:func:`pallas_kernels.ssd.state_block_variants`; timed
     forward), then the same two for the backward with the best forward
     (:func:`pallas_kernels.ssd_backward.search_space`, timed forward and backward)."""
     inputs = _mixer_inputs((batch, seq_len), heads, head_dim, groups, state_dim, dtype,
@@ -383,8 +384,9 @@ def ssd_chunk_scan(batch: int, seq_len: int, heads: int, head_dim: int, state_di
         pallas_ssd_backward.search_space(*args, batch * heads, desc.chunks))
     stages = (forward,
               Stage("forward chunk states", lambda best: [
-                  ChunkScanConfig(c, best.backward)
-                  for c in state_passing.passing_variants(best.forward)], FORWARD),
+                  ChunkScanConfig(blocks, best.backward)
+                  for c in state_passing.passing_variants(best.forward)
+                  for blocks in pallas_ssd.state_block_variants(c, state_dim)], FORWARD),
               backward,
               Stage("backward chunk states", lambda best: [
                   ChunkScanConfig(best.forward, c)

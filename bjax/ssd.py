@@ -635,6 +635,9 @@ def _check_scan_config(desc: SsdChunkScanDescriptor,
     for name, value, whole, whole_name in divides:
         _op.check(whole % value == 0, op, f"config.{name}", f"a divisor of {whole_name} = "
                   f"{whole}", value)
+    if forward is not None:
+        _op.check(forward.block_n >= 16, op, "config.forward.block_n",
+                  "at least 16 (the smallest matmul the state kernels run)", forward.block_n)
 
 
 def step_tuning_key(desc: SsdStepDescriptor) -> str:

@@ -114,8 +114,9 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
       head_dims and dtypes have not been timed or checked on a GPU with whole blocks).
 
     The state kernels take states padded past 128 in blocks of 64 columns (on the H200:
-    1.53x faster forward at b=4, l=4096, h=32, p=128, n=256, 1.59x at 128K tokens of 64
-    heads of 64; no gain at state 128; BENCHMARKS.md), the whole state otherwise.
+    forward 1.53x faster at b=4, l=4096, h=32, p=128, n=256, and at 128K tokens of 64
+    heads of 64 1.33x faster than passing whole states; no gain at state 128;
+    BENCHMARKS.md), the whole state otherwise.
 
     Float32 inputs (``dtype``: x's) loop over a constant count of blocks
     (``blocks.block_loop``). With ``batch_heads`` (batch rows x heads) and ``chunks``
@@ -249,25 +250,25 @@ def state_place(dims, block_p, pb, head, row, nb=0, block_n=None):
             columns(state_dim, nb * block_n, block_n))
 
 
-def state_block(config: SsdConfig, state_dim: int) -> int:
-    """State columns per state program: ``config.block_n``, capped at the padded state."""
-    return min(config.block_n, padded(state_dim))
+def _state_blocks(config: SsdConfig, state_dim: int) -> tuple[int, int]:
+    """``(columns, count)`` of the state kernels' blocks of the state: ``config.block_n``
+    columns, capped at the padded state."""
+    width = min(config.block_n, padded(state_dim))
+    return width, pl.cdiv(state_dim, width)
 
 
-def state_tiles(config: SsdConfig, head_dim: int, state_dim: int) -> int:
-    """Programs of one (batch row, head[, chunk]) of the state kernels: head_dim blocks
-    times state blocks, the first grid axis (head_dim block major)."""
-    return pl.cdiv(head_dim, config.block_p) * pl.cdiv(state_dim, state_block(config, state_dim))
+def _state_tiles(config: SsdConfig, head_dim: int, state_dim: int) -> int:
+    """The state kernels' first grid axis: head_dim blocks (major) times state blocks."""
+    return pl.cdiv(head_dim, config.block_p) * _state_blocks(config, state_dim)[1]
 
 
 def _state_program(config: SsdConfig, dims, head, row):
-    """The place of this state program (first grid axis: head_dim block major, then state
-    block) and its block's width."""
-    block_n = state_block(config, dims[4])
-    n_blocks = pl.cdiv(dims[4], block_n)
+    """This state program's place (:func:`state_place`, from the first grid axis of
+    :func:`_state_tiles`) and its block's width."""
+    width, count = _state_blocks(config, dims[4])
     tile = pl.program_id(0)
-    return state_place(dims, config.block_p, tile // n_blocks, head, row, tile % n_blocks,
-                       block_n), block_n
+    return state_place(dims, config.block_p, tile // count, head, row, tile % count,
+                       width), width
 
 
 def _state_kernel(*refs, dims, config: SsdConfig, has_seg, has_init, dot_dtype):
@@ -411,8 +412,9 @@ _STATIC = ("chunk_size", "config", "interpret")
 def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: int,
                  config: SsdConfig, interpret: bool = False, states_dtype=None):
     """States entering every chunk, and the final state: walked by one program per batch
-    row, head and block of ``p`` and of ``n`` (``config.block_n``), or with ``config.state_passing`` computed per chunk
-    (:func:`chunk_local_states`) and passed along (``state_passing.pass_states``).
+    row, head, block of ``p`` and block of ``n`` (``config.block_n``), or with
+    ``config.state_passing`` computed per chunk (:func:`chunk_local_states`) and passed
+    along (``state_passing.pass_states``).
 
     Args:
       x: ``[batch, seqlen, heads, head_dim]``.
@@ -449,7 +451,7 @@ def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: i
         out_shape=(jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_dim),
                                         states_dtype),
                    jax.ShapeDtypeStruct((batch, heads, head_dim, state_dim), jnp.float32)),
-        grid=(state_tiles(config, head_dim, state_dim), heads, batch),
+        grid=(_state_tiles(config, head_dim, state_dim), heads, batch),
         compiler_params=plgpu.CompilerParams(num_warps=config.state_warps,
                                              num_stages=config.num_stages),
         interpret=interpret,
@@ -474,7 +476,7 @@ def chunk_local_states(x, b, dt, a_cs, seg=None, *, chunk_size: int, config: Ssd
         kernel,
         out_shape=jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_dim),
                                        jnp.float32),
-        grid=(state_tiles(config, head_dim, state_dim), heads, chunks, batch),
+        grid=(_state_tiles(config, head_dim, state_dim), heads, chunks, batch),
         compiler_params=plgpu.CompilerParams(num_warps=config.state_warps,
                                              num_stages=config.num_stages),
         interpret=interpret,

@@ -115,6 +115,17 @@ def test_ssd_pass_rows_are_a_power_of_2(which):
         bjax.ssd_chunk_scan(x, dt, A, B, B, chunk_size=16, backend=KERNEL_BACKEND, config=bad)
 
 
+@pytest.mark.parametrize("block_n, expected", [(8, "at least 16"), (48, "a power of 2")])
+def test_ssd_state_blocks_are_launchable(block_n, expected):
+    x, dt = jnp.ones((1, 16, 4, 8), jnp.float32), jnp.ones((1, 16, 4), jnp.float32)
+    A, B = -jnp.ones((4,), jnp.float32), jnp.ones((1, 16, 1, 8), jnp.float32)
+    bad = pallas_ssd_backward.ChunkScanConfig(forward=pallas_ssd.SsdConfig(
+        block_q=16, block_t=16, block_s=16, block_p=16, block_n=block_n))
+    with pytest.raises(bjax.InvalidProblemError,
+                       match=rf"config.forward.block_n must be {expected}.*; got {block_n}"):
+        bjax.ssd_chunk_scan(x, dt, A, B, B, chunk_size=16, backend=KERNEL_BACKEND, config=bad)
+
+
 def test_ssd_step_config_covers_whole_programs_of_heads():
     """A program of 4 heads over 6 would leave heads 4 and 5 unwritten."""
     state = jnp.zeros((2, 6, 8, 16), jnp.float32)

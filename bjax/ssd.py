@@ -635,9 +635,10 @@ def _check_scan_config(desc: SsdChunkScanDescriptor,
     for name, value, whole, whole_name in divides:
         _op.check(whole % value == 0, op, f"config.{name}", f"a divisor of {whole_name} = "
                   f"{whole}", value)
-    if forward is not None:
-        _op.check(forward.block_n >= 16, op, "config.forward.block_n",
-                  "at least 16 (the smallest matmul the state kernels run)", forward.block_n)
+    for name, tile in (("forward", forward), ("backward", backward)):
+        if tile is not None:
+            _op.check(tile.block_n >= 16, op, f"config.{name}.block_n",
+                      "at least 16 (the smallest matmul the state kernels run)", tile.block_n)
 
 
 def step_tuning_key(desc: SsdStepDescriptor) -> str:

@@ -166,9 +166,10 @@ def search_space(chunk_size: int, head_dim: int, state_dim: int, heads_per_group
     return tuple(dict.fromkeys(space))
 
 
-def state_block_variants(config: SsdConfig, state_dim: int) -> tuple[SsdConfig, ...]:
-    """``config`` with its state kernels in blocks of 32, 64 or 128 state columns, or the
-    whole padded state (those that fit the state): the tuner's candidates."""
+def state_block_variants(config, state_dim: int) -> tuple:
+    """``config`` (the forward's :class:`SsdConfig` or the backward's) with its state
+    kernels in blocks of 32, 64 or 128 state columns, or the whole padded state (those
+    that fit the state): the tuner's candidates."""
     widths = dict.fromkeys(min(width, padded(state_dim)) for width in (32, 64, 128, 256))
     return tuple(dataclasses.replace(config, block_n=width) for width in widths)
 
@@ -250,25 +251,27 @@ def state_place(dims, block_p, pb, head, row, nb=0, block_n=None):
             columns(state_dim, nb * block_n, block_n))
 
 
-def _state_blocks(config: SsdConfig, state_dim: int) -> tuple[int, int]:
-    """``(columns, count)`` of the state kernels' blocks of the state: ``config.block_n``
-    columns, capped at the padded state."""
+def state_blocks(config, state_dim: int) -> tuple[int, int]:
+    """``(columns, count)`` of a state kernel's blocks of the state: ``config.block_n``
+    columns, capped at the padded state. ``config``: the forward's :class:`SsdConfig` or
+    the backward's config (``pallas_kernels.ssd_backward``), which share ``block_p`` and
+    ``block_n``."""
     width = min(config.block_n, padded(state_dim))
     return width, pl.cdiv(state_dim, width)
 
 
-def _state_tiles(config: SsdConfig, head_dim: int, state_dim: int) -> int:
-    """The state kernels' first grid axis: head_dim blocks (major) times state blocks."""
-    return pl.cdiv(head_dim, config.block_p) * _state_blocks(config, state_dim)[1]
+def state_tiles(config, head_dim: int, state_dim: int) -> int:
+    """A state kernel's first grid axis: head_dim blocks (major) times state blocks."""
+    return pl.cdiv(head_dim, config.block_p) * state_blocks(config, state_dim)[1]
 
 
-def _state_program(config: SsdConfig, dims, head, row):
+def state_program(config, dims, head, row):
     """This state program's place (:func:`state_place`, from the first grid axis of
-    :func:`_state_tiles`) and its block's width."""
-    width, count = _state_blocks(config, dims[4])
+    :func:`state_tiles`), its block's width and its tile (the first grid index)."""
+    width, count = state_blocks(config, dims[4])
     tile = pl.program_id(0)
     return state_place(dims, config.block_p, tile // count, head, row, tile % count,
-                       width), width
+                       width), width, tile
 
 
 def _state_kernel(*refs, dims, config: SsdConfig, has_seg, has_init, dot_dtype):
@@ -278,7 +281,7 @@ def _state_kernel(*refs, dims, config: SsdConfig, has_seg, has_init, dot_dtype):
     states_ref, final_ref = rest
     bq, bp = config.block_q, config.block_p
     head, row = pl.program_id(1), pl.program_id(2)
-    place, n_pad = _state_program(config, dims, head, row)
+    place, n_pad, _ = state_program(config, dims, head, row)
     (p_slice, p_mask), (n_slice, n_mask) = place[3:]
     pieces_per_chunk = dims[1] // bq
     num_pieces = states_ref.shape[1] * pieces_per_chunk
@@ -319,7 +322,7 @@ def _local_state_kernel(*refs, dims, config: SsdConfig, has_seg, dot_dtype):
     (local_ref,) = rest
     chunk = dims[1]
     head, c, row = (pl.program_id(i) for i in range(1, 4))
-    place, block_n = _state_program(config, dims, head, row)
+    place, block_n, _ = state_program(config, dims, head, row)
     (p_slice, p_mask), (n_slice, n_mask) = place[3:]
     end = c * chunk + chunk - 1
     a_end = acs_ref[row, head, end]
@@ -451,7 +454,7 @@ def chunk_states(x, b, dt, a_cs, seg=None, initial_states=None, *, chunk_size: i
         out_shape=(jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_dim),
                                         states_dtype),
                    jax.ShapeDtypeStruct((batch, heads, head_dim, state_dim), jnp.float32)),
-        grid=(_state_tiles(config, head_dim, state_dim), heads, batch),
+        grid=(state_tiles(config, head_dim, state_dim), heads, batch),
         compiler_params=plgpu.CompilerParams(num_warps=config.state_warps,
                                              num_stages=config.num_stages),
         interpret=interpret,
@@ -476,7 +479,7 @@ def chunk_local_states(x, b, dt, a_cs, seg=None, *, chunk_size: int, config: Ssd
         kernel,
         out_shape=jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_dim),
                                        jnp.float32),
-        grid=(_state_tiles(config, head_dim, state_dim), heads, chunks, batch),
+        grid=(state_tiles(config, head_dim, state_dim), heads, chunks, batch),
         compiler_params=plgpu.CompilerParams(num_warps=config.state_warps,
                                              num_stages=config.num_stages),
         interpret=interpret,

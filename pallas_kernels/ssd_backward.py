@@ -23,9 +23,9 @@ turns it into the gradient of ``a``.
 Three kernels, each writing every cell of its outputs once (no atomics: the
 results are bit-identical from run to run):
 
-* :func:`state_grads`: one program per (batch row, head, block of ``p``) walks the
-  chunks backwards and stores every ``G_c``, the initial state's gradient and
-  ``decay_c <G_c, S_c>`` (per block of ``p``); with ``state_passing``, two kernels
+* :func:`state_grads`: one program per (batch row, head, block of ``p``, block of ``n``)
+  walks the chunks backwards and stores every ``G_c``, the initial state's gradient and
+  ``decay_c <G_c, S_c>`` (per block of ``p`` and ``n``); with ``state_passing``, two kernels
   instead: :func:`chunk_output_grads` (each chunk's own term, parallel over the chunks)
   and ``state_passing.pass_states`` walking back through them.
 * :func:`target_grads`: one program per (batch row, chunk, block of output steps,
@@ -47,7 +47,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.blocks import block_loop, columns, dot, load, padded, pallas_call, rows_cols
 from pallas_kernels.ssd import (SsdConfig, segment_before, snapshot_dtype, state_piece,
-                                state_place)
+                                state_program, state_tiles)
 from pallas_kernels.state_passing import chunk_decay, pass_states, wants_state_passing
 
 
@@ -71,6 +71,9 @@ class SsdBackwardConfig:
         chunks (``pallas_kernels.state_passing``) instead of walking them with its
         matmuls.
       block_pass: rows of ``p`` a program of that pass.
+      block_n: state columns per :func:`state_grads` (or :func:`chunk_output_grads`)
+        program, capped at the padded state, as the forward's ``SsdConfig.block_n``:
+        the gradient's columns evolve apart (``G[:, j]`` reads only ``C[:, j]``).
     """
     block_q: int
     block: int
@@ -82,6 +85,7 @@ class SsdBackwardConfig:
     constant_trip_count: bool = False
     state_passing: bool = False
     block_pass: int = 16
+    block_n: int = 256
 
 
 def default_config(chunk_size: int, head_dim: int, state_dim: int,
@@ -104,7 +108,12 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
     are passed back along the chunks where their walks would be too few and too long, as
     the forward's states (``state_passing.wants_state_passing``): on an H200 at 128K
     tokens of 32 heads of 128, state 64, ``state_grads`` took 1.27 ms passed (16 rows a
-    program) against 2.90 walked (BENCHMARKS.md)."""
+    program) against 2.90 walked (BENCHMARKS.md).
+
+    The state gradients keep whole states (``block_n``; unlike the forward's states): in
+    blocks of 64 columns each block reads ``dy`` again, and ``state_grads`` took 0.98 ms
+    against 0.45 at b=4, l=4096, h=32, p=128, n=256 on an H200 (0.52 against 0.26 at
+    16 x 512 tokens of 64 heads of 64)."""
     wide_state = padded(state_dim) > 128 and jnp.dtype(dtype) != jnp.float32
     block_h = 2 if heads_per_group % 2 == 0 and not wide_state else 1
     block_p = min(padded(head_dim), 64)
@@ -114,7 +123,7 @@ def default_config(chunk_size: int, head_dim: int, state_dim: int,
                              block=min(chunk_size, 64), block_p=block_p,
                              block_h=block_h, num_warps=8 if wide_state else 4,
                              constant_trip_count=jnp.dtype(dtype) == jnp.float32,
-                             state_passing=passing)
+                             state_passing=passing, block_n=padded(state_dim))
 
 
 def search_space(chunk_size: int, head_dim: int, state_dim: int, heads_per_group: int,
@@ -145,10 +154,10 @@ class ChunkScanConfig:
     backward: SsdBackwardConfig | None = None
 
 
-def _output_grad_sum(refs, place, c, dims, config, dot_dtype):
+def _output_grad_sum(refs, place, width, c, dims, config, dot_dtype):
     """``sum_t e_t dy_t^T C_t`` over chunk ``c`` (``e_t = exp(a_cs_t)``, 0 for steps that
     left the segment the chunk entered in), plus the cotangent of the state entering
-    ``c`` where one is given: ``[block_p, padded n]`` float32."""
+    ``c`` where one is given: ``[block_p, width]`` float32 (the program's state block)."""
     dy_ref, c_ref, acs_ref, seg_ref, dstates_ref = refs
     row, head, group, (p_slice, p_mask), (n_slice, n_mask) = place
     seq_len, chunk = dims[:2]
@@ -169,7 +178,7 @@ def _output_grad_sum(refs, place, c, dims, config, dot_dtype):
         return local + dot(dy, c_t.astype(dot_dtype), contract=(0, 0))
 
     local = jax.lax.fori_loop(jnp.int32(0), jnp.int32(chunk // bq), piece_body,
-                              jnp.zeros((config.block_p, padded(dims[4])), jnp.float32))
+                              jnp.zeros((config.block_p, width), jnp.float32))
     if dstates_ref is not None:   # a cotangent of S_c itself (the states returned for varlen)
         local = local + load(dstates_ref.at[row, c, head, p_slice, n_slice],
                              rows_cols(p_mask, n_mask))
@@ -183,15 +192,15 @@ def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, has_dstates, do
     dstates_ref = rest.pop(0) if has_dstates else None
     gends_ref, dinit_ref, carry_ref = rest
     chunk = dims[1]
-    pb, head, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    place = state_place(dims, config.block_p, pb, head, row)
+    head, row = pl.program_id(1), pl.program_id(2)
+    place, width, tile = state_program(config, dims, head, row)
     (p_slice, p_mask), (n_slice, n_mask) = place[3:]
     tile_mask = rows_cols(p_mask, n_mask)
     chunks = gends_ref.shape[1]
     if has_dfinal:
         grad = load(dfinal_ref.at[row, head, p_slice, n_slice], tile_mask).astype(jnp.float32)
     else:
-        grad = jnp.zeros((config.block_p, padded(dims[4])), jnp.float32)
+        grad = jnp.zeros((config.block_p, width), jnp.float32)
 
     def chunk_body(i, grad):
         c = chunks - 1 - i
@@ -203,9 +212,10 @@ def _state_grad_kernel(*refs, dims, config, has_seg, has_dfinal, has_dstates, do
             decay = jnp.exp(jnp.where(seg_ref[row, c * chunk + chunk - 1] == seg_before,
                                       a_end, -jnp.inf))
         state = load(states_ref.at[row, c, head, p_slice, n_slice], tile_mask)
-        carry_ref[row, head, c, pb] = decay * jnp.sum(grad * state.astype(jnp.float32))
+        carry_ref[row, head, c, tile] = decay * jnp.sum(grad * state.astype(jnp.float32))
         return decay * grad + _output_grad_sum(
-            (dy_ref, c_ref, acs_ref, seg_ref, dstates_ref), place, c, dims, config, dot_dtype)
+            (dy_ref, c_ref, acs_ref, seg_ref, dstates_ref), place, width, c, dims, config,
+            dot_dtype)
 
     grad = jax.lax.fori_loop(jnp.int32(0), jnp.int32(chunks), chunk_body, grad)
     plgpu.store(dinit_ref.at[row, head, p_slice, n_slice], grad, mask=tile_mask)
@@ -216,11 +226,11 @@ def _local_grad_kernel(*refs, dims, config, has_seg, has_dstates, dot_dtype):
     seg_ref = rest.pop(0) if has_seg else None
     dstates_ref = rest.pop(0) if has_dstates else None
     (local_ref,) = rest
-    pb, head, c, row = (pl.program_id(i) for i in range(4))
-    place = state_place(dims, config.block_p, pb, head, row)
+    head, c, row = (pl.program_id(i) for i in range(1, 4))
+    place, width, _ = state_program(config, dims, head, row)
     (p_slice, p_mask), (n_slice, n_mask) = place[3:]
-    local = _output_grad_sum((dy_ref, c_ref, acs_ref, seg_ref, dstates_ref), place, c, dims,
-                             config, dot_dtype)
+    local = _output_grad_sum((dy_ref, c_ref, acs_ref, seg_ref, dstates_ref), place, width, c,
+                             dims, config, dot_dtype)
     plgpu.store(local_ref.at[row, c, head, p_slice, n_slice], local,
                 mask=rows_cols(p_mask, n_mask))
 
@@ -408,8 +418,13 @@ def _params(config, interpret):
 def state_grads(dy, c, a_cs, states, seg=None, dfinal=None, dstates=None, *, chunk_size: int,
                 config: SsdBackwardConfig, interpret: bool = False):
     """``(G [batch, chunks, heads, head_dim, state_dim]`` float32 (gradient of the state
-    at each chunk's end), ``d initial_states`` float32, ``decay_c <G_c, S_c>``
-    ``[batch, heads, chunks, p blocks]`` float32).
+    at each chunk's end), ``d initial_states`` float32, ``decay_c <G_c, S_c>`` float32
+    ``[batch, heads, chunks, tiles]``, one partial sum per block of ``p`` and of the state
+    walked (sum over the last axis)).
+
+    One program per batch row, head, block of ``p`` and block of ``n``
+    (``config.block_n``) walks the chunks backwards; with ``config.state_passing``,
+    :func:`chunk_output_grads` and a reverse pass instead.
 
     ``dy``: ``[batch, seqlen, heads, head_dim]`` (the cotangent before the gate);
     ``states``: the forward's states entering each chunk; ``dfinal``: the final
@@ -423,18 +438,17 @@ def state_grads(dy, c, a_cs, states, seg=None, dfinal=None, dstates=None, *, chu
                            block=config.block_pass, reverse=True, interpret=interpret)
     batch, _, heads, head_dim = dy.shape
     chunks = a_cs.shape[-1] // chunk_size
-    state_dim = c.shape[-1]
-    p_blocks = pl.cdiv(head_dim, config.block_p)
+    tiles = state_tiles(config, head_dim, c.shape[-1])
     kernel = functools.partial(_state_grad_kernel, dims=_dims(dy, c, chunk_size), config=config,
                                has_seg=seg is not None, has_dfinal=dfinal is not None,
                                has_dstates=dstates is not None, dot_dtype=dy.dtype)
-    state = (batch, heads, head_dim, state_dim)
+    state = (batch, heads, head_dim, c.shape[-1])
     return pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_dim), jnp.float32),
+        out_shape=(jax.ShapeDtypeStruct((batch, chunks, *state[1:]), jnp.float32),
                    jax.ShapeDtypeStruct(state, jnp.float32),
-                   jax.ShapeDtypeStruct((batch, heads, chunks, p_blocks), jnp.float32)),
-        grid=(p_blocks, heads, batch),
+                   jax.ShapeDtypeStruct((batch, heads, chunks, tiles), jnp.float32)),
+        grid=(tiles, heads, batch),
         name="bjax_ssd_state_grads",
         **_params(config, interpret),
     )(*[v for v in (dy, c, a_cs, states, seg, dfinal, dstates) if v is not None])
@@ -445,8 +459,8 @@ def chunk_output_grads(dy, c, a_cs, seg=None, dstates=None, *, chunk_size: int,
                        config: SsdBackwardConfig, interpret: bool = False):
     """Each chunk's own term of the gradient of the state entering it, float32
     ``[batch, chunks, heads, head_dim, state_dim]``: ``sum_t e_t dy_t^T C_t`` over its
-    steps (plus ``dstates``' chunk). One program per batch row, chunk, head and block of
-    ``p``; arguments as :func:`state_grads`'."""
+    steps (plus ``dstates``' chunk). One program per batch row, chunk, head, block of
+    ``p`` and block of ``n``; arguments as :func:`state_grads`'."""
     batch, _, heads, head_dim = dy.shape
     chunks = a_cs.shape[-1] // chunk_size
     kernel = functools.partial(_local_grad_kernel, dims=_dims(dy, c, chunk_size), config=config,
@@ -456,7 +470,7 @@ def chunk_output_grads(dy, c, a_cs, seg=None, dstates=None, *, chunk_size: int,
         kernel,
         out_shape=jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, c.shape[-1]),
                                        jnp.float32),
-        grid=(pl.cdiv(head_dim, config.block_p), heads, chunks, batch),
+        grid=(state_tiles(config, head_dim, c.shape[-1]), heads, chunks, batch),
         name="bjax_ssd_chunk_output_grads",
         **_params(config, interpret),
     )(*[v for v in (dy, c, a_cs, seg, dstates) if v is not None])

@@ -10,8 +10,8 @@ the walk's (max difference over max magnitude), so a variant that computes somet
 shows; and the compiled forward + backward's temporary buffers (``temp``, MiB, from XLA's
 memory analysis), where passing keeps its float32 local states. ``passK``: states passed along in both directions, K rows a pass program;
 ``fwd-pass16``: the forward's passed, the backward's state gradients walked.
-``--block-n 256,64``: each variant again with the forward's state kernels in blocks of that
-many state columns (``SsdConfig.block_n``; named ``variant/nK``). ``--forward-only``: the
+``--block-n 256,64``: each variant again with the state kernels of both directions in
+blocks of that many state columns (``block_n``; named ``variant/nK``). ``--forward-only``: the
 op's forward and ``chunk_states`` alone.
 """
 import argparse
@@ -52,7 +52,8 @@ def configs(shape, blocks, block_n=256):
         dataclasses.replace(module.default_config(*args), state_passing=rows is not None,
                             block_pass=rows or 16)
         for module, rows in zip((pk, pkb), blocks))
-    return pkb.ChunkScanConfig(dataclasses.replace(forward, block_n=block_n), backward)
+    return pkb.ChunkScanConfig(dataclasses.replace(forward, block_n=block_n),
+                               dataclasses.replace(backward, block_n=block_n))
 
 
 def kernels(shape, config, args, dy):
@@ -87,7 +88,7 @@ def main():
                         help="time the state kernels alone, not the op")
     parser.add_argument("--match", action="append", default=[],
                         help="keep the shapes whose row text holds these tokens")
-    parser.add_argument("--block-n", default="256", help="the forward's state blocks")
+    parser.add_argument("--block-n", default="256", help="the state kernels' blocks")
     parser.add_argument("--forward-only", action="store_true")
     options = parser.parse_args()
     widths = [int(v) for v in options.block_n.split(",")]

@@ -115,14 +115,18 @@ def test_ssd_pass_rows_are_a_power_of_2(which):
         bjax.ssd_chunk_scan(x, dt, A, B, B, chunk_size=16, backend=KERNEL_BACKEND, config=bad)
 
 
+@pytest.mark.parametrize("which", ["forward", "backward"])
 @pytest.mark.parametrize("block_n, expected", [(8, "at least 16"), (48, "a power of 2")])
-def test_ssd_state_blocks_are_launchable(block_n, expected):
+def test_ssd_state_blocks_are_launchable(block_n, expected, which):
     x, dt = jnp.ones((1, 16, 4, 8), jnp.float32), jnp.ones((1, 16, 4), jnp.float32)
     A, B = -jnp.ones((4,), jnp.float32), jnp.ones((1, 16, 1, 8), jnp.float32)
-    bad = pallas_ssd_backward.ChunkScanConfig(forward=pallas_ssd.SsdConfig(
-        block_q=16, block_t=16, block_s=16, block_p=16, block_n=block_n))
+    tiles = {"forward": pallas_ssd.SsdConfig(block_q=16, block_t=16, block_s=16, block_p=16,
+                                             block_n=block_n),
+             "backward": pallas_ssd_backward.SsdBackwardConfig(
+                 block_q=16, block=16, block_p=16, block_h=1, block_n=block_n)}
+    bad = pallas_ssd_backward.ChunkScanConfig(**{which: tiles[which]})
     with pytest.raises(bjax.InvalidProblemError,
-                       match=rf"config.forward.block_n must be {expected}.*; got {block_n}"):
+                       match=rf"config.{which}.block_n must be {expected}.*; got {block_n}"):
         bjax.ssd_chunk_scan(x, dt, A, B, B, chunk_size=16, backend=KERNEL_BACKEND, config=bad)
 
 

@@ -299,14 +299,15 @@ def test_state_passing_matches_the_oracle(dtype, backend=KERNEL_BACKEND):
 
 @pytest.mark.parametrize("passing", [False, True], ids=["walked", "passed"])
 def test_state_blocks_match_the_oracle(passing, backend=KERNEL_BACKEND):
-    """The forward's chunk states in blocks of 16 state columns (``block_n``) over state
-    40 (three blocks, the last partial), walked or computed per chunk and passed along,
-    forward and gradients with every feature."""
+    """The forward's chunk states and the backward's state gradients in blocks of 16 state
+    columns (``block_n``) over state 40 (three blocks, the last partial), walked or
+    computed per chunk and passed along, forward and gradients with every feature."""
     x, dt, A, B, C = problem(55, 2, 3 * CHUNK - 5, 4, 24, 2, 40, jnp.float32)
     kwargs = features(56, x, 40, FEATURE_SETS[-1])
     config = state_passing_config(CHUNK, 24, 40, 2, jnp.float32)
-    config = dataclasses.replace(config, forward=dataclasses.replace(
-        config.forward, state_passing=passing, block_n=16))
+    blocks = {"state_passing": passing, "block_n": 16}
+    config = pkb.ChunkScanConfig(dataclasses.replace(config.forward, **blocks),
+                                 dataclasses.replace(config.backward, **blocks))
     check(x, dt, A, B, C, backend, config=config, **kwargs)
     check_gradients(x, dt, A, B, C, backend, GRAD_BOUND[jnp.dtype(jnp.float32)],
                     config=config, **kwargs)
@@ -317,12 +318,18 @@ def test_state_blocks_match_the_oracle(passing, backend=KERNEL_BACKEND):
 def test_state_blocks_past_128_columns(state_dim, block_n, passing):
     """The heuristic's state kernels take states padded past 128 in blocks of 64 columns,
     and each block's walk counts towards passing's rule: 64 heads of 64 over 32 chunks
-    pass their states along at state 128 (64 walks) and walk them at 200 or 256 (256)."""
-    config = pk.default_config(256, 64, state_dim, 64, jnp.bfloat16, batch_heads=64,
-                               chunks=32)
+    pass their states along at state 128 (64 walks) and walk them at 200 or 256 (256).
+    The backward's state gradients keep whole states (64 walks: passed back); the tuner
+    tries the same blocks in both directions."""
+    args = (256, 64, state_dim, 64, jnp.bfloat16)
+    config = pk.default_config(*args, batch_heads=64, chunks=32)
     assert (config.block_n, config.state_passing) == (block_n, passing)
-    widths = [c.block_n for c in pk.state_block_variants(config, state_dim)]
-    assert widths == sorted({min(w, 1 << (state_dim - 1).bit_length()) for w in (32, 64, 128, 256)})
+    backward = pkb.default_config(*args, batch_heads=64, chunks=32)
+    whole = 1 << (state_dim - 1).bit_length()
+    assert (backward.block_n, backward.state_passing) == (whole, True)
+    for tiles in (config, backward):
+        widths = [c.block_n for c in pk.state_block_variants(tiles, state_dim)]
+        assert widths == sorted({min(w, whole) for w in (32, 64, 128, 256)})
 
 
 @pytest.mark.parametrize("batch, heads, chunks, passing", [

@@ -558,18 +558,21 @@ def test_ssd_problem_tunes_around_the_heuristics_chunk_states():
         (False, heuristic.backward.block_pass)] + passes
 
 
-def test_ssd_forward_chunk_states_stage_tries_state_blocks():
-    """The forward chunk-states stage tries every walk or pass variant in each block of
-    state columns that fits the state: 32 and the whole padded 64 at state 40."""
+def test_ssd_chunk_states_stages_try_state_blocks():
+    """Both chunk-states stages (the forward's states, the backward's state gradients) try
+    every walk or pass variant in each block of state columns that fits the state: 32
+    and the whole padded 64 at state 40."""
     problem = problems.ssd_chunk_scan(1, 32 * 16, 2, 8, 40, chunk_size=16, dtype="float32",
                                       backend=KERNEL_BACKEND)
-    heuristic = problem.heuristic.forward
-    assert heuristic.block_n == 64
-    variants = [(False, heuristic.block_pass)] + [(True, rows)
-                                                  for rows in state_passing.PASS_BLOCKS]
-    assert [(c.forward.state_passing, c.forward.block_pass, c.forward.block_n)
-            for c in problem.stages[1].candidates(problem.heuristic)] == [
-        (passing, rows, width) for passing, rows in variants for width in (32, 64)]
+    heuristic = problem.heuristic
+    for stage, name in ((1, "forward"), (3, "backward")):
+        config = getattr(heuristic, name)
+        assert config.block_n == 64
+        variants = [(False, config.block_pass)] + [(True, rows)
+                                                   for rows in state_passing.PASS_BLOCKS]
+        tried = [getattr(c, name) for c in problem.stages[stage].candidates(heuristic)]
+        assert [(c.state_passing, c.block_pass, c.block_n) for c in tried] == [
+            (passing, rows, width) for passing, rows in variants for width in (32, 64)], name
 
 
 def test_problems_match_their_ops_keys():

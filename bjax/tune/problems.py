@@ -363,7 +363,8 @@ def ssd_chunk_scan(batch: int, seq_len: int, heads: int, head_dim: int, state_di
     walked or passed along (``pallas_kernels.state_passing.passing_variants``), each in
     blocks of state columns (:func:`pallas_kernels.ssd.state_block_variants`; timed
     forward), then the same two for the backward with the best forward
-    (:func:`pallas_kernels.ssd_backward.search_space`, timed forward and backward)."""
+    (:func:`pallas_kernels.ssd_backward.search_space`; its state gradients walked or
+    passed, in blocks of state columns; timed forward and backward)."""
     inputs = _mixer_inputs((batch, seq_len), heads, head_dim, groups, state_dim, dtype,
                            d_shape, z)
     x, dt, A, B, C, dt_bias, D, zv = inputs
@@ -389,7 +390,9 @@ def ssd_chunk_scan(batch: int, seq_len: int, heads: int, head_dim: int, state_di
                   for blocks in pallas_ssd.state_block_variants(c, state_dim)], FORWARD),
               backward,
               Stage("backward chunk states", lambda best: [
-                  ChunkScanConfig(best.forward, c)
-                  for c in state_passing.passing_variants(best.backward)], FORWARD_BACKWARD))
+                  ChunkScanConfig(best.forward, blocks)
+                  for c in state_passing.passing_variants(best.backward)
+                  for blocks in pallas_ssd.state_block_variants(c, state_dim)],
+                    FORWARD_BACKWARD))
     return Problem("ssd_chunk_scan", bjax_ssd.tuning_key(desc), run, given, positions,
                    ChunkScanConfig(desc.kernel_config, desc.backward_config), stages)

@@ -5,9 +5,10 @@
         [--variants "block=32;block_p=128,num_warps=4"]
 
 A variant is the heuristic's ``SsdBackwardConfig`` with ``field=value`` pairs replaced
-(``;`` between variants; ``heuristic`` is always first). Per shape and variant: ms of each
-kernel and of the three together, and the variant's ``dx`` and row terms against the
-heuristic's (max difference over max magnitude).
+(``;`` between variants; ``heuristic`` is always first). Per shape and variant: ms of
+``target_grads`` and ``source_grads`` (and, for the heuristic, ``state_grads``, which the
+variants do not change), and every output of the two against the heuristic's, in a form
+all configs share (max difference over max magnitude).
 """
 import argparse
 import dataclasses
@@ -30,12 +31,24 @@ SHAPES = [  # batch, seqlen, heads, head_dim, groups, state, chunk
     (4, 4096, 32, 128, 1, 256, 256),
     (1, 131072, 64, 64, 1, 256, 256),
 ]
-VARIANTS = "num_warps=4;block=32;block_p=32"
+VARIANTS = "block_h=2;block_h=4;source_block_h=2;source_block_h=4"
 
 
 def parse(text):
     """``"block=32,num_warps=4"`` -> ``{"block": 32, "num_warps": 4}``."""
     return {k: int(v) for k, v in (pair.split("=") for pair in text.split(",") if pair)}
+
+
+def outputs(target, source, config, shape):
+    """The two kernels' outputs in a form every config shares: dC and dB summed per
+    group, the per-step terms summed over head_dim blocks, dx."""
+    batch, seq_len, heads, head_dim, groups, state_dim, _ = shape
+    p_blocks = -(-head_dim // config.block_p)
+    per_group = lambda parts: parts.reshape(batch, seq_len, p_blocks, groups, -1,
+                                            state_dim).sum((2, 4))
+    (dc, rows), (dx, db, cols, q, xy) = target, source
+    return [np.asarray(v, np.float32) for v in (
+        per_group(dc), rows.sum(1), dx, per_group(db), cols.sum(1), q.sum(1), xy.sum(1))]
 
 
 def main():
@@ -64,23 +77,25 @@ def main():
             grads = jax.jit(functools.partial(pkb.state_grads, **kw))
             target = jax.jit(functools.partial(pkb.target_grads, **kw))
             source = jax.jit(functools.partial(pkb.source_grads, **kw))
-            grads_args = (dy, C, a_cs, states)
             target_args = (x, dy, B, C, dt_p, a_cs, states)
             try:
-                ends = grads(*grads_args)[0]
+                times = []
+                if name == "heuristic":   # the variants leave state_grads' config alone
+                    ends = grads(dy, C, a_cs, states)[0]
+                    times.append(device_time_ms(grads, dy, C, a_cs, states, calls=10,
+                                                trials=3))
                 source_args = (x, dy, B, C, dt_p, a_cs, ends)
-                outs = [np.asarray(source(*source_args)[0], np.float32),
-                        np.asarray(target(*target_args)[1].sum(1), np.float32)]
+                outs = outputs(target(*target_args), source(*source_args), config, shape)
                 want = outs if want is None else want
                 diff = max(np.max(np.abs(o - w)) / np.max(np.abs(w)) for o, w in zip(outs, want))
-                times = [device_time_ms(grads, *grads_args, calls=10, trials=3),
-                         device_time_ms(target, *target_args, calls=10, trials=3),
-                         device_time_ms(source, *source_args, calls=10, trials=3)]
-                text = " ".join(f"{t:.4f}" for t in times) + f" sum {sum(times):.4f} d{diff:.0e}"
+                times += [device_time_ms(target, *target_args, calls=10, trials=3),
+                          device_time_ms(source, *source_args, calls=10, trials=3)]
+                text = " ".join(f"{t:.4f}" for t in times) + (
+                    f" target+source {sum(times[-2:]):.4f} d{diff:.0e}")
             except Exception as failure:  # noqa: BLE001 - a compile failure is a result too
                 text = f"FAILED {str(failure).strip().splitlines()[-1][:160]}"
             print(f"{bench_ssd._shape_text(shape)} | {name} | {text}", flush=True)
-        print("# state_grads target_grads source_grads (ms)", flush=True)
+        print("# (heuristic: state_grads) target_grads source_grads (ms)", flush=True)
 
 
 if __name__ == "__main__":

@@ -313,6 +313,23 @@ def test_state_blocks_match_the_oracle(passing, backend=KERNEL_BACKEND):
                     config=config, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("heads", [2, 4])
+def test_backward_heads_per_program(heads, dtype, backend=KERNEL_BACKEND):
+    """The backward's chunk kernels with several heads of a group a program (``block_h``,
+    ``source_block_h``), which share each ``C_t . B_s`` block and sum their terms of
+    ``dC`` / ``dB`` before one matmul with the group's ``B`` / ``C``: every gradient
+    against the float64 oracle with every feature, a partial last chunk, head_dim 24 and
+    state 40."""
+    x, dt, A, B, C = problem(57, 2, 3 * CHUNK - 5, 8, 24, 2, 40, dtype)
+    kwargs = features(58, x, 40, FEATURE_SETS[-1])
+    args = (CHUNK, 24, 40, 4, dtype)
+    config = pkb.ChunkScanConfig(pk.default_config(*args), dataclasses.replace(
+        pkb.default_config(*args), block_h=heads, source_block_h=heads))
+    check_gradients(x, dt, A, B, C, backend, GRAD_BOUND[jnp.dtype(dtype)], config=config,
+                    **kwargs)
+
+
 @pytest.mark.parametrize("state_dim, block_n, passing", [(128, 128, True), (200, 64, False),
                                                      (256, 64, False)])
 def test_state_blocks_past_128_columns(state_dim, block_n, passing):

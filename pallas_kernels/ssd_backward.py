@@ -286,46 +286,41 @@ def _target_kernel(*refs, dims, config, has_seg, dot_dtype):
     if has_seg:
         seg_t = seg_ref[row, t_steps]
         enters = seg_t == segment_before(seg_ref, row, c * chunk)
-    heads = [place.first_head + k for k in range(bh)]
-    a_t = [acs_ref[row, head, t_steps] for head in heads]
-    dy_t = [load(dy_ref.at[row, t_steps, head, p_slice], rows_cols(t_in, p_mask))
-            for head in heads]
 
-    # The state's term, e_t dy_t S_c^T, summed over the program's heads; each head's
-    # row term C_t . (e_t dy_t S_c^T).
-    dc, inter = jnp.zeros((bk, padded(state_dim)), jnp.float32), []
-    for head, a, dy in zip(heads, a_t, dy_t):
-        e_t = jnp.exp(a if enters is None else jnp.where(enters, a, -jnp.inf))
+    def head_body(k, dc_sum):
+        head = place.first_head + k
+        a_t = acs_ref[row, head, t_steps]
+        e_t = jnp.exp(a_t if enters is None else jnp.where(enters, a_t, -jnp.inf))
+        dy_t = load(dy_ref.at[row, t_steps, head, p_slice], rows_cols(t_in, p_mask))
         state = load(states_ref.at[row, c, head, p_slice, n_slice], rows_cols(p_mask, n_mask))
-        term = e_t[:, None] * dot(dy.astype(state_dtype), state.astype(state_dtype))
-        inter.append(jnp.sum(c_t.astype(jnp.float32) * term, axis=1))
-        dc = dc + term
+        dc = e_t[:, None] * dot(dy_t.astype(state_dtype), state.astype(state_dtype))
+        inter = jnp.sum(c_t.astype(jnp.float32) * dc, axis=1)
 
-    def source_body(j, carry):
-        # C_t . B_s once for the program's heads (one group), and one matmul with B_s for
-        # the sum of their weighted dy_t . x_s (B_s is the group's).
-        dc, rows = carry
-        s_steps, s_local, s_in = _block_rows(c, chunk, j, bk, seq_len)
-        b_s = load(b_ref.at[row, s_steps, group, n_slice], rows_cols(s_in, n_mask))
-        scores = dot(c_dot, b_s.astype(dot_dtype), contract=(1, 1))
-        pairs = t_local[:, None] >= s_local[None, :]
-        if has_seg:
-            pairs = pairs & (seg_t[:, None] == seg_ref[row, s_steps][None, :])
-        gx_sum, new_rows = jnp.zeros((bk, bk), jnp.float32), []
-        for head, a, dy, head_rows in zip(heads, a_t, dy_t, rows):
+        def source_body(j, carry):
+            dc, rows = carry
+            s_steps, s_local, s_in = _block_rows(c, chunk, j, bk, seq_len)
+            b_s = load(b_ref.at[row, s_steps, group, n_slice], rows_cols(s_in, n_mask))
             x_s = load(x_ref.at[row, s_steps, head, p_slice], rows_cols(s_in, p_mask))
-            weights = jnp.exp(jnp.where(pairs, a[:, None] - acs_ref[row, head, s_steps][None, :],
-                                        -jnp.inf)) * dt_ref[row, head, s_steps][None, :]
-            gx = dot(dy.astype(dot_dtype), x_s.astype(dot_dtype), contract=(1, 1)) * weights
-            new_rows.append(head_rows + jnp.sum(gx * scores, axis=1))
-            gx_sum = gx_sum + gx
-        return dc + dot(gx_sum.astype(dot_dtype), b_s.astype(dot_dtype)), tuple(new_rows)
+            pairs = t_local[:, None] >= s_local[None, :]
+            if has_seg:
+                pairs = pairs & (seg_t[:, None] == seg_ref[row, s_steps][None, :])
+            a_s = acs_ref[row, head, s_steps]
+            weights = jnp.exp(jnp.where(pairs, a_t[:, None] - a_s[None, :], -jnp.inf)) \
+                * dt_ref[row, head, s_steps][None, :]
+            scores = dot(c_dot, b_s.astype(dot_dtype), contract=(1, 1))
+            gx = dot(dy_t.astype(dot_dtype), x_s.astype(dot_dtype), contract=(1, 1)) * weights
+            rows = rows + jnp.sum(gx * scores, axis=1)
+            return dc + dot(gx.astype(dot_dtype), b_s.astype(dot_dtype)), rows
 
-    dc, rows = block_loop(jnp.int32(0), tb + 1, chunk // bk, source_body,
-                          (dc, tuple(jnp.zeros((bk,), jnp.float32) for _ in heads)),
-                          constant_trip_count=config.constant_trip_count)
-    for head, head_rows, head_inter in zip(heads, rows, inter):
-        r_ref[row, pb, head, t_steps] = head_rows + head_inter
+        dc, rows = block_loop(jnp.int32(0), tb + 1, chunk // bk, source_body,
+                              (dc, jnp.zeros((bk,), jnp.float32)),
+                              constant_trip_count=config.constant_trip_count)
+        r_ref[row, pb, head, t_steps] = rows + inter
+        return dc_sum + dc
+
+    dc = jnp.zeros((bk, padded(state_dim)), jnp.float32)
+    for k in range(bh):
+        dc = head_body(k, dc)
     plgpu.store(dc_ref.at[row, t_steps, place.out_slice, n_slice], dc,
                 mask=rows_cols(t_in, n_mask))
 
@@ -350,66 +345,56 @@ def _source_kernel(*refs, dims, config, has_seg, has_d, dot_dtype):
         seg_s = seg_ref[row, s_steps]
         in_last_segment = seg_s == seg_ref[row, end]
 
-    heads = [place.first_head + k for k in range(bh)]
-    x_s = [load(x_ref.at[row, s_steps, head, p_slice], rows_cols(s_in, p_mask))
-           for head in heads]
-    a_s = [acs_ref[row, head, s_steps] for head in heads]
-    dt_s = [dt_ref[row, head, s_steps] for head in heads]
-
-    # The state gradient's terms, per head: G_c B_s (y' before the chunk's own sum) and
-    # w_s x_s G_c, summed over the program's heads.
-    db, gb, to_end = jnp.zeros((bk, padded(state_dim)), jnp.float32), [], []
-    for head, x, a, dt in zip(heads, x_s, a_s, dt_s):
-        head_to_end = acs_ref[row, head, end] - a
-        head_to_end = jnp.exp(head_to_end if in_last_segment is None
-                              else jnp.where(in_last_segment, head_to_end, -jnp.inf))
+    def head_body(k, db_sum):
+        head = place.first_head + k
+        x_s = load(x_ref.at[row, s_steps, head, p_slice], rows_cols(s_in, p_mask))
+        a_s = acs_ref[row, head, s_steps]
+        dt_s = dt_ref[row, head, s_steps]
+        to_end = acs_ref[row, head, end] - a_s
+        to_end = jnp.exp(to_end if in_last_segment is None
+                         else jnp.where(in_last_segment, to_end, -jnp.inf))
         grad = load(gends_ref.at[row, c, head, p_slice, n_slice], rows_cols(p_mask, n_mask))
         grad = grad.astype(state_dtype)
-        gb.append(dot(b_s.astype(state_dtype), grad, contract=(1, 1)))    # [bk, p]: G B_s
-        to_end.append(head_to_end)
-        db = db + (dt * head_to_end)[:, None] * dot(x.astype(state_dtype), grad)  # [bk, n]
+        gb = dot(b_s.astype(state_dtype), grad, contract=(1, 1))          # [bk, p]: G B_s
+        y_prime = to_end[:, None] * gb
+        db = (dt_s * to_end)[:, None] * dot(x_s.astype(state_dtype), grad)  # [bk, n]
 
-    def target_body(i, carry):
-        # B_s . C_t once for the program's heads (one group), and one matmul with C_t for
-        # the sum of their weighted x_s . dy_t (C_t is the group's).
-        db, y_prime, cols = carry
-        t_steps, t_local, t_in = _block_rows(c, chunk, i, bk, seq_len)
-        c_t = load(c_ref.at[row, t_steps, group, n_slice], rows_cols(t_in, n_mask))
-        scores = dot(b_dot, c_t.astype(dot_dtype), contract=(1, 1))
-        pairs = t_local[None, :] >= s_local[:, None]                       # [s, t]
-        if has_seg:
-            pairs = pairs & (seg_s[:, None] == seg_ref[row, t_steps][None, :])
-        gx_sum, new_y, new_cols = jnp.zeros((bk, bk), jnp.float32), [], []
-        for head, x, a, dt, head_y, head_cols in zip(heads, x_s, a_s, dt_s, y_prime, cols):
+        def target_body(i, carry):
+            y_prime, db, cols = carry
+            t_steps, t_local, t_in = _block_rows(c, chunk, i, bk, seq_len)
+            c_t = load(c_ref.at[row, t_steps, group, n_slice], rows_cols(t_in, n_mask))
             dy_t = load(dy_ref.at[row, t_steps, head, p_slice], rows_cols(t_in, p_mask))
+            pairs = t_local[None, :] >= s_local[:, None]                   # [s, t]
+            if has_seg:
+                pairs = pairs & (seg_s[:, None] == seg_ref[row, t_steps][None, :])
             decay = jnp.exp(jnp.where(pairs, acs_ref[row, head, t_steps][None, :]
-                                      - a[:, None], -jnp.inf))
-            gx = dot(x.astype(dot_dtype), dy_t.astype(dot_dtype), contract=(1, 1)) * decay
-            new_y.append(head_y + dot((scores * decay).astype(dot_dtype),
-                                      dy_t.astype(dot_dtype)))
-            new_cols.append(head_cols + jnp.sum(gx * scores, axis=1) * dt)
-            gx_sum = gx_sum + dt[:, None] * gx
-        db = db + dot(gx_sum.astype(dot_dtype), c_t.astype(dot_dtype))
-        return db, tuple(new_y), tuple(new_cols)
+                                      - a_s[:, None], -jnp.inf))
+            scores = dot(b_dot, c_t.astype(dot_dtype), contract=(1, 1))
+            gx = dot(x_s.astype(dot_dtype), dy_t.astype(dot_dtype), contract=(1, 1)) * decay
+            y_prime = y_prime + dot((scores * decay).astype(dot_dtype), dy_t.astype(dot_dtype))
+            db = db + dt_s[:, None] * dot(gx.astype(dot_dtype), c_t.astype(dot_dtype))
+            cols = cols + jnp.sum(gx * scores, axis=1) * dt_s
+            return y_prime, db, cols
 
-    y_start = tuple(e[:, None] * g for e, g in zip(to_end, gb))
-    db, y_prime, cols = block_loop(sb, jnp.int32(chunk // bk), chunk // bk, target_body,
-                                   (db, y_start,
-                                    tuple(jnp.zeros((bk,), jnp.float32) for _ in heads)),
-                                   constant_trip_count=config.constant_trip_count)
-    for head, x, dt, head_to_end, head_gb, head_y, head_cols in zip(
-            heads, x_s, dt_s, to_end, gb, y_prime, cols):
-        xf = x.astype(jnp.float32)
-        q = dt * head_to_end * jnp.sum(xf * head_gb, axis=1)
-        dx = dt[:, None] * head_y
+        y_prime, db, cols = block_loop(sb, jnp.int32(chunk // bk), chunk // bk, target_body,
+                                       (y_prime, db, jnp.zeros((bk,), jnp.float32)),
+                                       constant_trip_count=config.constant_trip_count)
+        xf = x_s.astype(jnp.float32)
+        q = dt_s * to_end * jnp.sum(xf * gb, axis=1)
+        dx = dt_s[:, None] * y_prime
         if has_d:
             dy_s = load(dy_ref.at[row, s_steps, head, p_slice], rows_cols(s_in, p_mask))
             dx = dx + load(d_ref.at[head, p_slice], p_mask)[None, :] * dy_s.astype(jnp.float32)
         plgpu.store(dx_ref.at[row, s_steps, head, p_slice], dx.astype(dx_ref.dtype),
                     mask=rows_cols(s_in, p_mask))
-        colq_ref[row, pb, head, s_steps] = head_cols + q
+        colq_ref[row, pb, head, s_steps] = cols + q
         q_ref[row, pb, head, s_steps] = q
-        xy_ref[row, pb, head, s_steps] = jnp.sum(xf * head_y, axis=1)
+        xy_ref[row, pb, head, s_steps] = jnp.sum(xf * y_prime, axis=1)
+        return db_sum + db
+
+    db = jnp.zeros((bk, padded(state_dim)), jnp.float32)
+    for k in range(bh):
+        db = head_body(k, db)
     plgpu.store(db_ref.at[row, s_steps, place.out_slice, n_slice], db,
                 mask=rows_cols(s_in, n_mask))
 

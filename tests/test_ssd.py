@@ -317,10 +317,9 @@ def test_state_blocks_match_the_oracle(passing, backend=KERNEL_BACKEND):
 @pytest.mark.parametrize("heads", [2, 4])
 def test_backward_heads_per_program(heads, dtype, backend=KERNEL_BACKEND):
     """The backward's chunk kernels with several heads of a group a program (``block_h``,
-    ``source_block_h``), which share each ``C_t . B_s`` block and sum their terms of
-    ``dC`` / ``dB`` before one matmul with the group's ``B`` / ``C``: every gradient
-    against the float64 oracle with every feature, a partial last chunk, head_dim 24 and
-    state 40."""
+    ``source_block_h``; their ``dC`` / ``dB`` come back summed over the program's heads):
+    every gradient against the float64 oracle with every feature, a partial last chunk,
+    head_dim 24 and state 40."""
     x, dt, A, B, C = problem(57, 2, 3 * CHUNK - 5, 8, 24, 2, 40, dtype)
     kwargs = features(58, x, 40, FEATURE_SETS[-1])
     args = (CHUNK, 24, 40, 4, dtype)

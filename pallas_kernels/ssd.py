@@ -241,16 +241,6 @@ def _weighted_outer(refs, place, start, a_end, seg_end, dims, config, dot_dtype)
     return dot(x.astype(dot_dtype), bw, contract=(0, 0))
 
 
-def state_place(dims, block_p, pb, head, row, nb=0, block_n=None):
-    """Where a state program works: ``(row, head, its group, (p slice, mask), (n slice,
-    mask))`` for head_dim block ``pb`` of ``block_p`` rows and state block ``nb`` of
-    ``block_n`` columns (None: the whole padded state)."""
-    heads_per_group, head_dim, state_dim = dims[2:]
-    block_n = block_n or padded(state_dim)
-    return (row, head, head // heads_per_group, columns(head_dim, pb * block_p, block_p),
-            columns(state_dim, nb * block_n, block_n))
-
-
 def state_blocks(config, state_dim: int) -> tuple[int, int]:
     """``(columns, count)`` of a state kernel's blocks of the state: ``config.block_n``
     columns, capped at the padded state. ``config``: the forward's :class:`SsdConfig` or
@@ -266,12 +256,17 @@ def state_tiles(config, head_dim: int, state_dim: int) -> int:
 
 
 def state_program(config, dims, head, row):
-    """This state program's place (:func:`state_place`, from the first grid axis of
-    :func:`state_tiles`), its block's width and its tile (the first grid index)."""
-    width, count = state_blocks(config, dims[4])
+    """Where this state program works, from its tile (the first grid index, over
+    :func:`state_tiles`): ``((row, head, its group, (p slice, mask), (n slice, mask)),
+    the state block's width, the tile)``."""
+    heads_per_group, head_dim, state_dim = dims[2:]
+    width, count = state_blocks(config, state_dim)
     tile = pl.program_id(0)
-    return state_place(dims, config.block_p, tile // count, head, row, tile % count,
-                       width), width, tile
+    p_block, n_block = tile // count, tile % count
+    place = (row, head, head // heads_per_group,
+             columns(head_dim, p_block * config.block_p, config.block_p),
+             columns(state_dim, n_block * width, width))
+    return place, width, tile
 
 
 def _state_kernel(*refs, dims, config: SsdConfig, has_seg, has_init, dot_dtype):

@@ -9,6 +9,8 @@ collectives, the output's sharding is compared with the one the op's rule gives,
 and the values with the unsharded call's, forward and backward (a ``vjp`` with a
 cotangent sharded like the output, so that no reduction is needed).
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,7 @@ from bjax.tune import cache as tune_cache
 from pallas_kernels import cascade as pallas_cascade
 from pallas_kernels import sinkhorn as pallas_sinkhorn
 from pallas_kernels import ssd as pallas_ssd
+from pallas_kernels import ssd_backward as pallas_ssd_backward
 from pallas_kernels.tiling import TileConfig
 from tests.conftest import FAST_COMPILE, KERNEL_BACKEND, random, uniform
 
@@ -301,10 +304,11 @@ def ssd_problem(seed, batch, seq_len, heads, head_dim, groups, state_dim):
                               scale=1.0))
 
 
-def check_ssd_chunk_scan_sharded(problem, batch_axis, heads_axis, mesh_shape, backend):
+def check_ssd_chunk_scan_sharded(problem, batch_axis, heads_axis, mesh_shape, backend,
+                                 config=None):
     """``ssd_chunk_scan`` of ``problem`` (:func:`ssd_problem`) with its batch and heads
-    split; the gradients of A, D and dt_bias are summed over the batch's devices, the only
-    collective."""
+    split (in ``config``, or the heuristic's); the gradients of A, D and dt_bias are summed
+    over the batch's devices, the only collective."""
     names = list(problem)
     per_name = {"x": P(batch_axis, None, heads_axis), "dt": P(batch_axis, None, heads_axis),
                 "A": P(heads_axis), "B": P(batch_axis, None, heads_axis),
@@ -316,7 +320,8 @@ def check_ssd_chunk_scan_sharded(problem, batch_axis, heads_axis, mesh_shape, ba
         kwargs = dict(zip(names, values))
         positional = [kwargs.pop(n) for n in ("x", "dt", "A", "B", "C")]
         return bjax.ssd_chunk_scan(*positional, chunk_size=16, dt_softplus=True,
-                                   return_final_states=True, backend=backend, **kwargs)
+                                   return_final_states=True, backend=backend, config=config,
+                                   **kwargs)
 
     check_partitioned(fn, tuple(problem.values()), tuple(per_name[n] for n in names),
                       mesh_of(mesh_shape), (per_name["x"], P(batch_axis, heads_axis)),
@@ -358,6 +363,20 @@ def test_ssd_chunk_scan_wide_state_keeps_the_sharding(backend=KERNEL_BACKEND):
     backward = plan.block_config.backward
     assert (backward.block_h, backward.num_warps) == (1, 8)
     check_ssd_chunk_scan_sharded(problem, "data", "model", (4, 2), backend)
+
+
+@pytest.mark.parametrize("passing", [False, True], ids=["walked", "passed"])
+def test_ssd_chunk_scan_state_blocks_keep_the_sharding(passing, backend=KERNEL_BACKEND):
+    """The state kernels of both directions in blocks of 16 state columns over state 40
+    (``block_n``; three blocks, the last partial), walked or passed along, with batch and
+    heads split."""
+    problem = ssd_problem(13, 8, 40, 4, 16, 2, 40)
+    args = (16, 16, 40, 2, jnp.float32)
+    blocks = {"state_passing": passing, "block_n": 16}
+    config = pallas_ssd_backward.ChunkScanConfig(
+        dataclasses.replace(pallas_ssd.default_config(*args), **blocks),
+        dataclasses.replace(pallas_ssd_backward.default_config(*args), **blocks))
+    check_ssd_chunk_scan_sharded(problem, "data", "model", (4, 2), backend, config)
 
 
 def test_ssd_chunk_scan_passed_states_keep_the_sharding(backend=KERNEL_BACKEND):

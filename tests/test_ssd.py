@@ -11,6 +11,7 @@ from jax.test_util import check_grads
 import bjax
 from pallas_kernels import ssd as pk
 from pallas_kernels import ssd_backward as pkb
+from pallas_kernels.blocks import padded
 from tests import oracles
 from tests.conftest import BACKENDS, KERNEL_BACKEND, assert_close, random, uniform
 
@@ -341,7 +342,7 @@ def test_state_blocks_past_128_columns(state_dim, block_n, passing):
     config = pk.default_config(*args, batch_heads=64, chunks=32)
     assert (config.block_n, config.state_passing) == (block_n, passing)
     backward = pkb.default_config(*args, batch_heads=64, chunks=32)
-    whole = 1 << (state_dim - 1).bit_length()
+    whole = padded(state_dim)
     assert (backward.block_n, backward.state_passing) == (whole, True)
     for tiles in (config, backward):
         widths = [c.block_n for c in pk.state_block_variants(tiles, state_dim)]

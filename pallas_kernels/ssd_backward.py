@@ -74,6 +74,12 @@ class SsdBackwardConfig:
       block_n: state columns per :func:`state_grads` (or :func:`chunk_output_grads`)
         program, capped at the padded state, as the forward's ``SsdConfig.block_n``:
         the gradient's columns evolve apart (``G[:, j]`` reads only ``C[:, j]``).
+      shared_scores: the heads of a chunk-kernel program go through the chunk's other
+        blocks together: each block of scores ``C_t B_s^T`` is computed once for them, and
+        their weighted ``dy_t x_s^T`` terms are summed before one matmul with the group's
+        ``B_s`` (``C_t``): two state-sized matmuls a pair of blocks in place of
+        ``2 block_h``, with every head's carries live at once. Otherwise each head goes
+        through them alone.
     """
     block_q: int
     block: int
@@ -86,6 +92,7 @@ class SsdBackwardConfig:
     state_passing: bool = False
     block_pass: int = 16
     block_n: int = 256
+    shared_scores: bool = False
 
 
 def default_config(chunk_size: int, head_dim: int, state_dim: int,
@@ -130,18 +137,21 @@ def search_space(chunk_size: int, head_dim: int, state_dim: int, heads_per_group
                  dtype, batch_heads: int | None = None,
                  chunks: int = 1) -> tuple[SsdBackwardConfig, ...]:
     """The backward configurations the tuner tries (``bjax.tune``) around the heuristic:
-    blocks of 32 or 64 steps, head_dim blocks of 32 or 64 columns, 1 or 2 heads a target
-    program (dividing the group), 4 or 8 warps; one head a source program (see
-    :func:`default_config`); the state gradients walked or passed as the heuristic's
-    (``batch_heads``, ``chunks`` as :func:`default_config`'s;
+    blocks of 32 or 64 steps, head_dim blocks of 32 or 64 columns, 4 or 8 warps, and heads
+    a program (dividing the group): 1 or 2 a target program and one a source program, each
+    head through the chunk alone (see :func:`default_config`), or 2 or 4 a program of both
+    kernels sharing the scores (``shared_scores``); the state gradients walked or passed
+    as the heuristic's (``batch_heads``, ``chunks`` as :func:`default_config`'s;
     ``state_passing.passing_variants`` varies it)."""
     base = default_config(chunk_size, head_dim, state_dim, heads_per_group, dtype,
                           batch_heads, chunks)
+    heads = ((1, 1, False), (2, 1, False), (2, 2, True), (4, 4, True))
     space = [dataclasses.replace(base, block=block, block_p=min(padded(head_dim), block_p),
-                                 block_h=block_h, num_warps=warps)
+                                 block_h=block_h, source_block_h=source_block_h,
+                                 shared_scores=shared, num_warps=warps)
              for block in (32, 64) if chunk_size % block == 0
              for block_p in (32, 64)
-             for block_h in (1, 2) if heads_per_group % block_h == 0
+             for block_h, source_block_h, shared in heads if heads_per_group % block_h == 0
              for warps in (4, 8)]
     return tuple(dict.fromkeys(space))
 
@@ -262,6 +272,17 @@ def _place(dims, block_p, block_h, slices) -> _Place:
                   n_columns, pb * (slices // p_blocks) + head_block)
 
 
+def _head_sets(first_head, block_h, shared):
+    """The program's heads in the sets that go through the chunk's other blocks together:
+    all ``block_h`` with ``shared_scores``, else one at a time (each yielded when the
+    previous set is done)."""
+    if shared:
+        yield [first_head + k for k in range(block_h)]
+    else:
+        for k in range(block_h):
+            yield [first_head + k]
+
+
 def _block_rows(c, chunk, index, block, seq_len):
     start = c * chunk + index * block
     local = index * block + jnp.arange(block, dtype=jnp.int32)
@@ -287,40 +308,54 @@ def _target_kernel(*refs, dims, config, has_seg, dot_dtype):
         seg_t = seg_ref[row, t_steps]
         enters = seg_t == segment_before(seg_ref, row, c * chunk)
 
-    def head_body(k, dc_sum):
-        head = place.first_head + k
-        a_t = acs_ref[row, head, t_steps]
-        e_t = jnp.exp(a_t if enters is None else jnp.where(enters, a_t, -jnp.inf))
-        dy_t = load(dy_ref.at[row, t_steps, head, p_slice], rows_cols(t_in, p_mask))
-        state = load(states_ref.at[row, c, head, p_slice, n_slice], rows_cols(p_mask, n_mask))
-        dc = e_t[:, None] * dot(dy_t.astype(state_dtype), state.astype(state_dtype))
-        inter = jnp.sum(c_t.astype(jnp.float32) * dc, axis=1)
+    def heads_body(heads):
+        # dC's terms of ``heads`` summed; their row terms stored.
+        a_t, dy_t, inter, dc = [], [], [], None
+        for head in heads:
+            a = acs_ref[row, head, t_steps]
+            e_t = jnp.exp(a if enters is None else jnp.where(enters, a, -jnp.inf))
+            dy = load(dy_ref.at[row, t_steps, head, p_slice], rows_cols(t_in, p_mask))
+            state = load(states_ref.at[row, c, head, p_slice, n_slice],
+                         rows_cols(p_mask, n_mask))
+            term = e_t[:, None] * dot(dy.astype(state_dtype), state.astype(state_dtype))
+            inter.append(jnp.sum(c_t.astype(jnp.float32) * term, axis=1))
+            a_t.append(a)
+            dy_t.append(dy)
+            dc = term if dc is None else dc + term
 
         def source_body(j, carry):
+            # The heads share the block's mask and scores C_t . B_s (computed with the
+            # first), and one matmul with B_s for the sum of their weighted dy_t . x_s.
             dc, rows = carry
             s_steps, s_local, s_in = _block_rows(c, chunk, j, bk, seq_len)
             b_s = load(b_ref.at[row, s_steps, group, n_slice], rows_cols(s_in, n_mask))
-            x_s = load(x_ref.at[row, s_steps, head, p_slice], rows_cols(s_in, p_mask))
-            pairs = t_local[:, None] >= s_local[None, :]
-            if has_seg:
-                pairs = pairs & (seg_t[:, None] == seg_ref[row, s_steps][None, :])
-            a_s = acs_ref[row, head, s_steps]
-            weights = jnp.exp(jnp.where(pairs, a_t[:, None] - a_s[None, :], -jnp.inf)) \
-                * dt_ref[row, head, s_steps][None, :]
-            scores = dot(c_dot, b_s.astype(dot_dtype), contract=(1, 1))
-            gx = dot(dy_t.astype(dot_dtype), x_s.astype(dot_dtype), contract=(1, 1)) * weights
-            rows = rows + jnp.sum(gx * scores, axis=1)
-            return dc + dot(gx.astype(dot_dtype), b_s.astype(dot_dtype)), rows
+            new_rows, gx_sum = [], None
+            for k, (head, a, dy, head_rows) in enumerate(zip(heads, a_t, dy_t, rows)):
+                x_s = load(x_ref.at[row, s_steps, head, p_slice], rows_cols(s_in, p_mask))
+                if k == 0:
+                    pairs = t_local[:, None] >= s_local[None, :]
+                    if has_seg:
+                        pairs = pairs & (seg_t[:, None] == seg_ref[row, s_steps][None, :])
+                a_s = acs_ref[row, head, s_steps]
+                weights = jnp.exp(jnp.where(pairs, a[:, None] - a_s[None, :], -jnp.inf)) \
+                    * dt_ref[row, head, s_steps][None, :]
+                if k == 0:
+                    scores = dot(c_dot, b_s.astype(dot_dtype), contract=(1, 1))
+                gx = dot(dy.astype(dot_dtype), x_s.astype(dot_dtype), contract=(1, 1)) * weights
+                new_rows.append(head_rows + jnp.sum(gx * scores, axis=1))
+                gx_sum = gx if gx_sum is None else gx_sum + gx
+            return dc + dot(gx_sum.astype(dot_dtype), b_s.astype(dot_dtype)), tuple(new_rows)
 
         dc, rows = block_loop(jnp.int32(0), tb + 1, chunk // bk, source_body,
-                              (dc, jnp.zeros((bk,), jnp.float32)),
+                              (dc, tuple(jnp.zeros((bk,), jnp.float32) for _ in heads)),
                               constant_trip_count=config.constant_trip_count)
-        r_ref[row, pb, head, t_steps] = rows + inter
-        return dc_sum + dc
+        for head, head_rows, head_inter in zip(heads, rows, inter):
+            r_ref[row, pb, head, t_steps] = head_rows + head_inter
+        return dc
 
     dc = jnp.zeros((bk, padded(state_dim)), jnp.float32)
-    for k in range(bh):
-        dc = head_body(k, dc)
+    for heads in _head_sets(place.first_head, bh, config.shared_scores):
+        dc = dc + heads_body(heads)
     plgpu.store(dc_ref.at[row, t_steps, place.out_slice, n_slice], dc,
                 mask=rows_cols(t_in, n_mask))
 
@@ -345,56 +380,82 @@ def _source_kernel(*refs, dims, config, has_seg, has_d, dot_dtype):
         seg_s = seg_ref[row, s_steps]
         in_last_segment = seg_s == seg_ref[row, end]
 
-    def head_body(k, db_sum):
-        head = place.first_head + k
-        x_s = load(x_ref.at[row, s_steps, head, p_slice], rows_cols(s_in, p_mask))
-        a_s = acs_ref[row, head, s_steps]
-        dt_s = dt_ref[row, head, s_steps]
-        to_end = acs_ref[row, head, end] - a_s
-        to_end = jnp.exp(to_end if in_last_segment is None
-                         else jnp.where(in_last_segment, to_end, -jnp.inf))
-        grad = load(gends_ref.at[row, c, head, p_slice, n_slice], rows_cols(p_mask, n_mask))
-        grad = grad.astype(state_dtype)
-        gb = dot(b_s.astype(state_dtype), grad, contract=(1, 1))          # [bk, p]: G B_s
-        y_prime = to_end[:, None] * gb
-        db = (dt_s * to_end)[:, None] * dot(x_s.astype(state_dtype), grad)  # [bk, n]
+    def heads_body(heads):
+        # dB's terms of ``heads`` summed; their dx and column terms stored.
+        x_s, a_s, dt_s, to_end, gb, y_start, db = [], [], [], [], [], [], None
+        for head in heads:
+            x = load(x_ref.at[row, s_steps, head, p_slice], rows_cols(s_in, p_mask))
+            a = acs_ref[row, head, s_steps]
+            dt = dt_ref[row, head, s_steps]
+            head_to_end = acs_ref[row, head, end] - a
+            head_to_end = jnp.exp(head_to_end if in_last_segment is None
+                                  else jnp.where(in_last_segment, head_to_end, -jnp.inf))
+            grad = load(gends_ref.at[row, c, head, p_slice, n_slice], rows_cols(p_mask, n_mask))
+            grad = grad.astype(state_dtype)
+            head_gb = dot(b_s.astype(state_dtype), grad, contract=(1, 1))     # [bk, p]: G B_s
+            y_start.append(head_to_end[:, None] * head_gb)
+            term = (dt * head_to_end)[:, None] * dot(x.astype(state_dtype), grad)  # [bk, n]
+            db = term if db is None else db + term
+            x_s.append(x)
+            a_s.append(a)
+            dt_s.append(dt)
+            to_end.append(head_to_end)
+            gb.append(head_gb)
 
         def target_body(i, carry):
+            # The heads share the block's mask and scores B_s . C_t (computed with the
+            # first), and one matmul with C_t for the sum of their weighted x_s . dy_t.
             y_prime, db, cols = carry
             t_steps, t_local, t_in = _block_rows(c, chunk, i, bk, seq_len)
             c_t = load(c_ref.at[row, t_steps, group, n_slice], rows_cols(t_in, n_mask))
-            dy_t = load(dy_ref.at[row, t_steps, head, p_slice], rows_cols(t_in, p_mask))
-            pairs = t_local[None, :] >= s_local[:, None]                   # [s, t]
-            if has_seg:
-                pairs = pairs & (seg_s[:, None] == seg_ref[row, t_steps][None, :])
-            decay = jnp.exp(jnp.where(pairs, acs_ref[row, head, t_steps][None, :]
-                                      - a_s[:, None], -jnp.inf))
-            scores = dot(b_dot, c_t.astype(dot_dtype), contract=(1, 1))
-            gx = dot(x_s.astype(dot_dtype), dy_t.astype(dot_dtype), contract=(1, 1)) * decay
-            y_prime = y_prime + dot((scores * decay).astype(dot_dtype), dy_t.astype(dot_dtype))
-            db = db + dt_s[:, None] * dot(gx.astype(dot_dtype), c_t.astype(dot_dtype))
-            cols = cols + jnp.sum(gx * scores, axis=1) * dt_s
-            return y_prime, db, cols
+            new_y, new_cols, gx_sum = [], [], None
+            for k, (head, x, a, dt, head_y, head_cols) in enumerate(
+                    zip(heads, x_s, a_s, dt_s, y_prime, cols)):
+                dy_t = load(dy_ref.at[row, t_steps, head, p_slice], rows_cols(t_in, p_mask))
+                if k == 0:
+                    pairs = t_local[None, :] >= s_local[:, None]               # [s, t]
+                    if has_seg:
+                        pairs = pairs & (seg_s[:, None] == seg_ref[row, t_steps][None, :])
+                decay = jnp.exp(jnp.where(pairs, acs_ref[row, head, t_steps][None, :]
+                                          - a[:, None], -jnp.inf))
+                if k == 0:
+                    scores = dot(b_dot, c_t.astype(dot_dtype), contract=(1, 1))
+                gx = dot(x.astype(dot_dtype), dy_t.astype(dot_dtype), contract=(1, 1)) * decay
+                new_y.append(head_y + dot((scores * decay).astype(dot_dtype),
+                                          dy_t.astype(dot_dtype)))
+                if len(heads) == 1:   # one head: dt scales the product's rows
+                    db = db + dt[:, None] * dot(gx.astype(dot_dtype), c_t.astype(dot_dtype))
+                else:
+                    weighted = dt[:, None] * gx
+                    gx_sum = weighted if gx_sum is None else gx_sum + weighted
+                new_cols.append(head_cols + jnp.sum(gx * scores, axis=1) * dt)
+            if gx_sum is not None:
+                db = db + dot(gx_sum.astype(dot_dtype), c_t.astype(dot_dtype))
+            return tuple(new_y), db, tuple(new_cols)
 
         y_prime, db, cols = block_loop(sb, jnp.int32(chunk // bk), chunk // bk, target_body,
-                                       (y_prime, db, jnp.zeros((bk,), jnp.float32)),
+                                       (tuple(y_start), db,
+                                        tuple(jnp.zeros((bk,), jnp.float32) for _ in heads)),
                                        constant_trip_count=config.constant_trip_count)
-        xf = x_s.astype(jnp.float32)
-        q = dt_s * to_end * jnp.sum(xf * gb, axis=1)
-        dx = dt_s[:, None] * y_prime
-        if has_d:
-            dy_s = load(dy_ref.at[row, s_steps, head, p_slice], rows_cols(s_in, p_mask))
-            dx = dx + load(d_ref.at[head, p_slice], p_mask)[None, :] * dy_s.astype(jnp.float32)
-        plgpu.store(dx_ref.at[row, s_steps, head, p_slice], dx.astype(dx_ref.dtype),
-                    mask=rows_cols(s_in, p_mask))
-        colq_ref[row, pb, head, s_steps] = cols + q
-        q_ref[row, pb, head, s_steps] = q
-        xy_ref[row, pb, head, s_steps] = jnp.sum(xf * y_prime, axis=1)
-        return db_sum + db
+        for head, x, dt, head_to_end, head_gb, head_y, head_cols in zip(
+                heads, x_s, dt_s, to_end, gb, y_prime, cols):
+            xf = x.astype(jnp.float32)
+            q = dt * head_to_end * jnp.sum(xf * head_gb, axis=1)
+            dx = dt[:, None] * head_y
+            if has_d:
+                dy_s = load(dy_ref.at[row, s_steps, head, p_slice], rows_cols(s_in, p_mask))
+                dx = dx + load(d_ref.at[head, p_slice], p_mask)[None, :] \
+                    * dy_s.astype(jnp.float32)
+            plgpu.store(dx_ref.at[row, s_steps, head, p_slice], dx.astype(dx_ref.dtype),
+                        mask=rows_cols(s_in, p_mask))
+            colq_ref[row, pb, head, s_steps] = head_cols + q
+            q_ref[row, pb, head, s_steps] = q
+            xy_ref[row, pb, head, s_steps] = jnp.sum(xf * head_y, axis=1)
+        return db
 
     db = jnp.zeros((bk, padded(state_dim)), jnp.float32)
-    for k in range(bh):
-        db = head_body(k, db)
+    for heads in _head_sets(place.first_head, bh, config.shared_scores):
+        db = db + heads_body(heads)
     plgpu.store(db_ref.at[row, s_steps, place.out_slice, n_slice], db,
                 mask=rows_cols(s_in, n_mask))
 

@@ -31,7 +31,8 @@ SHAPES = [  # batch, seqlen, heads, head_dim, groups, state, chunk
     (4, 4096, 32, 128, 1, 256, 256),
     (1, 131072, 64, 64, 1, 256, 256),
 ]
-VARIANTS = "block_h=2;block_h=4;source_block_h=2;source_block_h=4"
+VARIANTS = ("block_h=2,source_block_h=2;block_h=2,source_block_h=2,shared_scores=1;"
+            "block_h=4,source_block_h=4,shared_scores=1;block_h=8,source_block_h=8,shared_scores=1")
 
 
 def parse(text):

@@ -2,12 +2,19 @@
 at the heuristic's configs of a few shapes: run it at two commits and diff the output to
 show that a change leaves the GPU programs as they were (or which kernels it changes).
 
-    PYTHONPATH=. python3 scripts/ssd_triton_ir.py > ir.txt
+    PYTHONPATH=. python3 scripts/ssd_triton_ir.py [--backward "block_h=2,source_block_h=2"]
+        > ir.txt
+
+``--backward``: fields of the backward's heuristic config replaced (integers). Each shape
+is lowered without the optional inputs and again with segments (and, for the source
+kernel, ``D``), the programs ``seq_idx`` and ``D`` reach.
 
 The hash covers the Triton module without debug locations, and the grid. It reads the
 module from JAX's Pallas Triton lowering (a private function, ``jax._src.pallas.triton
 .lowering.lower_jaxpr_to_triton_module``), so a JAX upgrade may move it.
 """
+import argparse
+import dataclasses
 import hashlib
 
 import jax
@@ -42,7 +49,15 @@ def ir_hash(kernel, *args, **static) -> str:
     return hashlib.sha256(repr(_modules).encode()).hexdigest()[:16]
 
 
+def parse(text):
+    """``"block_h=2,source_block_h=2"`` -> ``{"block_h": 2, "source_block_h": 2}``."""
+    return {k: int(v) for k, v in (pair.split("=") for pair in text.split(",") if pair)}
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backward", default="")
+    options = parser.parse_args()
     lowering.lower_jaxpr_to_triton_module = _capture
     for batch, seq_len, heads, head_dim, groups, state, chunk, dtype, passing in SHAPES:
         x = jnp.zeros((batch, seq_len, heads, head_dim), dtype)
@@ -53,7 +68,10 @@ def main():
         walks = (batch * heads, length // chunk) if passing else ()
         args = (chunk, head_dim, state, heads // groups, dtype, *walks)
         forward = dict(chunk_size=chunk, config=pk.default_config(*args))
-        backward = dict(chunk_size=chunk, config=pkb.default_config(*args))
+        backward = dict(chunk_size=chunk, config=dataclasses.replace(
+            pkb.default_config(*args), **parse(options.backward)))
+        seg = (jnp.arange(length, dtype=jnp.int32) // 100)[None].repeat(batch, 0)
+        d = jnp.zeros((heads, head_dim), jnp.float32)
         hashes = {
             "chunk_states": ir_hash(pk.chunk_states, x, b, dt, a_cs, **forward,
                                     states_dtype=jnp.float32),
@@ -62,6 +80,10 @@ def main():
             "state_grads": ir_hash(pkb.state_grads, x, b, a_cs, states, **backward),
             "target_grads": ir_hash(pkb.target_grads, x, x, b, b, dt, a_cs, states, **backward),
             "source_grads": ir_hash(pkb.source_grads, x, x, b, b, dt, a_cs, states, **backward),
+            "target_grads seg": ir_hash(pkb.target_grads, x, x, b, b, dt, a_cs, states, seg,
+                                        **backward),
+            "source_grads seg d": ir_hash(pkb.source_grads, x, x, b, b, dt, a_cs, states, seg,
+                                          d, **backward),
         }
         shape = (f"b{batch} l{seq_len} h{heads} p{head_dim} g{groups} n{state} Q{chunk} "
                  f"{jnp.dtype(dtype).name}{' passed' if passing else ''}")

@@ -315,17 +315,20 @@ def test_state_blocks_match_the_oracle(passing, backend=KERNEL_BACKEND):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shared", [False, True], ids=["alone", "shared"])
 @pytest.mark.parametrize("heads", [2, 4])
-def test_backward_heads_per_program(heads, dtype, backend=KERNEL_BACKEND):
+def test_backward_heads_per_program(heads, shared, dtype, backend=KERNEL_BACKEND):
     """The backward's chunk kernels with several heads of a group a program (``block_h``,
-    ``source_block_h``; their ``dC`` / ``dB`` come back summed over the program's heads):
-    every gradient against the float64 oracle with every feature, a partial last chunk,
+    ``source_block_h``; their ``dC`` / ``dB`` come back summed over the program's heads),
+    each head through the chunk alone or all sharing the scores (``shared_scores``): every
+    gradient against the float64 oracle with every feature, a partial last chunk,
     head_dim 24 and state 40."""
     x, dt, A, B, C = problem(57, 2, 3 * CHUNK - 5, 8, 24, 2, 40, dtype)
     kwargs = features(58, x, 40, FEATURE_SETS[-1])
     args = (CHUNK, 24, 40, 4, dtype)
     config = pkb.ChunkScanConfig(pk.default_config(*args), dataclasses.replace(
-        pkb.default_config(*args), block_h=heads, source_block_h=heads))
+        pkb.default_config(*args), block_h=heads, source_block_h=heads,
+        shared_scores=shared))
     check_gradients(x, dt, A, B, C, backend, GRAD_BOUND[jnp.dtype(dtype)], config=config,
                     **kwargs)
 

@@ -6,6 +6,7 @@ calls of a jitted function and blocks once at the end; the median over
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import glob
 import os
@@ -20,6 +21,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from bjax.tune.tuner import device_time_ms  # noqa: F401  (the benchmarks' timer too)
+
+
+def with_fields(config, text: str):
+    """``config`` (a dataclass of ints and bools) with the fields of ``text`` replaced:
+    ``"block_h=2,shared_scores=1"``; a bool field takes 0 / 1 / false / true.
+
+    Raises:
+      ValueError: a field ``config`` does not have, or a value of the wrong kind.
+    """
+    kinds = {field.name: field.type for field in dataclasses.fields(config)}
+    values = {}
+    for pair in filter(None, text.split(",")):
+        name, _, value = pair.partition("=")
+        if name not in kinds:
+            raise ValueError(f"{type(config).__name__} has no field {name!r}")
+        if kinds[name] in (bool, "bool"):
+            if value.lower() not in ("0", "1", "false", "true"):
+                raise ValueError(f"{name} takes 0, 1, false or true; got {value!r}")
+            values[name] = value.lower() in ("1", "true")
+        else:
+            values[name] = int(value)
+    return dataclasses.replace(config, **values)
 
 
 def chained_times_ms(fns: dict, states: dict, *args, calls: int = 10,

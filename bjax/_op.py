@@ -365,16 +365,18 @@ def select(table: tuple[Implementation, ...], desc: Any, backend: str | None = N
 def check_launch(config: Any, op: str, name: str = "config") -> None:
     """The fields every Triton launch configuration shares: ``block*`` sizes and
     ``num_warps`` powers of two (Triton's block shapes and warp counts), ``num_stages``
-    and other counts at least 1. ``name``: the argument the config is (for the errors).
+    and other counts at least 1, switches (fields typed ``bool``) True or False.
+    ``name``: the argument the config is (for the errors).
 
     Raises:
       InvalidProblemError: naming the field.
     """
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if isinstance(value, bool):
-            continue
         argument = f"{name}.{field.name}"
+        if field.type in (bool, "bool"):
+            check(isinstance(value, bool), op, argument, "True or False", repr(value))
+            continue
         check(isinstance(value, int), op, argument, "a Python int", repr(value))
         if field.name.startswith("block") or field.name == "num_warps":
             check(value >= 1 and value & (value - 1) == 0, op, argument, "a power of 2", value)

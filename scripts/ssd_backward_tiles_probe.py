@@ -11,7 +11,6 @@ variants do not change), and every output of the two against the heuristic's, in
 all configs share (max difference over max magnitude).
 """
 import argparse
-import dataclasses
 import functools
 
 import jax
@@ -20,6 +19,7 @@ import numpy as np
 
 from benchmarks import cases
 from benchmarks import ssd as bench_ssd
+from benchmarks.harness import with_fields
 from benchmarks.ssd_sweep import matching
 from bjax.tune.tuner import device_time_ms
 from pallas_kernels import ssd as pk
@@ -33,11 +33,6 @@ SHAPES = [  # batch, seqlen, heads, head_dim, groups, state, chunk
 ]
 VARIANTS = ("block_h=2,source_block_h=2;block_h=2,source_block_h=2,shared_scores=1;"
             "block_h=4,source_block_h=4,shared_scores=1;block_h=8,source_block_h=8,shared_scores=1")
-
-
-def parse(text):
-    """``"block=32,num_warps=4"`` -> ``{"block": 32, "num_warps": 4}``."""
-    return {k: int(v) for k, v in (pair.split("=") for pair in text.split(",") if pair)}
 
 
 def outputs(target, source, config, shape):
@@ -69,7 +64,7 @@ def main():
                                     states_dtype=jnp.float32)
         heuristic = pkb.default_config(*args, batch * heads, a_cs.shape[-1] // chunk)
         variants = {"heuristic": heuristic} | {
-            text: dataclasses.replace(heuristic, **parse(text))
+            text: with_fields(heuristic, text)
             for text in options.variants.split(";") if text}
         want = None
         for name, config in variants.items():

@@ -5,22 +5,23 @@ show that a change leaves the GPU programs as they were (or which kernels it cha
     PYTHONPATH=. python3 scripts/ssd_triton_ir.py [--backward "block_h=2,source_block_h=2"]
         > ir.txt
 
-``--backward``: fields of the backward's heuristic config replaced (integers). Each shape
-is lowered without the optional inputs and again with segments (and, for the source
-kernel, ``D``), the programs ``seq_idx`` and ``D`` reach.
+``--backward``: fields of the backward's heuristic config replaced
+(``benchmarks.harness.with_fields``). Each shape is lowered without the optional inputs
+and again with segments (and, for the source kernel, ``D``), the programs ``seq_idx``
+and ``D`` reach.
 
 The hash covers the Triton module without debug locations, and the grid. It reads the
 module from JAX's Pallas Triton lowering (a private function, ``jax._src.pallas.triton
 .lowering.lower_jaxpr_to_triton_module``), so a JAX upgrade may move it.
 """
 import argparse
-import dataclasses
 import hashlib
 
 import jax
 import jax.numpy as jnp
 from jax._src.pallas.triton import lowering
 
+from benchmarks.harness import with_fields
 from pallas_kernels import ssd as pk
 from pallas_kernels import ssd_backward as pkb
 
@@ -49,11 +50,6 @@ def ir_hash(kernel, *args, **static) -> str:
     return hashlib.sha256(repr(_modules).encode()).hexdigest()[:16]
 
 
-def parse(text):
-    """``"block_h=2,source_block_h=2"`` -> ``{"block_h": 2, "source_block_h": 2}``."""
-    return {k: int(v) for k, v in (pair.split("=") for pair in text.split(",") if pair)}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backward", default="")
@@ -68,8 +64,8 @@ def main():
         walks = (batch * heads, length // chunk) if passing else ()
         args = (chunk, head_dim, state, heads // groups, dtype, *walks)
         forward = dict(chunk_size=chunk, config=pk.default_config(*args))
-        backward = dict(chunk_size=chunk, config=dataclasses.replace(
-            pkb.default_config(*args), **parse(options.backward)))
+        backward = dict(chunk_size=chunk, config=with_fields(pkb.default_config(*args),
+                                                             options.backward))
         seg = (jnp.arange(length, dtype=jnp.int32) // 100)[None].repeat(batch, 0)
         d = jnp.zeros((heads, head_dim), jnp.float32)
         hashes = {

@@ -130,6 +130,19 @@ def test_ssd_state_blocks_are_launchable(block_n, expected, which):
         bjax.ssd_chunk_scan(x, dt, A, B, B, chunk_size=16, backend=KERNEL_BACKEND, config=bad)
 
 
+@pytest.mark.parametrize("switch", ["shared_scores", "state_passing", "constant_trip_count"])
+def test_ssd_config_switches_are_bools(switch):
+    """A switch of the backward's config given as anything but True or False (here 1, which
+    would pass as a count) is refused, naming it."""
+    x, dt = jnp.ones((1, 16, 4, 8), jnp.float32), jnp.ones((1, 16, 4), jnp.float32)
+    A, B = -jnp.ones((4,), jnp.float32), jnp.ones((1, 16, 1, 8), jnp.float32)
+    bad = pallas_ssd_backward.ChunkScanConfig(backward=pallas_ssd_backward.SsdBackwardConfig(
+        block_q=16, block=16, block_p=16, block_h=2, source_block_h=2, **{switch: 1}))
+    with pytest.raises(bjax.InvalidProblemError,
+                       match=rf"config.backward.{switch} must be True or False; got 1"):
+        bjax.ssd_chunk_scan(x, dt, A, B, B, chunk_size=16, backend=KERNEL_BACKEND, config=bad)
+
+
 def test_ssd_step_config_covers_whole_programs_of_heads():
     """A program of 4 heads over 6 would leave heads 4 and 5 unwritten."""
     state = jnp.zeros((2, 6, 8, 16), jnp.float32)

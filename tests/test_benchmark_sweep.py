@@ -1,12 +1,14 @@
 """benchmarks.ssd_sweep on the CPU: its grid is the Mamba-2 family the SSD goal names, and
-a row times a (tiny) problem end to end through the interpreter."""
+a row times a (tiny) problem end to end through the interpreter; the probes' config
+variants."""
 import os
 
 import pytest
 
 import bjax
 
-from benchmarks import cases, ssd_sweep
+from benchmarks import cases, harness, ssd_sweep
+from pallas_kernels import ssd_backward as pallas_ssd_backward
 from tests.conftest import KERNEL_BACKEND
 
 
@@ -68,3 +70,17 @@ def test_keep_compiled_points_triton_and_jax_at_the_directory(tmp_path, monkeypa
     finally:
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+def test_a_config_takes_fields_from_text():
+    """The probes' variants (``benchmarks.harness.with_fields``): ints, bools as 0 / 1 /
+    false / true, and a clear error for a field the config lacks or a bool it cannot
+    read."""
+    base = pallas_ssd_backward.SsdBackwardConfig(block_q=16, block=16, block_p=16, block_h=1)
+    config = harness.with_fields(base, "block_h=4,shared_scores=1,state_passing=false")
+    assert (config.block_h, config.shared_scores, config.state_passing) == (4, True, False)
+    assert harness.with_fields(base, "") == base
+    with pytest.raises(ValueError, match="SsdBackwardConfig has no field 'shared'"):
+        harness.with_fields(base, "shared=1")
+    with pytest.raises(ValueError, match="shared_scores takes 0, 1, false or true; got '2'"):
+        harness.with_fields(base, "shared_scores=2")

@@ -379,6 +379,18 @@ def test_ssd_chunk_scan_state_blocks_keep_the_sharding(passing, backend=KERNEL_B
     check_ssd_chunk_scan_sharded(problem, "data", "model", (4, 2), backend, config)
 
 
+def test_ssd_chunk_scan_shared_scores_keep_the_sharding(backend=KERNEL_BACKEND):
+    """The backward's chunk kernels with a group's two heads a program sharing the scores
+    (``shared_scores``), with batch and heads split (one group a device)."""
+    problem = ssd_problem(14, 8, 40, 4, 16, 2, 16)
+    args = (16, 16, 16, 2, jnp.float32)
+    config = pallas_ssd_backward.ChunkScanConfig(
+        pallas_ssd.default_config(*args),
+        dataclasses.replace(pallas_ssd_backward.default_config(*args), block_h=2,
+                            source_block_h=2, shared_scores=True))
+    check_ssd_chunk_scan_sharded(problem, "data", "model", (4, 2), backend, config)
+
+
 def test_ssd_chunk_scan_passed_states_keep_the_sharding(backend=KERNEL_BACKEND):
     """A sequence of 32 chunks and few heads, where the forward passes its chunk states
     along and the backward their gradients back (``pallas_kernels.state_passing``), with
